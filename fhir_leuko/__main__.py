@@ -1,0 +1,3 @@
+from fhir_leuko.cli import run
+
+run()

@@ -1,0 +1,153 @@
+"""``fhir-leuko evaluate``: FHIR files on disk in, DetectedIssues out."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import IO
+
+import orjson
+from tqdm import tqdm
+
+from ..detectedissue import to_ndjson, to_transaction_bundle
+from ..errors import ExitCode, UsageError
+from ..pipeline import Evaluation, evaluate_resources
+from ..reader import expand_paths, read_paths
+from .options import add_as_of, add_profile_options, as_of_from, profiles_from
+
+__all__ = ["register"]
+
+_HELP = "evaluate FHIR files (Bundles, resources, NDJSON, .ndjson.gz, directories)"
+
+_EPILOG = """\
+input:
+  Bundles of any type (searchset, collection, transaction, batch), single resources, NDJSON
+  (also .ndjson.gz, as a Bulk Data export writes it) and directories of these, read recursively.
+  Observations (LOINC-coded WBC and differential), Patients (age), MedicationStatements and
+  MedicationRequests with their Medications, DiagnosticReports (result, hasMember) and Conditions
+  are read; references resolve within the input (relative, urn:uuid fullUrl, contained #id).
+
+output:
+  One DetectedIssue per patient and finding kind, as NDJSON (default) or as a transaction Bundle of
+  conditional creates (--format bundle) ready to POST to a FHIR server's base URL. The same input
+  and --as-of always give byte-identical output. A summary (findings by kind and severity) and one
+  line per input problem (file, resource, reason) go to stderr.
+
+examples:
+  fhir-leuko evaluate examples/
+  fhir-leuko evaluate export/ --as-of 2024-05-01 --output issues.ndjson
+  fhir-leuko evaluate Observation.ndjson.gz MedicationRequest.ndjson.gz Patient.ndjson.gz
+  fhir-leuko evaluate bundle.json --format bundle --output tx.json
+  fhir-leuko evaluate data/ --profile clozapine --profiles /etc/fhir-leuko/profiles
+
+exit codes:
+  0  all input was read cleanly
+  1  some input had problems (each printed on stderr); everything valid was still evaluated
+  2  a usage or configuration error (bad option, missing path, invalid profile)
+"""
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser(
+        "evaluate",
+        help=_HELP,
+        description=f"Evaluate FHIR R4 data on disk and write DetectedIssues ({_HELP}).",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("paths", metavar="PATH", nargs="+", type=Path, help="files or directories")
+    add_as_of(parser)
+    add_profile_options(parser)
+    parser.add_argument(
+        "--output", "-o", metavar="FILE", type=Path, help="write here instead of stdout"
+    )
+    parser.add_argument(
+        "--format",
+        choices=("ndjson", "bundle"),
+        default="ndjson",
+        help="ndjson (default): one DetectedIssue per line; bundle: a transaction Bundle",
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar even on a terminal"
+    )
+    parser.set_defaults(handler=run)
+
+
+def _write(output: Path | None, data: bytes) -> None:
+    if output is None:
+        stream: IO[bytes] = sys.stdout.buffer
+        stream.write(data)
+        stream.flush()
+        return
+    # Write beside the target and rename: a reader never sees half a file.
+    directory = output.resolve().parent
+    if not directory.is_dir():
+        raise UsageError(f"--output {output}: directory {directory} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, output)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _summary(result: Evaluation, files: int) -> list[str]:
+    counts = result.counts
+    kinds = ", ".join(
+        f"{counts[k]} {k}"
+        for k in (
+            "Observation",
+            "DiagnosticReport",
+            "Patient",
+            "MedicationRequest",
+            "MedicationStatement",
+            "Medication",
+            "Condition",
+            "Flag",
+        )
+        if counts[k]
+    )
+    lines = [
+        f"read {files} file{'s' if files != 1 else ''}: {kinds or 'no resources fhir-leuko reads'}",
+        f"lab results used: {counts['results:used']} measured, {counts['results:derived']} derived; "
+        f"patients evaluated: {result.patients}",
+    ]
+    by = result.summary()
+    if by:
+        parts = [f"{kind} {sev} {n}" for (kind, sev), n in sorted(by.items())]
+        lines.append(f"findings: {len(result.findings)} ({'; '.join(parts)})")
+    else:
+        lines.append("findings: 0")
+    lines.append(f"input problems: {len(result.problems)}")
+    return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    as_of = as_of_from(args)
+    knowledge, profiles = profiles_from(args)
+    files = expand_paths(args.paths)
+    show = sys.stderr.isatty() and not args.no_progress
+    total = sum(f.stat().st_size for f in files)
+    with tqdm(
+        total=total, unit="B", unit_scale=True, disable=not show, desc="reading", leave=False
+    ) as bar:
+        # Progress counts decompressed bytes for .gz input, so the bar may run past its total.
+        items = read_paths(files, progress=bar.update if show else None)
+        result = evaluate_resources(items, knowledge, profiles, as_of=as_of)
+    if args.format == "bundle":
+        data = (
+            orjson.dumps(to_transaction_bundle(result.issues), option=orjson.OPT_INDENT_2) + b"\n"
+        )
+    else:
+        data = to_ndjson(result.issues)
+    _write(args.output, data)
+    for problem in result.problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    for line in _summary(result, len(files)):
+        print(f"fhir-leuko: {line}", file=sys.stderr)
+    return int(ExitCode.INPUT_PROBLEMS if result.problems else ExitCode.OK)

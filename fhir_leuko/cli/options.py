@@ -1,0 +1,62 @@
+"""Options shared by several subcommands: profiles, as-of."""
+
+from __future__ import annotations
+
+import argparse
+from datetime import UTC, datetime
+from pathlib import Path
+
+from ..errors import UsageError
+from ..fhirtime import parse_as_of
+from ..knowledge import Knowledge, load_knowledge
+from ..profiles import ProfileSet, load_profiles
+
+__all__ = ["add_as_of", "add_profile_options", "as_of_from", "profiles_from"]
+
+
+def add_profile_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--profiles",
+        metavar="DIR",
+        type=Path,
+        action="append",
+        default=[],
+        help="a site directory of profiles that add to or replace the shipped ones (by id); "
+        "repeatable",
+    )
+    parser.add_argument(
+        "--profile",
+        metavar="ID",
+        action="append",
+        default=[],
+        help="evaluate only this profile (repeatable; default: all active profiles)",
+    )
+
+
+def add_as_of(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--as-of",
+        metavar="DATETIME",
+        help="evaluate as of this time (ISO 8601; a bare date means the end of that day, UTC; "
+        "default: now)",
+    )
+
+
+def as_of_from(args: argparse.Namespace) -> datetime:
+    if not args.as_of:
+        return datetime.now(UTC).replace(microsecond=0)
+    try:
+        return parse_as_of(args.as_of)
+    except ValueError:
+        raise UsageError(
+            f"--as-of {args.as_of!r}: not an ISO 8601 date or date-time (e.g. 2024-05-01 or "
+            "2024-05-01T08:00:00Z)"
+        ) from None
+
+
+def profiles_from(args: argparse.Namespace) -> tuple[Knowledge, ProfileSet]:
+    knowledge = load_knowledge()
+    profile_set = load_profiles(knowledge, args.profiles)
+    if args.profile:
+        profile_set = profile_set.select(args.profile)
+    return knowledge, profile_set

@@ -1,0 +1,305 @@
+"""Evaluate one patient against the profiles in force. Pure: data and ``as_of`` in, findings out.
+
+For each finding kind the applicable profile with the highest priority decides alone (a child's
+counts are judged by the pediatric profile, a clozapine patient's ANC by the clozapine tables):
+
+1. The profile applies to the patient's age at ``as_of`` (``applies``) and has a rule for the kind
+   whose flag conditions hold (``when_flags`` / ``unless_flags``).
+2. The result that counts is the most recent valid absolute count (measured, or derived from WBC x
+   percentage) with an accepted status, taken within the lookback before ``as_of``. A patient whose
+   latest count has recovered gets no finding.
+3. A profile restricted to drugs (``applies.drugs``) only decides when one of them is implicated in
+   that result; otherwise the next profile decides.
+4. "Low" means below the lower limit: the lab's reference range when the Observation has one,
+   otherwise the profile's default (by age where the profile says so). Without any lower limit only
+   bands with a numeric edge can fire (grade 1 needs a lower limit: CTCAE v5.0).
+5. The grade is the deepest band the value falls in. A comparator is honoured: ``< 0.1`` is below
+   0.1 and is graded so; a ``>`` value is never taken as low.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import date, datetime, timedelta
+
+from .fhirtime import age_reached, parse_duration
+from .model import (
+    FINDING_ANALYTE,
+    ConditionMatch,
+    DrugExposure,
+    Finding,
+    FindingKind,
+    ImplicatedDrug,
+    LabResult,
+    LowerLimit,
+    Measure,
+    PatientRecord,
+)
+from .profiles import Band, Profile, ProfileSet, Rule
+
+__all__ = ["evaluate", "implicated_drugs", "is_below", "latest_result", "profile_applies"]
+
+
+def is_below(value: float, comparator: str | None, edge: float) -> bool:
+    """Whether a value (with its Quantity comparator) is certainly below ``edge``."""
+    if comparator is None:
+        return value < edge
+    if comparator == "<":
+        return value <= edge  # the true value is below `value`, so below any edge >= value
+    if comparator == "<=":
+        return value < edge
+    return False  # ">" and ">=" give a lower bound only
+
+
+def _age_ok(birth: date | None, on: date, profile: Profile) -> bool:
+    applies = profile.applies
+    if birth is None:
+        return applies.age_unknown
+    if applies.min_age and not age_reached(birth, on, parse_duration(applies.min_age)):
+        return False
+    return not (applies.max_age and age_reached(birth, on, parse_duration(applies.max_age)))
+
+
+def profile_applies(profile: Profile, record: PatientRecord, as_of: datetime) -> bool:
+    """Whether the profile's age conditions hold for this patient at ``as_of``."""
+    return _age_ok(record.birth_date, as_of.date(), profile)
+
+
+def _rule_for(profile: Profile, kind: FindingKind, flags: set[str]) -> Rule | None:
+    for rule in profile.rules:
+        if rule.finding is not kind:
+            continue
+        if rule.when_flags and not set(rule.when_flags) <= flags:
+            continue
+        if set(rule.unless_flags) & flags:
+            continue
+        return rule
+    return None
+
+
+def latest_result(
+    record: PatientRecord,
+    kind: FindingKind,
+    *,
+    as_of: datetime,
+    lookback: timedelta,
+    statuses: Sequence[str],
+) -> LabResult | None:
+    """The most recent valid absolute count of the finding's analyte within the lookback."""
+    analyte = FINDING_ANALYTE[kind]
+    earliest = as_of - lookback
+    best: LabResult | None = None
+    best_key: tuple[datetime, bool, bool, str] | None = None
+    for result in record.results:
+        if result.analyte is not analyte or result.measure is not Measure.COUNT:
+            continue
+        if result.status not in statuses or not earliest <= result.effective <= as_of:
+            continue
+        # Latest first; at the same time a measured value beats a derived one, a corrected WBC an
+        # uncorrected one; the key breaks remaining ties so the choice is stable.
+        rank = (result.effective, not result.derived, result.corrected, result.key)
+        if best_key is None or rank > best_key:
+            best, best_key = result, rank
+    return best
+
+
+def _exposure_relation(exposure: DrugExposure, at: datetime, window: timedelta) -> str | None:
+    """How an exposure relates to a result at ``at``: ``None`` when it does not implicate."""
+    start, end = exposure.start, exposure.end
+    if start is not None and start.date() > at.date():
+        return None  # started after the count (the same day counts: dates are often day-precise)
+    if end is None:
+        return "active" if exposure.status not in ("completed", "stopped") else None
+    if end >= at:
+        return "active"
+    if end < at - window:
+        return None
+    days = (at.date() - end.date()).days
+    if exposure.ended_on_status:
+        return f"{exposure.status}, last recorded {end.date().isoformat()} ({days} days before)"
+    return f"stopped {end.date().isoformat()} ({days} days before)"
+
+
+def implicated_drugs(
+    record: PatientRecord,
+    at: datetime,
+    window: timedelta,
+    *,
+    kind: FindingKind | None = None,
+    drug_ids: Sequence[str] = (),
+) -> list[ImplicatedDrug]:
+    """Exposures active at ``at`` or stopped within ``window`` before it.
+
+    Only drugs known to cause ``kind`` (when given) and, when ``drug_ids`` is given, only those drugs
+    or groups.
+    """
+    wanted = set(drug_ids)
+    found: list[ImplicatedDrug] = []
+    for exposure in record.exposures:
+        hits = [
+            h
+            for h in exposure.drugs
+            if (kind is None or kind.value in h.effects)
+            and (not wanted or h.drug_id in wanted or wanted.intersection(h.groups))
+        ]
+        if not hits:
+            continue
+        relation = _exposure_relation(exposure, at, window)
+        if relation is not None:
+            labels = tuple(dict.fromkeys(h.label for h in hits))
+            found.append(ImplicatedDrug(exposure, labels, relation))
+    return found
+
+
+def _lower_limit(rule: Rule, result: LabResult, birth: date | None) -> LowerLimit:
+    spec = rule.lower_limit
+    if spec.lab_range and result.ref_low is not None:
+        return LowerLimit(
+            result.ref_low, "the laboratory's reference range (Observation.referenceRange.low)"
+        )
+    if spec.value is not None:
+        return LowerLimit(spec.value, spec.source)
+    if spec.by_age and birth is not None:
+        on = result.effective.date()
+        for band in spec.by_age:
+            if not age_reached(birth, on, parse_duration(band.from_age)):
+                continue
+            if band.to_age and age_reached(birth, on, parse_duration(band.to_age)):
+                continue
+            return LowerLimit(band.value, band.source)
+    return LowerLimit(None, "no lower limit known for this result")
+
+
+def _grade(bands: Sequence[Band], result: LabResult, limit: float | None) -> Band | None:
+    below_limit = limit is not None and is_below(result.value, result.comparator, limit)
+    chosen: Band | None = None
+    for band in bands:
+        if band.below == "lower-limit":
+            holds = below_limit
+        else:
+            holds = is_below(result.value, result.comparator, band.below) and (
+                limit is None or below_limit
+            )
+        if holds:
+            chosen = band
+    return chosen
+
+
+def _conditions(record: PatientRecord, at: datetime) -> tuple[ConditionMatch, ...]:
+    seen: dict[str, ConditionMatch] = {}
+    for match in record.conditions:
+        if match.onset is not None and match.onset.date() > at.date():
+            continue
+        if match.abatement is not None and match.abatement < at:
+            continue
+        seen.setdefault(match.cause_id, match)
+    return tuple(seen.values())
+
+
+def _decide(
+    record: PatientRecord,
+    profile: Profile,
+    rule: Rule,
+    result: LabResult,
+    as_of: datetime,
+) -> Finding | None:
+    settings = profile.settings
+    grading = profile.gradings[rule.grading]
+    limit = _lower_limit(rule, result, record.birth_date)
+    band = _grade(grading.bands, result, limit.value)
+    if band is None:
+        return None
+    term_text = rule.term
+    codes: list[tuple[str, str]] = []
+    if rule.evidence is not None:
+        codes.append((rule.evidence.code, rule.evidence.display))
+    for term in sorted(rule.terms, key=lambda t: t.below, reverse=True):
+        if is_below(result.value, result.comparator, term.below):
+            term_text = term.text
+            if term.snomed is not None and (term.snomed.code, term.snomed.display) not in codes:
+                codes.append((term.snomed.code, term.snomed.display))
+    window = timedelta(days=settings.drug_window_days)
+    implicated = (
+        implicated_drugs(record, result.effective, window, kind=rule.finding)
+        if rule.implicate_drugs
+        else []
+    )
+    trend_from = result.effective - timedelta(days=settings.trend_days)
+    trend = [
+        r
+        for r in record.results
+        if r.analyte is result.analyte
+        and r.measure is Measure.COUNT
+        and r.status in settings.statuses
+        and trend_from <= r.effective <= result.effective
+    ]
+    # One value per time point (a measured count and one derived from the same specimen).
+    by_time: dict[datetime, LabResult] = {}
+    for r in trend:
+        current = by_time.get(r.effective)
+        if current is None or (current.derived and not r.derived):
+            by_time[r.effective] = r
+    by_time[result.effective] = result
+    recent = sorted(by_time.values(), key=lambda r: r.effective)[-settings.trend_count :]
+    return Finding(
+        patient=record.key,
+        kind=rule.finding,
+        result=result,
+        grade=band.grade,
+        grade_label=band.label,
+        grading_name=grading.name,
+        grading_version=grading.version,
+        severity=band.severity,
+        lower_limit=limit,
+        term=term_text,
+        recommendation=band.recommendation or rule.recommendation,
+        profile_id=profile.id,
+        profile_url=profile.url,
+        profile_version=profile.version,
+        profile_title=profile.title,
+        evidence_codes=tuple(codes),
+        implicated=tuple(implicated),
+        conditions=_conditions(record, result.effective),
+        trend=tuple(recent),
+        flags=tuple(sorted(f for f in record.flags if f in set(rule.when_flags))),
+    )
+
+
+def evaluate(
+    record: PatientRecord, profiles: ProfileSet | Sequence[Profile], *, as_of: datetime
+) -> list[Finding]:
+    """The findings of one patient at ``as_of``, one at most per finding kind."""
+    ordered = profiles.profiles if isinstance(profiles, ProfileSet) else tuple(profiles)
+    ordered = tuple(sorted(ordered, key=lambda p: (-p.priority, p.id)))
+    findings: list[Finding] = []
+    for kind in FindingKind:
+        for profile in ordered:
+            if not profile_applies(profile, record, as_of):
+                continue
+            rule = _rule_for(profile, kind, record.flags)
+            if rule is None:
+                continue
+            settings = profile.settings
+            result = latest_result(
+                record,
+                kind,
+                as_of=as_of,
+                lookback=timedelta(days=settings.lookback_days),
+                statuses=settings.statuses,
+            )
+            if profile.applies.drugs and (
+                result is None
+                or not implicated_drugs(
+                    record,
+                    result.effective,
+                    timedelta(days=settings.drug_window_days),
+                    drug_ids=profile.applies.drugs,
+                )
+            ):
+                continue  # not this patient's or this result's profile: the next one decides
+            if result is not None:
+                finding = _decide(record, profile, rule, result, as_of)
+                if finding is not None:
+                    findings.append(finding)
+            break
+    return findings

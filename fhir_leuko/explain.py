@@ -1,0 +1,117 @@
+"""The words of a finding: every alert explains itself (values, units, dates, rule and version, source).
+
+One place builds the sentences; ``detectedissue`` joins them as plain text and the CDS service as
+markdown, so the scheduled job and the service always say the same thing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .model import Finding, LabResult
+
+__all__ = ["Explanation", "explain", "format_count", "reference_of"]
+
+UNIT = "×10⁹/L"
+
+
+def format_count(value: float) -> str:
+    """A count in 10*9/L: at most 3 decimals, at least one (4.0, 0.9, 1.25, 0.007)."""
+    text = f"{value:.3f}".rstrip("0")
+    if text.endswith(".") and value == 0:
+        return "0"
+    if text in ("0.", "-0.") and value > 0:
+        text = f"{value:.6f}".rstrip("0")
+    return text + "0" if text.endswith(".") else text
+
+
+def _value(result: LabResult) -> str:
+    prefix = {"<": "< ", "<=": "≤ ", ">": "> ", ">=": "≥ "}.get(result.comparator or "", "")
+    return f"{prefix}{format_count(result.value)} {UNIT}"
+
+
+def reference_of(key: str) -> str:
+    """The FHIR reference for an internal key (a contained Observation is cited by its container)."""
+    return key.split("#", 1)[0]
+
+
+@dataclass(frozen=True)
+class Explanation:
+    headline: str
+    value: str
+    derivation: str
+    limit: str
+    trend: str
+    drugs: list[str]
+    conditions: list[str]
+    recommendation: str
+    rule: str
+
+    def lines(self) -> list[str]:
+        out = [self.headline, self.value]
+        if self.derivation:
+            out.append(self.derivation)
+        out.append(self.limit)
+        if self.trend:
+            out.append(self.trend)
+        if self.drugs:
+            out.append("Possibly implicated: " + "; ".join(self.drugs) + ".")
+        else:
+            out.append("No drug known to cause it was active in the window before this count.")
+        if self.conditions:
+            out.append("Other possible causes on record: " + "; ".join(self.conditions) + ".")
+        if self.recommendation:
+            out.append(f"Recommendation: {self.recommendation}")
+        out.append(self.rule)
+        return out
+
+
+def explain(finding: Finding) -> Explanation:
+    """The sentences that explain one finding."""
+    result = finding.result
+    what = finding.term[:1].upper() + finding.term[1:]
+    headline = f"{what}: {finding.grade_label}, {finding.severity} severity."
+    source = "derived" if result.derived else reference_of(result.key)
+    value = (
+        f"Latest {result.analyte.label}: {_value(result)} (reported {result.reported}) "
+        f"on {result.effective_text} [{source}, status {result.status}]."
+    )
+    derivation = ""
+    if result.derived:
+        derivation = f"Derived from the same specimen: {result.derivation}."
+    limit = finding.lower_limit
+    if limit.value is not None:
+        limit_text = f"Lower limit used: {format_count(limit.value)} {UNIT}, from {limit.source}."
+    else:
+        limit_text = (
+            f"No lower limit is known for this result ({limit.source}); graded on the "
+            f"{finding.grading_name} edges."
+        )
+    trend = ""
+    if len(finding.trend) > 1:
+        trend = (
+            "Recent values: "
+            + ", ".join(f"{_value(r)} ({r.effective_text[:10]})" for r in finding.trend)
+            + "."
+        )
+    drugs = [
+        f"{', '.join(d.drug_labels)} ({reference_of(d.exposure.key)}: "
+        f"{d.exposure.names[0] if d.exposure.names else d.drug_labels[0]}; {d.relation})"
+        for d in finding.implicated
+    ]
+    conditions = [f"{c.label} ({c.text}, {c.key})" for c in finding.conditions]
+    rule = (
+        f"Rule: {finding.profile_title} [{finding.profile_id} {finding.profile_version}]; "
+        f"grading: {finding.grading_name} ({finding.grading_version})."
+    )
+    return Explanation(
+        headline=headline,
+        value=value,
+        derivation=derivation,
+        limit=limit_text,
+        trend=trend,
+        drugs=drugs,
+        conditions=conditions,
+        recommendation=finding.recommendation,
+        rule=rule,
+    )

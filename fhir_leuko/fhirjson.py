@@ -1,0 +1,303 @@
+"""Lean, partial FHIR R4 structures for reading input fast.
+
+Validating every input Observation through the full ``fhir.resources`` models runs at about 3k
+Observations/s; decoding only the elements fhir-leuko uses, with msgspec, runs faster than merely
+parsing the same bytes with orjson (unknown elements are skipped without building objects). The
+rule core then checks what it uses itself: statuses, units, values (fhir.resources would not check
+coded values anyway, see its README "ENUM Validator").
+
+Only the resource types fhir-leuko reads are declared. Anything else decodes to ``None`` (ignored).
+Elements are declared with their R4 JSON types (https://hl7.org/fhir/R4/json.html); an element with a
+wrong JSON type makes the whole resource malformed, which the caller reports by resource and reason.
+Elements fhir-leuko does not use (``category``, ``text`` …) are not declared, so real-world shape
+variations there (e.g. ``category`` sent as an object) do no harm.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import msgspec
+import orjson
+
+__all__ = [
+    "Bundle",
+    "CodeableConcept",
+    "Coding",
+    "Condition",
+    "DetectedIssue",
+    "DiagnosticReport",
+    "Flag",
+    "MalformedResourceError",
+    "Medication",
+    "MedicationRequest",
+    "MedicationStatement",
+    "Observation",
+    "Patient",
+    "Period",
+    "Quantity",
+    "Reference",
+    "Resource",
+    "convert_resource",
+    "decode_resource",
+]
+
+
+class _Element(msgspec.Struct, omit_defaults=True):
+    """Base of datatypes: unknown JSON members are ignored."""
+
+
+class Coding(_Element):
+    system: str | None = None
+    code: str | None = None
+    display: str | None = None
+
+
+class CodeableConcept(_Element):
+    coding: list[Coding] = []
+    text: str | None = None
+
+
+class Quantity(_Element):
+    value: float | None = None
+    comparator: str | None = None
+    unit: str | None = None
+    system: str | None = None
+    code: str | None = None
+
+
+class Identifier(_Element):
+    system: str | None = None
+    value: str | None = None
+
+
+class Reference(_Element):
+    reference: str | None = None
+    type: str | None = None
+    display: str | None = None
+
+
+class Period(_Element):
+    start: str | None = None
+    end: str | None = None
+
+
+class Meta(_Element):
+    versionId: str | None = None
+    lastUpdated: str | None = None
+
+
+class ReferenceRange(_Element):
+    low: Quantity | None = None
+    high: Quantity | None = None
+    type: CodeableConcept | None = None
+    text: str | None = None
+
+
+class TimingRepeat(_Element):
+    boundsPeriod: Period | None = None
+
+
+class Timing(_Element):
+    repeat: TimingRepeat | None = None
+
+
+class Dosage(_Element):
+    timing: Timing | None = None
+
+
+class DispenseRequest(_Element):
+    validityPeriod: Period | None = None
+
+
+class Ingredient(_Element):
+    itemCodeableConcept: CodeableConcept | None = None
+    itemReference: Reference | None = None
+
+
+class BundleLink(_Element):
+    relation: str | None = None
+    url: str | None = None
+
+
+class BundleEntry(_Element):
+    fullUrl: str | None = None
+    # Kept raw: entries are decoded one by one, so one malformed entry loses only itself.
+    resource: msgspec.Raw = msgspec.Raw()
+
+
+class _Resource(_Element, tag_field="resourceType"):
+    id: str | None = None
+    meta: Meta | None = None
+    # Kept raw for the same reason as Bundle entries; decoded on demand by the reader.
+    contained: list[msgspec.Raw] = []
+
+
+class Observation(_Resource, tag="Observation"):
+    status: str | None = None
+    code: CodeableConcept | None = None
+    subject: Reference | None = None
+    effectiveDateTime: str | None = None
+    effectivePeriod: Period | None = None
+    effectiveInstant: str | None = None
+    issued: str | None = None
+    valueQuantity: Quantity | None = None
+    valueString: str | None = None
+    dataAbsentReason: CodeableConcept | None = None
+    referenceRange: list[ReferenceRange] = []
+    specimen: Reference | None = None
+    hasMember: list[Reference] = []
+
+
+class Patient(_Resource, tag="Patient"):
+    birthDate: str | None = None
+
+
+class Medication(_Resource, tag="Medication"):
+    code: CodeableConcept | None = None
+    ingredient: list[Ingredient] = []
+
+
+class MedicationRequest(_Resource, tag="MedicationRequest"):
+    status: str | None = None
+    intent: str | None = None
+    doNotPerform: bool | None = None
+    medicationCodeableConcept: CodeableConcept | None = None
+    medicationReference: Reference | None = None
+    subject: Reference | None = None
+    authoredOn: str | None = None
+    dosageInstruction: list[Dosage] = []
+    dispenseRequest: DispenseRequest | None = None
+
+
+class MedicationStatement(_Resource, tag="MedicationStatement"):
+    status: str | None = None
+    medicationCodeableConcept: CodeableConcept | None = None
+    medicationReference: Reference | None = None
+    subject: Reference | None = None
+    effectiveDateTime: str | None = None
+    effectivePeriod: Period | None = None
+    dateAsserted: str | None = None
+
+
+class DiagnosticReport(_Resource, tag="DiagnosticReport"):
+    status: str | None = None
+    code: CodeableConcept | None = None
+    subject: Reference | None = None
+    effectiveDateTime: str | None = None
+    effectivePeriod: Period | None = None
+    issued: str | None = None
+    result: list[Reference] = []
+    specimen: list[Reference] = []
+
+
+class Condition(_Resource, tag="Condition"):
+    clinicalStatus: CodeableConcept | None = None
+    verificationStatus: CodeableConcept | None = None
+    code: CodeableConcept | None = None
+    subject: Reference | None = None
+    onsetDateTime: str | None = None
+    onsetPeriod: Period | None = None
+    abatementDateTime: str | None = None
+    recordedDate: str | None = None
+
+
+class Flag(_Resource, tag="Flag"):
+    status: str | None = None
+    code: CodeableConcept | None = None
+    subject: Reference | None = None
+    period: Period | None = None
+
+
+class DetectedIssue(_Resource, tag="DetectedIssue"):
+    """Read back from a server by the scheduled job (its own earlier output)."""
+
+    status: str | None = None
+    identifier: list[Identifier] = []
+    patient: Reference | None = None
+
+
+class Bundle(_Resource, tag="Bundle"):
+    type: str | None = None
+    entry: list[BundleEntry] = []
+    link: list[BundleLink] = []
+
+
+Resource = (
+    Observation
+    | Patient
+    | Medication
+    | MedicationRequest
+    | MedicationStatement
+    | DiagnosticReport
+    | Condition
+    | Flag
+    | DetectedIssue
+    | Bundle
+)
+
+_DECODER: msgspec.json.Decoder[Resource] = msgspec.json.Decoder(Resource)
+_UNKNOWN_TYPE = re.compile(r"^Invalid value '[^']*' - at `\$\.resourceType`$")
+
+
+class MalformedResourceError(ValueError):
+    """A resource could not be decoded. ``label`` names it as well as it can be named."""
+
+    def __init__(self, label: str, reason: str) -> None:
+        self.label = label
+        self.reason = reason
+        super().__init__(f"{label}: {reason}" if label else reason)
+
+
+def _label_of(data: bytes | Any) -> str:
+    """Best-effort ``Type/id`` of a resource that failed typed decoding, for the problem report."""
+    obj: Any = data
+    if isinstance(data, bytes | bytearray | memoryview):
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return ""
+    if not isinstance(obj, dict):
+        return ""
+    rtype = obj.get("resourceType")
+    rid = obj.get("id")
+    if isinstance(rtype, str) and isinstance(rid, str):
+        return f"{rtype}/{rid}"
+    return rtype if isinstance(rtype, str) else ""
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc)
+    if isinstance(exc, msgspec.DecodeError):
+        return f"not valid JSON ({text})"
+    if text.startswith("Object missing required field `resourceType`"):
+        return "no resourceType"
+    return f"malformed ({text})"
+
+
+def decode_resource(data: bytes | msgspec.Raw) -> Resource | None:
+    """Decode one resource's JSON bytes.
+
+    Returns ``None`` for resource types fhir-leuko does not read.
+
+    Raises:
+        MalformedResourceError: invalid JSON, or an element fhir-leuko uses has the wrong type.
+    """
+    try:
+        return _DECODER.decode(data)
+    except msgspec.ValidationError as exc:
+        if _UNKNOWN_TYPE.match(str(exc)):
+            return None
+        raise MalformedResourceError(_label_of(bytes(data)), _reason(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise MalformedResourceError("", _reason(exc)) from None
+
+
+def convert_resource(obj: Any) -> Resource | None:
+    """Like :func:`decode_resource`, for a resource already parsed into Python objects.
+
+    It goes through JSON bytes on purpose: one decoding path, including the raw ``contained``
+    and Bundle entries, whatever the source (a file, a server response, a CDS Hooks prefetch).
+    """
+    return decode_resource(orjson.dumps(obj))

@@ -1,0 +1,252 @@
+"""The data the rule core works on: normalised lab results, drug exposures, patients, findings.
+
+These are plain, immutable-by-convention value objects with no I/O. ``normalise`` builds them from
+FHIR resources; ``evaluate`` turns them into :class:`Finding` objects; the edges turn findings into
+DetectedIssues or CDS Hooks cards.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import date, datetime
+
+__all__ = [
+    "FINDING_ANALYTE",
+    "Analyte",
+    "ConditionMatch",
+    "DrugExposure",
+    "DrugHit",
+    "Finding",
+    "FindingKind",
+    "Form",
+    "ImplicatedDrug",
+    "LabResult",
+    "LowerLimit",
+    "Measure",
+    "PatientRecord",
+    "Problem",
+]
+
+
+class Analyte(enum.StrEnum):
+    """A white-cell quantity. Counts are held in 10*9/L, fractions as 0..1."""
+
+    WBC = "wbc"
+    NEUTROPHILS = "neutrophils"
+    LYMPHOCYTES = "lymphocytes"
+    MONOCYTES = "monocytes"
+    EOSINOPHILS = "eosinophils"
+    BASOPHILS = "basophils"
+
+    @property
+    def label(self) -> str:
+        return _ANALYTE_LABELS[self]
+
+
+_ANALYTE_LABELS = {
+    Analyte.WBC: "white blood cell count",
+    Analyte.NEUTROPHILS: "absolute neutrophil count",
+    Analyte.LYMPHOCYTES: "absolute lymphocyte count",
+    Analyte.MONOCYTES: "absolute monocyte count",
+    Analyte.EOSINOPHILS: "absolute eosinophil count",
+    Analyte.BASOPHILS: "absolute basophil count",
+}
+
+
+class Measure(enum.StrEnum):
+    """LOINC property of a code: NCnc (#/volume) or NFr (fraction of leukocytes)."""
+
+    COUNT = "count"
+    FRACTION = "fraction"
+
+
+class Form(enum.StrEnum):
+    """Neutrophil form a code reports. Bands are only ever added to segmented values."""
+
+    TOTAL = "total"
+    SEGMENTED = "segmented"
+    BAND = "band"
+
+
+class FindingKind(enum.StrEnum):
+    """The finding codes of fhir-leuko's own CodeSystem (one DetectedIssue per patient and kind)."""
+
+    LEUKOPENIA = "leukopenia"
+    NEUTROPENIA = "neutropenia"
+    LYMPHOPENIA = "lymphopenia"
+    MONOCYTOPENIA = "monocytopenia"
+    EOSINOPENIA = "eosinopenia"
+    BASOPENIA = "basopenia"
+
+
+FINDING_ANALYTE: dict[FindingKind, Analyte] = {
+    FindingKind.LEUKOPENIA: Analyte.WBC,
+    FindingKind.NEUTROPENIA: Analyte.NEUTROPHILS,
+    FindingKind.LYMPHOPENIA: Analyte.LYMPHOCYTES,
+    FindingKind.MONOCYTOPENIA: Analyte.MONOCYTES,
+    FindingKind.EOSINOPENIA: Analyte.EOSINOPHILS,
+    FindingKind.BASOPENIA: Analyte.BASOPHILS,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One input problem: where it is, which resource, and why. Never contains patient data."""
+
+    source: str
+    reason: str
+    resource: str = ""
+    position: str = ""
+    kind: str = "input"
+
+    def __str__(self) -> str:
+        where = f"{self.source}:{self.position}" if self.position else self.source
+        what = f" {self.resource}:" if self.resource else ""
+        return f"{where}:{what} {self.reason}"
+
+
+@dataclass(slots=True)
+class LabResult:
+    """One usable white-cell value of one patient, measured or derived.
+
+    ``value`` is in 10*9/L for counts and 0..1 for fractions. ``comparator`` is kept from the
+    Quantity: ``"<"`` means the true value is below ``value`` and is graded so.
+    """
+
+    key: str
+    """``Observation/id`` (or the fullUrl) of the measured result; for a derived one, a synthetic key."""
+    patient: str
+    analyte: Analyte
+    measure: Measure
+    form: Form
+    loinc: str
+    value: float
+    comparator: str | None
+    reported: str
+    """The value and unit as reported, e.g. ``0.9 10*9/L`` or ``< 100 /uL``."""
+    effective: datetime
+    effective_text: str
+    """The time as the input gave it (shown to people; ``effective`` is the same in UTC)."""
+    status: str
+    group: str
+    """Same specimen (or report, or time): only values of one group are combined."""
+    ref_low: float | None = None
+    """The lab's lower reference limit, converted like ``value``."""
+    corrected: bool = False
+    sources: tuple[str, ...] = ()
+    """For a derived value: the Observations it was computed from."""
+    derivation: str = ""
+    """For a derived value: how, e.g. ``WBC 2.0 10*9/L x neutrophils 30 %``."""
+
+    @property
+    def derived(self) -> bool:
+        return bool(self.sources)
+
+    @property
+    def evidence(self) -> tuple[str, ...]:
+        """The Observations this value rests on."""
+        return self.sources or (self.key,)
+
+
+@dataclass(frozen=True, slots=True)
+class DrugHit:
+    """One known drug found in a medication record (an entry of knowledge/drugs.toml)."""
+
+    drug_id: str
+    label: str
+    groups: tuple[str, ...]
+    effects: frozenset[str]
+    via: str
+    """How it matched: ``RxNorm 2626``, ``ATC L01CD02``, ``name 'docetaxel'``."""
+
+
+@dataclass(frozen=True, slots=True)
+class DrugExposure:
+    """A MedicationStatement or MedicationRequest naming a drug fhir-leuko knows."""
+
+    key: str
+    """``MedicationRequest/id`` or ``MedicationStatement/id``."""
+    patient: str
+    drugs: tuple[DrugHit, ...]
+    """The known drugs the record names."""
+    names: tuple[str, ...]
+    """How the record names the drug (display or text), for the explanation."""
+    status: str
+    start: datetime | None
+    end: datetime | None
+    """Last day known active; ``None`` while open-ended."""
+    ended_on_status: bool = False
+    """Status says it stopped/completed, with no end date: only its start is known to be active."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConditionMatch:
+    """A Condition on record that can contribute to a low count."""
+
+    key: str
+    patient: str
+    cause_id: str
+    label: str
+    text: str
+    onset: datetime | None
+    abatement: datetime | None
+
+
+@dataclass(slots=True)
+class PatientRecord:
+    """Everything the rule core knows about one patient."""
+
+    key: str
+    """``Patient/id`` when known, otherwise the subject reference as given."""
+    birth_date: date | None = None
+    results: list[LabResult] = field(default_factory=list)
+    exposures: list[DrugExposure] = field(default_factory=list)
+    conditions: list[ConditionMatch] = field(default_factory=list)
+    flags: set[str] = field(default_factory=set)
+    flag_sources: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class LowerLimit:
+    """The lower limit a value was compared with, and where it came from."""
+
+    value: float | None
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
+class ImplicatedDrug:
+    exposure: DrugExposure
+    drug_labels: tuple[str, ...]
+    relation: str
+    """``active`` or ``stopped N days before``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One finding of one patient, as decided by one profile rule."""
+
+    patient: str
+    kind: FindingKind
+    result: LabResult
+    grade: str
+    grade_label: str
+    grading_name: str
+    grading_version: str
+    severity: str
+    lower_limit: LowerLimit
+    term: str
+    """The clinical wording, e.g. ``severe neutropenia (agranulocytosis range)``."""
+    recommendation: str
+    profile_id: str
+    profile_url: str
+    profile_version: str
+    profile_title: str
+    evidence_codes: tuple[tuple[str, str], ...]
+    """SNOMED CT ``(code, display)`` pairs for ``DetectedIssue.evidence.code``."""
+    implicated: tuple[ImplicatedDrug, ...]
+    conditions: tuple[ConditionMatch, ...]
+    trend: tuple[LabResult, ...]
+    """Recent values of the same analyte, oldest first, including ``result``."""
+    flags: tuple[str, ...] = ()

@@ -1,0 +1,793 @@
+"""Normalise FHIR resources into per-patient lab results, drug exposures, conditions and flags.
+
+Pure: takes decoded resources (with their origin) and the compiled knowledge, returns data and the
+problems found; no I/O, no clock. What it checks (fhir.resources would not check coded values):
+
+* LOINC code -> analyte, keyed on the code, never the display (knowledge/loinc.toml).
+* Observation.status against the R4 ObservationStatus codes; ``final``, ``amended``, ``corrected``
+  and ``preliminary`` results are kept (profiles decide whether ``preliminary`` counts), the rest
+  (``registered``, ``cancelled``, ``entered-in-error``, ``unknown``) are ignored.
+* The unit: the UCUM ``code`` first, then the ``unit`` text (knowledge/units.toml). A count code needs
+  a count unit and a fraction code a fraction unit: a mismatch is reported, never guessed.
+* Plausibility for the declared unit (an ANC of 450 "10*3/uL" is reported, not graded).
+* ``dataAbsentReason``, missing values, missing subject or time: reported, never a crash.
+
+Observations without their own time or subject inherit them from the DiagnosticReport (``result``)
+or panel Observation (``hasMember``) that lists them, as in the HL7 R4 CBC example (Bundle 101).
+When a specimen has no absolute count, one is derived from WBC x percentage of the same specimen,
+report or time (clozapine prescribing information §5.1; clinical.md §4.5).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from .fhirjson import (
+    CodeableConcept,
+    Condition,
+    DiagnosticReport,
+    Flag,
+    MalformedResourceError,
+    Medication,
+    MedicationRequest,
+    MedicationStatement,
+    Observation,
+    Patient,
+    Period,
+    Quantity,
+    Reference,
+    Resource,
+    decode_resource,
+)
+from .fhirtime import parse_fhir_date, parse_fhir_datetime
+from .knowledge import LOINC_SYSTEM, CodeInfo, Knowledge
+from .model import (
+    Analyte,
+    ConditionMatch,
+    DrugExposure,
+    Form,
+    LabResult,
+    Measure,
+    PatientRecord,
+    Problem,
+)
+from .reader import Origin, Sourced
+
+__all__ = ["OBSERVATION_STATUSES", "Dataset", "normalise"]
+
+# R4 ObservationStatus (required binding): https://hl7.org/fhir/R4/valueset-observation-status.html
+OBSERVATION_STATUSES = frozenset(
+    {
+        "registered",
+        "preliminary",
+        "final",
+        "amended",
+        "corrected",
+        "cancelled",
+        "entered-in-error",
+        "unknown",
+    }
+)
+_KEPT_STATUSES = frozenset({"final", "amended", "corrected", "preliminary"})
+_COMPARATORS = frozenset({"<", "<=", ">=", ">"})
+
+# R4 MedicationStatement.status: https://hl7.org/fhir/R4/valueset-medication-statement-status.html
+_STATEMENT_STATUSES = frozenset(
+    {
+        "active",
+        "completed",
+        "entered-in-error",
+        "intended",
+        "stopped",
+        "on-hold",
+        "unknown",
+        "not-taken",
+    }
+)
+# R4 MedicationRequest.status: https://hl7.org/fhir/R4/valueset-medicationrequest-status.html
+_REQUEST_STATUSES = frozenset(
+    {
+        "active",
+        "on-hold",
+        "cancelled",
+        "completed",
+        "entered-in-error",
+        "stopped",
+        "draft",
+        "unknown",
+    }
+)
+# Never an exposure: not taken, recorded in error, cancelled before it started, or not yet real
+# (an unsigned draft order, or a statement that the drug is only intended).
+_NO_EXPOSURE = frozenset({"not-taken", "entered-in-error", "cancelled", "draft", "intended"})
+_ENDED = frozenset({"completed", "stopped"})
+
+_CLINICAL_STATUS = "http://terminology.hl7.org/CodeSystem/condition-clinical"
+_VERIFICATION_STATUS = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
+
+
+@dataclass
+class Dataset:
+    """The normalised input: one record per patient, and every problem found."""
+
+    patients: dict[str, PatientRecord] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+    counts: Counter[str] = field(default_factory=Counter)
+    """Resources read by type, and what happened to lab results (``results:used`` …)."""
+
+    def patient(self, key: str) -> PatientRecord:
+        record = self.patients.get(key)
+        if record is None:
+            record = self.patients[key] = PatientRecord(key)
+        return record
+
+
+class _RawLab:
+    """A mapped lab Observation, held lean until references are linked."""
+
+    __slots__ = (
+        "data_absent",
+        "effective",
+        "effective_text",
+        "group",
+        "info",
+        "key",
+        "last_updated",
+        "origin",
+        "quantity",
+        "ranges",
+        "specimen",
+        "status",
+        "subject",
+        "value_string",
+    )
+
+    def __init__(self, obs: Observation, key: str, info: CodeInfo, origin: Origin) -> None:
+        self.key = key
+        self.info = info
+        self.origin = origin
+        self.status = obs.status
+        self.subject = obs.subject.reference if obs.subject else None
+        self.effective_text = _effective_text(
+            obs.effectiveDateTime, obs.effectivePeriod, obs.effectiveInstant
+        )
+        self.effective = parse_fhir_datetime(self.effective_text)
+        self.quantity = obs.valueQuantity
+        self.value_string = obs.valueString
+        self.data_absent = obs.dataAbsentReason
+        self.ranges = obs.referenceRange
+        self.specimen = obs.specimen.reference if obs.specimen else None
+        self.last_updated = obs.meta.lastUpdated if obs.meta else None
+        self.group: str | None = None
+
+
+@dataclass
+class _Panel:
+    key: str
+    subject: str | None
+    effective_text: str | None
+    members: list[Reference]
+
+
+def _effective_text(
+    date_time: str | None, period: Period | None, instant: str | None = None
+) -> str | None:
+    """The time a result describes: effective[x] (a period's start), else ``issued``."""
+    if date_time:
+        return date_time
+    if period is not None and (period.start or period.end):
+        return period.start or period.end
+    return instant
+
+
+def _loinc_info(code: CodeableConcept | None, table: dict[str, CodeInfo]) -> CodeInfo | None:
+    if code is None:
+        return None
+    for coding in code.coding:
+        if coding.system == LOINC_SYSTEM and coding.code:
+            info = table.get(coding.code)
+            if info is not None:
+                return info
+    return None
+
+
+def _codings(concepts: Iterable[CodeableConcept | None]) -> Iterator[tuple[str | None, str | None]]:
+    for concept in concepts:
+        if concept is not None:
+            for coding in concept.coding:
+                yield coding.system, coding.code
+
+
+def _texts(concepts: Iterable[CodeableConcept | None]) -> Iterator[str]:
+    for concept in concepts:
+        if concept is None:
+            continue
+        if concept.text:
+            yield concept.text
+        for coding in concept.coding:
+            if coding.display:
+                yield coding.display
+
+
+def _fmt_number(value: float) -> str:
+    text = f"{value:.6f}".rstrip("0").rstrip(".")
+    return text if text not in ("", "-0") else "0"
+
+
+def _reported(quantity: Quantity) -> str:
+    unit = quantity.code or quantity.unit or ""
+    comparator = f"{quantity.comparator} " if quantity.comparator else ""
+    value = _fmt_number(quantity.value) if quantity.value is not None else "?"
+    return f"{comparator}{value} {unit}".strip()
+
+
+class _Normaliser:
+    def __init__(self, knowledge: Knowledge) -> None:
+        self.knowledge = knowledge
+        self.loinc = knowledge.loinc
+        self.data = Dataset()
+        self.index: dict[str, Resource] = {}
+        self.labs: dict[str, _RawLab] = {}
+        self.panels: dict[str, _Panel] = {}
+        self.reports: list[tuple[DiagnosticReport, str, Origin]] = []
+        self.medications: list[tuple[MedicationRequest | MedicationStatement, str, Origin]] = []
+        self.conditions: list[tuple[Condition, str, Origin]] = []
+        self.flags: list[tuple[Flag, str, Origin]] = []
+        self.patients: list[tuple[Patient, str]] = []
+
+    # -- pass 1: collect ---------------------------------------------------------------------
+
+    def problem(self, origin: Origin, key: str, reason: str, kind: str = "input") -> None:
+        self.data.problems.append(Problem(origin.source, reason, key, origin.position, kind))
+
+    def add(self, resource: Resource, origin: Origin) -> None:
+        counts = self.data.counts
+        rtype = type(resource).__name__
+        counts[rtype] += 1
+        rid = resource.id
+        key = f"{rtype}/{rid}" if rid else (origin.full_url or f"{rtype}@{origin.position}")
+        if origin.full_url:
+            self.index[origin.full_url] = resource
+        if rid:
+            self.index[key] = resource
+        if isinstance(resource, Observation):
+            self.add_observation(resource, key, origin)
+        elif isinstance(resource, DiagnosticReport):
+            self.reports.append((resource, key, origin))
+            for raw in resource.contained:
+                self.add_contained(raw, key, origin)
+        elif isinstance(resource, MedicationRequest | MedicationStatement):
+            self.medications.append((resource, key, origin))
+        elif isinstance(resource, Patient):
+            self.patients.append((resource, key))
+        elif isinstance(resource, Condition):
+            self.conditions.append((resource, key, origin))
+        elif isinstance(resource, Flag):
+            self.flags.append((resource, key, origin))
+
+    def add_contained(self, raw: bytes, container: str, origin: Origin) -> None:
+        try:
+            inner = decode_resource(raw)
+        except MalformedResourceError as exc:
+            self.problem(origin, container, f"contained resource {exc.label}: {exc.reason}")
+            return
+        if isinstance(inner, Observation) and inner.id:
+            key = f"{container}#{inner.id}"
+            self.index[key] = inner
+            self.add_observation(inner, key, origin)
+
+    def add_observation(self, obs: Observation, key: str, origin: Origin) -> None:
+        info = _loinc_info(obs.code, self.loinc)
+        if info is None:
+            if obs.hasMember:
+                self.panels[key] = _Panel(
+                    key,
+                    obs.subject.reference if obs.subject else None,
+                    _effective_text(
+                        obs.effectiveDateTime, obs.effectivePeriod, obs.effectiveInstant
+                    ),
+                    obs.hasMember,
+                )
+            return
+        lab = _RawLab(obs, key, info, origin)
+        previous = self.labs.get(key)
+        if previous is not None and (previous.last_updated or "") > (lab.last_updated or ""):
+            return  # the same Observation read twice: keep the newest version
+        self.labs[key] = lab
+
+    # -- pass 2: link and finish -------------------------------------------------------------
+
+    def resolve(self, reference: str | None, container: str | None = None) -> Resource | None:
+        if not reference:
+            return None
+        if reference.startswith("#"):
+            return self.index.get(f"{container}{reference}") if container else None
+        found = self.index.get(reference)
+        if found is not None:
+            return found
+        parts = reference.split("/_history/")[0].rstrip("/").split("/")
+        if len(parts) >= 2:
+            return self.index.get(f"{parts[-2]}/{parts[-1]}")
+        return None
+
+    def lab_for(self, reference: str, container: str) -> _RawLab | _Panel | None:
+        if reference.startswith("#"):
+            key = f"{container}{reference}"
+        else:
+            target = self.resolve(reference)
+            if target is None or not isinstance(target, Observation):
+                return None
+            key = f"Observation/{target.id}" if target.id else reference
+        return self.labs.get(key) or self.panels.get(key)
+
+    def patient_key(self, reference: str | None) -> str | None:
+        if not reference:
+            return None
+        target = self.resolve(reference)
+        if isinstance(target, Patient) and target.id:
+            return f"Patient/{target.id}"
+        parts = reference.split("/_history/")[0].rstrip("/").split("/")
+        if len(parts) >= 2 and parts[-2] == "Patient":
+            return f"Patient/{parts[-1]}"
+        return reference
+
+    def link_members(
+        self,
+        members: list[Reference],
+        container: str,
+        subject: str | None,
+        effective_text: str | None,
+        group: str,
+        seen: set[str],
+    ) -> None:
+        for member in members:
+            if not member.reference:
+                continue
+            target = self.lab_for(member.reference, container)
+            if target is None:
+                continue
+            if isinstance(target, _Panel):
+                if target.key in seen:
+                    continue  # hasMember cycles exist in the wild; follow each panel once
+                seen.add(target.key)
+                self.link_members(
+                    target.members,
+                    target.key,
+                    target.subject or subject,
+                    target.effective_text or effective_text,
+                    group,
+                    seen,
+                )
+                continue
+            if target.subject is None:
+                target.subject = subject
+            if target.effective_text is None and effective_text:
+                target.effective_text = effective_text
+                target.effective = parse_fhir_datetime(effective_text)
+            if target.group is None:
+                target.group = group
+
+    def link(self) -> None:
+        for report, key, _origin in sorted(self.reports, key=lambda item: item[1]):
+            effective = _effective_text(
+                report.effectiveDateTime, report.effectivePeriod, report.issued
+            )
+            subject = report.subject.reference if report.subject else None
+            self.link_members(report.result, key, subject, effective, key, {key})
+        for panel in sorted(self.panels.values(), key=lambda p: p.key):
+            self.link_members(
+                panel.members,
+                panel.key,
+                panel.subject,
+                panel.effective_text,
+                panel.key,
+                {panel.key},
+            )
+
+    def finish_lab(self, lab: _RawLab) -> LabResult | None:
+        counts = self.data.counts
+        status = lab.status
+        origin = lab.origin
+        if status not in OBSERVATION_STATUSES:
+            self.problem(origin, lab.key, f"invalid Observation.status {status!r}", "status")
+            return None
+        if status not in _KEPT_STATUSES:
+            counts[f"results:ignored-{status}"] += 1
+            return None
+        patient = self.patient_key(lab.subject)
+        if patient is None:
+            self.problem(origin, lab.key, "no subject (and no DiagnosticReport that names one)")
+            return None
+        if lab.effective is None:
+            self.problem(origin, lab.key, "no effective time (nor one from its DiagnosticReport)")
+            return None
+        if lab.data_absent is not None:
+            reason = next(
+                (c.code for c in lab.data_absent.coding if c.code), lab.data_absent.text or "?"
+            )
+            self.problem(origin, lab.key, f"no value: dataAbsentReason {reason!r}", "value")
+            return None
+        quantity = lab.quantity
+        if quantity is None or quantity.value is None:
+            detail = f" (valueString {lab.value_string!r})" if lab.value_string else ""
+            self.problem(origin, lab.key, f"no numeric valueQuantity{detail}", "value")
+            return None
+        comparator = quantity.comparator
+        if comparator is not None and comparator not in _COMPARATORS:
+            self.problem(origin, lab.key, f"invalid comparator {comparator!r}", "value")
+            return None
+        info = lab.info
+        value = quantity.value
+        if info.measure is Measure.COUNT:
+            factor = self.knowledge.count_units.factor(quantity.code, quantity.unit)
+            kind_word = "count"
+        else:
+            factor = self.knowledge.fraction_units.factor(quantity.code, quantity.unit)
+            if factor is None and info.unitless and not quantity.code and not quantity.unit:
+                factor = 1.0
+            kind_word = "fraction"
+        if factor is None:
+            shown = quantity.code or quantity.unit
+            reason = (
+                f"unit {shown!r} is not a known {kind_word} unit for LOINC {info.code}"
+                if shown
+                else f"no unit for LOINC {info.code} (a {kind_word}); the unit is never guessed"
+            )
+            self.problem(origin, lab.key, reason, "unit")
+            return None
+        converted = round(value * factor, 9)
+        if info.measure is Measure.COUNT:
+            limits = self.knowledge.plausible[info.analyte]
+            if converted < 0 or converted > limits.max or 0 < converted < limits.min_nonzero:
+                self.problem(
+                    origin,
+                    lab.key,
+                    f"implausible {info.analyte.value} count {_reported(quantity)} for its "
+                    "declared unit (not graded; check the unit)",
+                    "implausible",
+                )
+                return None
+        elif not 0 <= converted <= 1:
+            self.problem(
+                origin,
+                lab.key,
+                f"implausible fraction {_reported(quantity)} for LOINC {info.code} (not graded)",
+                "implausible",
+            )
+            return None
+        ref_low = None
+        for entry in lab.ranges:
+            low = entry.low
+            if low is None or low.value is None:
+                continue
+            if entry.type is not None and not any(c.code == "normal" for c in entry.type.coding):
+                continue
+            table = (
+                self.knowledge.count_units
+                if info.measure is Measure.COUNT
+                else self.knowledge.fraction_units
+            )
+            low_factor = table.factor(low.code, low.unit) if (low.code or low.unit) else factor
+            if low_factor is not None:
+                ref_low = round(low.value * low_factor, 9)
+            break
+        group = lab.group
+        if lab.specimen:
+            group = f"specimen:{lab.specimen}"
+        if group is None:
+            group = f"time:{lab.effective.isoformat()}"
+        counts["results:used"] += 1
+        return LabResult(
+            key=lab.key,
+            patient=patient,
+            analyte=info.analyte,
+            measure=info.measure,
+            form=info.form,
+            loinc=info.code,
+            value=converted,
+            comparator=comparator,
+            reported=_reported(quantity),
+            effective=lab.effective,
+            effective_text=lab.effective_text or lab.effective.isoformat(),
+            status=status,
+            group=f"{patient}|{group}",
+            ref_low=ref_low,
+            corrected=info.corrected,
+        )
+
+    # -- medications, conditions, flags --------------------------------------------------------
+
+    def medication_concepts(
+        self, med: MedicationRequest | MedicationStatement, key: str
+    ) -> tuple[list[CodeableConcept | None], list[str]]:
+        concepts: list[CodeableConcept | None] = [med.medicationCodeableConcept]
+        extra_texts: list[str] = []
+        ref = med.medicationReference
+        if ref is not None:
+            if ref.display:
+                extra_texts.append(ref.display)
+            target: Resource | None = None
+            if ref.reference and ref.reference.startswith("#"):
+                for raw in med.contained:
+                    try:
+                        inner = decode_resource(raw)
+                    except MalformedResourceError:
+                        continue
+                    if isinstance(inner, Medication) and f"#{inner.id}" == ref.reference:
+                        target = inner
+                        break
+            else:
+                target = self.resolve(ref.reference)
+            if isinstance(target, Medication):
+                concepts.append(target.code)
+                for ingredient in target.ingredient:
+                    concepts.append(ingredient.itemCodeableConcept)
+                    if ingredient.itemReference and ingredient.itemReference.display:
+                        extra_texts.append(ingredient.itemReference.display)
+        return concepts, extra_texts
+
+    def finish_medication(
+        self, med: MedicationRequest | MedicationStatement, key: str, origin: Origin
+    ) -> DrugExposure | None:
+        is_request = isinstance(med, MedicationRequest)
+        statuses = _REQUEST_STATUSES if is_request else _STATEMENT_STATUSES
+        status = med.status
+        if status not in statuses:
+            self.problem(origin, key, f"invalid {type(med).__name__}.status {status!r}", "status")
+            return None
+        if status in _NO_EXPOSURE:
+            return None
+        if isinstance(med, MedicationRequest) and med.doNotPerform:
+            return None
+        concepts, extra = self.medication_concepts(med, key)
+        hits = self.knowledge.match_drugs(_codings(concepts), [*_texts(concepts), *extra])
+        if not hits:
+            return None
+        patient = self.patient_key(med.subject.reference if med.subject else None)
+        if patient is None:
+            self.problem(origin, key, "no subject")
+            return None
+        start, end = _exposure_period(med)
+        ended_on_status = status in _ENDED and end is None
+        if ended_on_status:
+            end = start
+        names = tuple(dict.fromkeys([*_texts(concepts), *extra])) or tuple(h.label for h in hits)
+        return DrugExposure(
+            key=key,
+            patient=patient,
+            drugs=tuple(hits),
+            names=names,
+            status=status or "unknown",
+            start=start,
+            end=end,
+            ended_on_status=ended_on_status,
+        )
+
+    def finish_condition(self, condition: Condition, key: str, origin: Origin) -> None:
+        verification = {
+            c.code
+            for c in (condition.verificationStatus.coding if condition.verificationStatus else [])
+        }
+        if verification & {"refuted", "entered-in-error"}:
+            return
+        clinical = {
+            c.code for c in (condition.clinicalStatus.coding if condition.clinicalStatus else [])
+        }
+        abatement = parse_fhir_datetime(condition.abatementDateTime)
+        if clinical & {"resolved", "inactive"} and abatement is None:
+            return  # over, and we do not know since when: not a current cause
+        patient = self.patient_key(condition.subject.reference if condition.subject else None)
+        if patient is None:
+            self.problem(origin, key, "no subject")
+            return
+        concepts = [condition.code]
+        for system, code in _codings(concepts):
+            flag = self.knowledge.flag_for(system, code)
+            if flag is not None and not clinical & {"resolved", "inactive"}:
+                record = self.data.patient(patient)
+                record.flags.add(flag.id)
+                record.flag_sources[flag.id] = key
+        texts = list(_texts(concepts))
+        onset = parse_fhir_datetime(
+            condition.onsetDateTime
+            or (condition.onsetPeriod.start if condition.onsetPeriod else None)
+        )
+        for cause in self.knowledge.match_causes(_codings(concepts), texts):
+            self.data.patient(patient).conditions.append(
+                ConditionMatch(
+                    key=key,
+                    patient=patient,
+                    cause_id=cause.id,
+                    label=cause.label,
+                    text=texts[0] if texts else cause.label,
+                    onset=onset,
+                    abatement=abatement,
+                )
+            )
+
+    def finish_flag(self, flag: Flag, key: str, origin: Origin) -> None:
+        if flag.status != "active":
+            return
+        patient = self.patient_key(flag.subject.reference if flag.subject else None)
+        if patient is None:
+            self.problem(origin, key, "no subject")
+            return
+        for system, code in _codings([flag.code]):
+            entry = self.knowledge.flag_for(system, code)
+            if entry is not None:
+                record = self.data.patient(patient)
+                record.flags.add(entry.id)
+                record.flag_sources[entry.id] = key
+
+    # -- derivation ------------------------------------------------------------------------------
+
+    def derive(self, results: list[LabResult]) -> list[LabResult]:
+        """Absolute counts derived from WBC x fraction where a specimen has no absolute count."""
+        by_group: dict[str, list[LabResult]] = defaultdict(list)
+        for result in results:
+            by_group[result.group].append(result)
+        derived: list[LabResult] = []
+        for group, members in by_group.items():
+            wbcs = [r for r in members if r.analyte is Analyte.WBC]
+            wbcs.sort(key=lambda r: (not r.corrected, r.key))
+            wbc = wbcs[0] if wbcs else None
+            for analyte in Analyte:
+                if analyte is Analyte.WBC:
+                    continue
+                mine = [r for r in members if r.analyte is analyte]
+                if not mine or any(
+                    r.measure is Measure.COUNT and r.form is Form.TOTAL for r in mine
+                ):
+                    continue
+                made = self.derive_one(analyte, mine, wbc, group)
+                if made is not None:
+                    derived.append(made)
+        return derived
+
+    def derive_one(
+        self, analyte: Analyte, mine: list[LabResult], wbc: LabResult | None, group: str
+    ) -> LabResult | None:
+        def first(measure: Measure, form: Form) -> LabResult | None:
+            found = sorted(
+                (r for r in mine if r.measure is measure and r.form is form), key=lambda r: r.key
+            )
+            return found[0] if found else None
+
+        parts: list[LabResult]
+        how: str
+        segs_count = first(Measure.COUNT, Form.SEGMENTED)
+        if analyte is Analyte.NEUTROPHILS and segs_count is not None:
+            band_count = first(Measure.COUNT, Form.BAND)
+            parts = [segs_count, *([band_count] if band_count else [])]
+            value = sum(p.value for p in parts)
+            how = " + ".join(f"{p.reported} ({_form_word(p)}, {p.key})" for p in parts)
+        else:
+            if wbc is None:
+                return None
+            total = first(Measure.FRACTION, Form.TOTAL)
+            if total is not None:
+                fractions = [total]
+            else:
+                segs = first(Measure.FRACTION, Form.SEGMENTED)
+                if segs is None:
+                    return None
+                bands = first(Measure.FRACTION, Form.BAND)
+                # Bands are added to a segmented percentage only: a total percentage already
+                # includes them (clozapine PI §5.1; clinical.md §4.5).
+                fractions = [segs, *([bands] if bands else [])]
+            parts = [wbc, *fractions]
+            value = wbc.value * sum(f.value for f in fractions)
+            how = f"WBC {wbc.reported} ({wbc.key}) x " + " + ".join(
+                f"{f.reported} ({_form_word(f)}, {f.key})" for f in fractions
+            )
+        if any(p.comparator in (">", ">=") for p in parts):
+            return None  # a lower bound times a fraction says nothing about how low it is
+        comparator = "<" if any(p.comparator in ("<", "<=") for p in parts) else None
+        status = "preliminary" if any(p.status == "preliminary" for p in parts) else "final"
+        first_part = parts[0]
+        self.data.counts["results:derived"] += 1
+        value = round(value, 9)
+        return LabResult(
+            key=f"derived:{analyte.value}:{'+'.join(p.key for p in parts)}",
+            patient=first_part.patient,
+            analyte=analyte,
+            measure=Measure.COUNT,
+            form=Form.TOTAL,
+            loinc="",
+            value=value,
+            comparator=comparator,
+            reported=f"{'< ' if comparator else ''}{_fmt_number(value)} 10*9/L (derived)",
+            effective=max(p.effective for p in parts),
+            effective_text=max(parts, key=lambda p: p.effective).effective_text,
+            status=status,
+            group=group,
+            sources=tuple(p.key for p in parts),
+            derivation=how,
+        )
+
+    def run(self) -> Dataset:
+        self.link()
+        data = self.data
+        results: list[LabResult] = []
+        for lab in self.labs.values():
+            finished = self.finish_lab(lab)
+            if finished is not None:
+                results.append(finished)
+        results.extend(self.derive(results))
+        for result in results:
+            data.patient(result.patient).results.append(result)
+        for patient, _key in self.patients:
+            if patient.id:
+                record = data.patient(f"Patient/{patient.id}")
+                record.birth_date = parse_fhir_date(patient.birthDate) or record.birth_date
+        for med, key, origin in self.medications:
+            exposure = self.finish_medication(med, key, origin)
+            if exposure is not None:
+                data.patient(exposure.patient).exposures.append(exposure)
+        for condition, key, origin in self.conditions:
+            self.finish_condition(condition, key, origin)
+        for flag, key, origin in self.flags:
+            self.finish_flag(flag, key, origin)
+        for record in data.patients.values():
+            record.results.sort(key=lambda r: (r.effective, r.key))
+            record.exposures.sort(key=lambda e: e.key)
+            record.conditions.sort(key=lambda c: (c.key, c.cause_id))
+        return data
+
+
+def _exposure_period(
+    med: MedicationRequest | MedicationStatement,
+) -> tuple[datetime | None, datetime | None]:
+    """When a medication record says the drug was taken: ``(start, end)``, ``end`` None if open.
+
+    MedicationRequest: start = authoredOn (else the dosage bounds or validity start), end = the
+    latest dosage ``boundsPeriod.end`` (the validity period is for dispensing, not for taking).
+    MedicationStatement: effective[x] (a bare date-time marks the start), else dateAsserted.
+    """
+    if isinstance(med, MedicationRequest):
+        bounds = [
+            d.timing.repeat.boundsPeriod
+            for d in med.dosageInstruction
+            if d.timing and d.timing.repeat and d.timing.repeat.boundsPeriod
+        ]
+        starts = [p.start for p in bounds]
+        if med.dispenseRequest and med.dispenseRequest.validityPeriod:
+            starts.append(med.dispenseRequest.validityPeriod.start)
+        start = parse_fhir_datetime(med.authoredOn) or next(
+            (t for t in map(parse_fhir_datetime, starts) if t), None
+        )
+        ends = [t for t in (parse_fhir_datetime(p.end) for p in bounds) if t]
+        return start, max(ends, default=None)
+    period = med.effectivePeriod
+    start = parse_fhir_datetime(med.effectiveDateTime) or parse_fhir_datetime(
+        period.start if period else None
+    )
+    end = parse_fhir_datetime(period.end) if period and period.end else None
+    return start or parse_fhir_datetime(med.dateAsserted), end
+
+
+def _form_word(result: LabResult) -> str:
+    base = result.analyte.value
+    if result.form is Form.SEGMENTED:
+        return f"segmented {base}"
+    if result.form is Form.BAND:
+        return f"band {base}"
+    return base
+
+
+def normalise(items: Iterable[Sourced | Problem], knowledge: Knowledge) -> Dataset:
+    """Normalise resources (and pass through reader problems) into a :class:`Dataset`.
+
+    ``items`` is what :func:`fhir_leuko.reader.read_paths` yields, or ``(resource, Origin)`` pairs
+    built by another edge (a FHIR server search, a CDS Hooks prefetch).
+    """
+    normaliser = _Normaliser(knowledge)
+    for item in items:
+        if isinstance(item, Problem):
+            normaliser.data.problems.append(item)
+        else:
+            normaliser.add(*item)
+    return normaliser.run()

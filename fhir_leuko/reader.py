@@ -1,0 +1,157 @@
+"""Reading FHIR R4 JSON from disk: Bundles, single resources, NDJSON (also gzipped), directories.
+
+This is an edge: it does file I/O and hands the rule core decoded resources with their origin.
+Every problem (unreadable file, invalid JSON line, malformed entry) becomes a :class:`Problem`
+naming the file, the position and the resource where known; reading always goes on.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InputError
+from .fhirjson import Bundle, MalformedResourceError, Resource, decode_resource
+from .model import Problem
+
+__all__ = ["INPUT_SUFFIXES", "Origin", "Sourced", "expand_paths", "iter_document", "read_paths"]
+
+INPUT_SUFFIXES = (".json", ".ndjson", ".jsonl", ".json.gz", ".ndjson.gz", ".jsonl.gz")
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a resource was read: a file (or URL, or prefetch key) and a position in it."""
+
+    source: str
+    position: str = ""
+    full_url: str | None = None
+
+
+Sourced = tuple[Resource, Origin]
+Progress = Callable[[int], object]
+"""Called with the number of bytes just read (e.g. ``tqdm.update``)."""
+
+
+def _is_input(path: Path) -> bool:
+    name = path.name.lower()
+    return not name.startswith(".") and name.endswith(INPUT_SUFFIXES)
+
+
+def expand_paths(paths: Iterable[Path]) -> list[Path]:
+    """Files to read, in a stable order; directories are walked recursively.
+
+    Raises:
+        InputError: a path does not exist.
+    """
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            for root, dirnames, filenames in os.walk(path):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                files.extend(
+                    Path(root) / name for name in sorted(filenames) if _is_input(Path(name))
+                )
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise InputError(f"{path}: no such file or directory")
+    return files
+
+
+def iter_document(data: bytes, source: str, position: str = "") -> Iterator[Sourced | Problem]:
+    """Resources in one JSON document: a single resource, or a Bundle flattened (nested ones too)."""
+    try:
+        resource = decode_resource(data)
+    except MalformedResourceError as exc:
+        yield Problem(source, exc.reason, exc.label, position)
+        return
+    if resource is None:
+        return
+    if isinstance(resource, Bundle):
+        yield from _bundle_entries(resource, source, position)
+    else:
+        yield resource, Origin(source, position)
+
+
+def _bundle_entries(bundle: Bundle, source: str, position: str) -> Iterator[Sourced | Problem]:
+    prefix = f"{position} " if position else ""
+    for index, entry in enumerate(bundle.entry):
+        where = f"{prefix}entry[{index}]"
+        if not entry.resource:
+            # Transaction responses and deletes carry no resource: nothing to read.
+            continue
+        try:
+            resource = decode_resource(entry.resource)
+        except MalformedResourceError as exc:
+            yield Problem(source, exc.reason, exc.label or (entry.fullUrl or ""), where)
+            continue
+        if resource is None:
+            continue
+        if isinstance(resource, Bundle):
+            yield from _bundle_entries(resource, source, where)
+        else:
+            yield resource, Origin(source, where, entry.fullUrl)
+
+
+def _iter_lines(
+    lines: Iterable[bytes], source: str, progress: Progress | None
+) -> Iterator[Sourced | Problem]:
+    for number, line in enumerate(lines, start=1):
+        if progress is not None:
+            progress(len(line))
+        if not line.strip():
+            continue
+        yield from iter_document(line, source, f"line {number}")
+
+
+def _open(path: Path) -> Iterable[bytes]:
+    if path.name.lower().endswith(".gz"):
+        return gzip.open(path, "rb")
+    return path.open("rb")
+
+
+def read_file(path: Path, progress: Progress | None = None) -> Iterator[Sourced | Problem]:
+    """Resources of one input file, and its problems."""
+    source = str(path)
+    name = path.name.lower().removesuffix(".gz")
+    try:
+        if name.endswith((".ndjson", ".jsonl")):
+            with _open(path) as stream:  # type: ignore[attr-defined]
+                yield from _iter_lines(stream, source, progress)
+            return
+        with _open(path) as stream:  # type: ignore[attr-defined]
+            data = stream.read()
+    except (OSError, EOFError) as exc:
+        yield Problem(source, f"cannot read file: {exc}")
+        return
+    if progress is not None:
+        progress(len(data))
+    problems: list[Problem] = []
+    found = False
+    for item in iter_document(data, source):
+        if isinstance(item, Problem):
+            problems.append(item)
+        else:
+            found = True
+            yield item
+    if not found and problems and "trailing characters" in problems[0].reason:
+        # A .json file holding NDJSON (one resource per line) is common in exports.
+        yield from _iter_lines(data.splitlines(), source, None)
+        return
+    yield from problems
+
+
+def read_paths(
+    paths: Iterable[Path], progress: Progress | None = None
+) -> Iterator[Sourced | Problem]:
+    """Every resource fhir-leuko reads from these files and directories, and every problem.
+
+    Raises:
+        InputError: a path does not exist (before anything is read).
+    """
+    for path in expand_paths(paths):
+        yield from read_file(path, progress)
