@@ -64,9 +64,13 @@ def build_detected_issue(
 ) -> dict[str, Any]:
     """The FHIR R4 DetectedIssue of a finding, checked with fhir.resources before it is returned."""
     ident = issue_id(finding.patient, finding.kind)
+    # A resource read without id or fullUrl has an internal key ("Observation@file:line 3") that
+    # is no FHIR reference: the detail text names it, the evidence cannot point at it.
     evidence_refs = list(
         dict.fromkeys(
-            reference_of(k) for k in finding.result.evidence if not k.startswith("derived:")
+            reference_of(k)
+            for k in finding.result.evidence
+            if not k.startswith("derived:") and "@" not in k.split("#", 1)[0]
         )
     )
     evidence: dict[str, Any] = {}

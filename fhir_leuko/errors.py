@@ -50,3 +50,100 @@ class InputError(FhirLeukoError):
     """An input file cannot be read at all (missing path, permission)."""
 
     exit_code = ExitCode.USAGE
+
+
+class StateError(FhirLeukoError):
+    """The state file (watermarks, ledgers, lock) cannot be opened or has an unknown layout."""
+
+    exit_code = ExitCode.USAGE
+
+
+class LockError(FhirLeukoError):
+    """Another run holds the single-writer lock for this server (and it is not stale)."""
+
+    exit_code = ExitCode.INPUT_PROBLEMS
+
+
+class FhirError(FhirLeukoError):
+    """A FHIR server request failed. The message carries the OperationOutcome text, if any.
+
+    ``status`` is the HTTP status (``None`` for connection errors and timeouts); ``url`` has no
+    query string (search parameters may name patients).
+    """
+
+    exit_code = ExitCode.INPUT_PROBLEMS
+
+    def __init__(
+        self, message: str, *, status: int | None = None, url: str = "", outcome: str = ""
+    ) -> None:
+        self.status = status
+        self.url = url
+        self.outcome = outcome
+        super().__init__(message)
+
+
+class FhirTemporaryError(FhirError):
+    """The server stayed unavailable (429, 502-504, connection errors, timeouts) past the retry budget."""
+
+
+class FhirFatalError(FhirError):
+    """The server refused the request for good (a 4xx, a malformed or cyclic response)."""
+
+
+class FhirConflictError(FhirFatalError):
+    """412 Precondition Failed: the resource changed since it was read (If-Match), or a
+    conditional create matched more than one resource."""
+
+
+class AuthError(FhirError):
+    """Authentication failed for good (token endpoint refused, 401 after a token refresh).
+
+    A configuration problem (credentials, keys, client registration): exit code 2.
+    """
+
+    exit_code = ExitCode.USAGE
+
+
+# --- CDS Hooks service ------------------------------------------------------------------------
+# The service maps these to HTTP statuses in one place (fhir_leuko/service/app.py); they carry no
+# HTTP knowledge themselves. Their messages never contain a token, a JWT or patient data.
+
+
+class ServiceError(FhirLeukoError):
+    """A CDS Hooks request could not be answered (mapped to an HTTP status by the service)."""
+
+
+class AuthenticationError(ServiceError):
+    """The request's JWT is missing or invalid. The reason is logged, never sent to the client."""
+
+
+class MalformedRequestError(ServiceError):
+    """The request body or a field of it is not what CDS Hooks 2.0 requires."""
+
+
+class UnknownServiceError(ServiceError):
+    """No CDS service with this id."""
+
+
+class RequestTooLargeError(ServiceError):
+    """The request body is larger than the configured limit."""
+
+
+class PrefetchUnavailableError(ServiceError):
+    """Required FHIR data could be had neither from the prefetch nor from the client's FHIR server.
+
+    ``missing`` maps each prefetch key to why it is missing (CDS Hooks 2.0: HTTP 412).
+    """
+
+    def __init__(self, missing: dict[str, str]) -> None:
+        self.missing = dict(missing)
+        keys = ", ".join(f"'{k}'" for k in sorted(self.missing))
+        super().__init__(f"required prefetch data unavailable: {keys}")
+
+
+class FhirFetchError(ServiceError):
+    """Fetching from the CDS client's FHIR server failed (HTTP error, timeout, bad page)."""
+
+
+class ServiceTimeoutError(ServiceError):
+    """The request was not answered within the configured time."""

@@ -25,10 +25,12 @@ from datetime import date, datetime, timedelta
 from .fhirtime import age_reached, parse_duration
 from .model import (
     FINDING_ANALYTE,
+    Analyte,
     ConditionMatch,
     DrugExposure,
     Finding,
     FindingKind,
+    Form,
     ImplicatedDrug,
     LabResult,
     LowerLimit,
@@ -84,15 +86,27 @@ def latest_result(
     as_of: datetime,
     lookback: timedelta,
     statuses: Sequence[str],
+    results: Sequence[LabResult] | None = None,
 ) -> LabResult | None:
-    """The most recent valid absolute count of the finding's analyte within the lookback."""
+    """The most recent valid absolute count of the finding's analyte within the lookback.
+
+    ``results`` narrows the search to these of the record's results (e.g. those of the analyte).
+    """
     analyte = FINDING_ANALYTE[kind]
     earliest = as_of - lookback
     best: LabResult | None = None
     best_key: tuple[datetime, bool, bool, str] | None = None
-    for result in record.results:
-        if result.analyte is not analyte or result.measure is not Measure.COUNT:
+    for result in record.results if results is None else results:
+        # Only a total absolute count is "the" count: a segmented or band-form count (30451-9,
+        # 26507-4 ...) is a part of it, and enters only through the derived total (normalise).
+        if (
+            result.analyte is not analyte
+            or result.measure is not Measure.COUNT
+            or result.form is not Form.TOTAL
+        ):
             continue
+        if best is not None and result.effective < best.effective:
+            continue  # cannot win: the rank below compares the time first
         if result.status not in statuses or not earliest <= result.effective <= as_of:
             continue
         # Latest first; at the same time a measured value beats a derived one, a corrected WBC an
@@ -112,9 +126,12 @@ def _exposure_relation(exposure: DrugExposure, at: datetime, window: timedelta) 
         return "active" if exposure.status not in ("completed", "stopped") else None
     if end >= at:
         return "active"
-    if end < at - window:
-        return None
+    # The window counts calendar days, like the start check above: an end date is often
+    # day-precise ("2024-04-01" parses to midnight), and "stopped 30 days before" the count must
+    # not depend on the hour the count was taken.
     days = (at.date() - end.date()).days
+    if days > window.days:
+        return None
     if exposure.ended_on_status:
         return f"{exposure.status}, last recorded {end.date().isoformat()} ({days} days before)"
     return f"stopped {end.date().isoformat()} ({days} days before)"
@@ -230,6 +247,7 @@ def _decide(
         for r in record.results
         if r.analyte is result.analyte
         and r.measure is Measure.COUNT
+        and r.form is Form.TOTAL
         and r.status in settings.statuses
         and trend_from <= r.effective <= result.effective
     ]
@@ -272,6 +290,12 @@ def evaluate(
     ordered = profiles.profiles if isinstance(profiles, ProfileSet) else tuple(profiles)
     ordered = tuple(sorted(ordered, key=lambda p: (-p.priority, p.id)))
     findings: list[Finding] = []
+    # Each kind looks at one analyte, and profiles mostly share their settings: sort the results
+    # by analyte once, and find each (kind, lookback, statuses) latest result once.
+    by_analyte: dict[Analyte, list[LabResult]] = {}
+    for candidate in record.results:
+        by_analyte.setdefault(candidate.analyte, []).append(candidate)
+    latest: dict[tuple[FindingKind, int, tuple[str, ...]], LabResult | None] = {}
     for kind in FindingKind:
         for profile in ordered:
             if not profile_applies(profile, record, as_of):
@@ -280,13 +304,17 @@ def evaluate(
             if rule is None:
                 continue
             settings = profile.settings
-            result = latest_result(
-                record,
-                kind,
-                as_of=as_of,
-                lookback=timedelta(days=settings.lookback_days),
-                statuses=settings.statuses,
-            )
+            wanted = (kind, settings.lookback_days, tuple(settings.statuses))
+            if wanted not in latest:
+                latest[wanted] = latest_result(
+                    record,
+                    kind,
+                    as_of=as_of,
+                    lookback=timedelta(days=settings.lookback_days),
+                    statuses=settings.statuses,
+                    results=by_analyte.get(FINDING_ANALYTE[kind], []),
+                )
+            result = latest[wanted]
             if profile.applies.drugs and (
                 result is None
                 or not implicated_drugs(

@@ -269,7 +269,9 @@ def _label_of(data: bytes | Any) -> str:
 
 def _reason(exc: Exception) -> str:
     text = str(exc)
-    if isinstance(exc, msgspec.DecodeError):
+    # msgspec.ValidationError subclasses DecodeError: valid JSON with a wrongly typed element is
+    # "malformed", not "not valid JSON".
+    if isinstance(exc, msgspec.DecodeError) and not isinstance(exc, msgspec.ValidationError):
         return f"not valid JSON ({text})"
     if text.startswith("Object missing required field `resourceType`"):
         return "no resourceType"

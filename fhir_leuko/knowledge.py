@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -137,6 +137,10 @@ _EXACT_ONLY = frozenset({"G/L"})
 class UnitTable:
     exact: dict[str, float]
     folded: dict[str, float]
+    _memo: dict[tuple[str | None, str | None], float | None] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+    """(code, unit) -> factor: a feed repeats a handful of units millions of times."""
 
     @classmethod
     def build(cls, table: dict[str, float]) -> UnitTable:
@@ -145,14 +149,22 @@ class UnitTable:
 
     def factor(self, code: str | None, unit: str | None) -> float | None:
         """The factor for a Quantity's UCUM ``code``, falling back to its ``unit`` text."""
+        key = (code, unit)
+        memo = self._memo
+        if key in memo:
+            return memo[key]
+        factor: float | None = None
         for text in (code, unit):
             if text:
                 found = self.exact.get(text)
                 if found is None:
                     found = self.folded.get(fold_unit(text))
                 if found is not None:
-                    return found
-        return None
+                    factor = found
+                    break
+        if len(memo) < 4096:  # bounded: free-text units are not a trusted, small set
+            memo[key] = factor
+        return factor
 
 
 # --- drugs ------------------------------------------------------------------------------------

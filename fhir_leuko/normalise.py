@@ -20,10 +20,13 @@ report or time (clozapine prescribing information §5.1; clinical.md §4.5).
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+import gc
+from collections import Counter, defaultdict, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import lru_cache
+from operator import attrgetter
 
 from .fhirjson import (
     CodeableConcept,
@@ -48,6 +51,7 @@ from .model import (
     Analyte,
     ConditionMatch,
     DrugExposure,
+    DrugHit,
     Form,
     LabResult,
     Measure,
@@ -56,7 +60,7 @@ from .model import (
 )
 from .reader import Origin, Sourced
 
-__all__ = ["OBSERVATION_STATUSES", "Dataset", "normalise"]
+__all__ = ["OBSERVATION_STATUSES", "Dataset", "drugs_of", "normalise"]
 
 # R4 ObservationStatus (required binding): https://hl7.org/fhir/R4/valueset-observation-status.html
 OBSERVATION_STATUSES = frozenset(
@@ -105,6 +109,10 @@ _REQUEST_STATUSES = frozenset(
 _NO_EXPOSURE = frozenset({"not-taken", "entered-in-error", "cancelled", "draft", "intended"})
 _ENDED = frozenset({"completed", "stopped"})
 
+# The results of one CBC share their time: parse each distinct time text once (datetimes are
+# immutable, so sharing them is safe). Bounded, so a long run does not grow it without end.
+_lab_time = lru_cache(maxsize=1 << 16)(parse_fhir_datetime)
+
 _CLINICAL_STATUS = "http://terminology.hl7.org/CodeSystem/condition-clinical"
 _VERIFICATION_STATUS = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
 
@@ -138,7 +146,7 @@ class _RawLab:
         "last_updated",
         "origin",
         "quantity",
-        "ranges",
+        "range_low",
         "specimen",
         "status",
         "subject",
@@ -154,11 +162,21 @@ class _RawLab:
         self.effective_text = _effective_text(
             obs.effectiveDateTime, obs.effectivePeriod, obs.effectiveInstant
         )
-        self.effective = parse_fhir_datetime(self.effective_text)
+        self.effective = _lab_time(self.effective_text)
         self.quantity = obs.valueQuantity
         self.value_string = obs.valueString
         self.data_absent = obs.dataAbsentReason
-        self.ranges = obs.referenceRange
+        # Only the low end of the first normal range is ever used: keeping just that Quantity
+        # (not every range with its high end and text) halves what a bulk export holds in memory.
+        self.range_low: Quantity | None = None
+        for entry in obs.referenceRange:
+            low = entry.low
+            if low is None or low.value is None:
+                continue
+            if entry.type is not None and not any(c.code == "normal" for c in entry.type.coding):
+                continue
+            self.range_low = low
+            break
         self.specimen = obs.specimen.reference if obs.specimen else None
         self.last_updated = obs.meta.lastUpdated if obs.meta else None
         self.group: str | None = None
@@ -213,6 +231,12 @@ def _texts(concepts: Iterable[CodeableConcept | None]) -> Iterator[str]:
 
 
 def _fmt_number(value: float) -> str:
+    # Fast path (once per result): repr is the shortest round-trip text, the same as the rounding
+    # below whenever it has at most 6 decimals and no exponent.
+    text = repr(value)
+    if "e" not in text and "n" not in text and len(text) - text.find(".") <= 7:
+        text = text.removesuffix(".0")
+        return text if text != "-0" else "0"
     text = f"{value:.6f}".rstrip("0").rstrip(".")
     return text if text not in ("", "-0") else "0"
 
@@ -230,6 +254,12 @@ class _Normaliser:
         self.loinc = knowledge.loinc
         self.data = Dataset()
         self.index: dict[str, Resource] = {}
+        """Resources other than Observations, by ``Type/id`` and by fullUrl."""
+        self.observation_urls: dict[str, str] = {}
+        self.patient_keys: dict[str, str] = {}
+        self.reported_texts: dict[tuple[str | None, float, str | None, str | None], str] = {}
+        self.group_keys: dict[tuple[str, str], str] = {}
+        self.times: dict[str, str] = {}
         self.labs: dict[str, _RawLab] = {}
         self.panels: dict[str, _Panel] = {}
         self.reports: list[tuple[DiagnosticReport, str, Origin]] = []
@@ -248,14 +278,24 @@ class _Normaliser:
         rtype = type(resource).__name__
         counts[rtype] += 1
         rid = resource.id
-        key = f"{rtype}/{rid}" if rid else (origin.full_url or f"{rtype}@{origin.position}")
+        # Without id or fullUrl the key names the file and position: positions alone ("entry[0]",
+        # "line 3", "" for a single resource) repeat across files and would merge resources.
+        if rid:
+            key = f"{rtype}/{rid}"
+        else:
+            key = origin.full_url or f"{rtype}@{origin.source}:{origin.position}"
+        if isinstance(resource, Observation):
+            # Observations are not kept in the index (a million of them would be): only their key,
+            # under the fullUrl a DiagnosticReport may use to point at them.
+            if origin.full_url and origin.full_url != key:
+                self.observation_urls[origin.full_url] = key
+            self.add_observation(resource, key, origin)
+            return
         if origin.full_url:
             self.index[origin.full_url] = resource
         if rid:
             self.index[key] = resource
-        if isinstance(resource, Observation):
-            self.add_observation(resource, key, origin)
-        elif isinstance(resource, DiagnosticReport):
+        if isinstance(resource, DiagnosticReport):
             self.reports.append((resource, key, origin))
             for raw in resource.contained:
                 self.add_contained(raw, key, origin)
@@ -275,9 +315,7 @@ class _Normaliser:
             self.problem(origin, container, f"contained resource {exc.label}: {exc.reason}")
             return
         if isinstance(inner, Observation) and inner.id:
-            key = f"{container}#{inner.id}"
-            self.index[key] = inner
-            self.add_observation(inner, key, origin)
+            self.add_observation(inner, f"{container}#{inner.id}", origin)
 
     def add_observation(self, obs: Observation, key: str, origin: Origin) -> None:
         info = _loinc_info(obs.code, self.loinc)
@@ -293,6 +331,9 @@ class _Normaliser:
                 )
             return
         lab = _RawLab(obs, key, info, origin)
+        if lab.effective_text:
+            # the results of one CBC share one time text: keep one copy of it
+            lab.effective_text = self.times.setdefault(lab.effective_text, lab.effective_text)
         previous = self.labs.get(key)
         if previous is not None and (previous.last_updated or "") > (lab.last_updated or ""):
             return  # the same Observation read twice: keep the newest version
@@ -314,18 +355,31 @@ class _Normaliser:
         return None
 
     def lab_for(self, reference: str, container: str) -> _RawLab | _Panel | None:
+        """The mapped lab or panel Observation a ``result``/``hasMember`` reference points at."""
         if reference.startswith("#"):
             key = f"{container}{reference}"
         else:
-            target = self.resolve(reference)
-            if target is None or not isinstance(target, Observation):
-                return None
-            key = f"Observation/{target.id}" if target.id else reference
+            key = self.observation_urls.get(reference, reference)
+            if key not in self.labs and key not in self.panels:
+                parts = reference.split("/_history/")[0].rstrip("/").split("/")
+                if len(parts) < 2 or parts[-2] != "Observation":
+                    return None
+                key = f"Observation/{parts[-1]}"
         return self.labs.get(key) or self.panels.get(key)
 
     def patient_key(self, reference: str | None) -> str | None:
         if not reference:
             return None
+        # Called once per result after every resource is in (run): the answer per reference
+        # cannot change any more, and results share few subjects.
+        known = self.patient_keys.get(reference)
+        if known is not None:
+            return known
+        key = self._patient_key(reference)
+        self.patient_keys[reference] = key
+        return key
+
+    def _patient_key(self, reference: str) -> str:
         target = self.resolve(reference)
         if isinstance(target, Patient) and target.id:
             return f"Patient/{target.id}"
@@ -366,7 +420,7 @@ class _Normaliser:
                 target.subject = subject
             if target.effective_text is None and effective_text:
                 target.effective_text = effective_text
-                target.effective = parse_fhir_datetime(effective_text)
+                target.effective = _lab_time(effective_text)
             if target.group is None:
                 target.group = group
 
@@ -386,6 +440,24 @@ class _Normaliser:
                 panel.key,
                 {panel.key},
             )
+
+    def reported(self, quantity: Quantity) -> str:
+        """``_reported`` for a result that is kept: lab values repeat (two decimals, one unit),
+        so the text is built once per distinct value and shared."""
+        key = (quantity.comparator, quantity.value or 0.0, quantity.code, quantity.unit)
+        text = self.reported_texts.get(key)
+        if text is None:
+            text = _reported(quantity)
+            if len(self.reported_texts) < 1 << 16:
+                self.reported_texts[key] = text
+        return text
+
+    def group_key(self, patient: str, group: str) -> str:
+        """``patient|group``, one shared string per specimen/report (about 11 results each)."""
+        key = self.group_keys.get((patient, group))
+        if key is None:
+            key = self.group_keys[(patient, group)] = f"{patient}|{group}"
+        return key
 
     def finish_lab(self, lab: _RawLab) -> LabResult | None:
         counts = self.data.counts
@@ -459,12 +531,8 @@ class _Normaliser:
             )
             return None
         ref_low = None
-        for entry in lab.ranges:
-            low = entry.low
-            if low is None or low.value is None:
-                continue
-            if entry.type is not None and not any(c.code == "normal" for c in entry.type.coding):
-                continue
+        low = lab.range_low
+        if low is not None and low.value is not None:
             table = (
                 self.knowledge.count_units
                 if info.measure is Measure.COUNT
@@ -473,7 +541,6 @@ class _Normaliser:
             low_factor = table.factor(low.code, low.unit) if (low.code or low.unit) else factor
             if low_factor is not None:
                 ref_low = round(low.value * low_factor, 9)
-            break
         group = lab.group
         if lab.specimen:
             group = f"specimen:{lab.specimen}"
@@ -489,11 +556,11 @@ class _Normaliser:
             loinc=info.code,
             value=converted,
             comparator=comparator,
-            reported=_reported(quantity),
+            reported=self.reported(quantity),
             effective=lab.effective,
             effective_text=lab.effective_text or lab.effective.isoformat(),
             status=status,
-            group=f"{patient}|{group}",
+            group=self.group_key(patient, group),
             ref_low=ref_low,
             corrected=info.corrected,
         )
@@ -631,13 +698,15 @@ class _Normaliser:
             by_group[result.group].append(result)
         derived: list[LabResult] = []
         for group, members in by_group.items():
-            wbcs = [r for r in members if r.analyte is Analyte.WBC]
-            wbcs.sort(key=lambda r: (not r.corrected, r.key))
+            by_analyte: dict[Analyte, list[LabResult]] = defaultdict(list)
+            for member in members:
+                by_analyte[member.analyte].append(member)
+            wbcs = sorted(by_analyte.get(Analyte.WBC, ()), key=lambda r: (not r.corrected, r.key))
             wbc = wbcs[0] if wbcs else None
             for analyte in Analyte:
                 if analyte is Analyte.WBC:
                     continue
-                mine = [r for r in members if r.analyte is analyte]
+                mine = by_analyte.get(analyte)
                 if not mine or any(
                     r.measure is Measure.COUNT and r.form is Form.TOTAL for r in mine
                 ):
@@ -710,18 +779,30 @@ class _Normaliser:
 
     def run(self) -> Dataset:
         self.link()
+        # The reports have given their subject, time and grouping to their results; nothing
+        # resolves a DiagnosticReport after this, so let them go before the results are built.
+        self.reports.clear()
+        self.index = {k: v for k, v in self.index.items() if not isinstance(v, DiagnosticReport)}
         data = self.data
         results: list[LabResult] = []
-        for lab in self.labs.values():
-            finished = self.finish_lab(lab)
+        # Each raw lab (with its decoded Quantity and ranges) is dropped as soon as its result is
+        # built, so a bulk export never holds both forms of every Observation at once.
+        pending = deque(self.labs.values())
+        self.labs.clear()
+        finish_lab = self.finish_lab
+        while pending:
+            finished = finish_lab(pending.popleft())
             if finished is not None:
                 results.append(finished)
         results.extend(self.derive(results))
+        patient_of = data.patient
         for result in results:
-            data.patient(result.patient).results.append(result)
-        for patient, _key in self.patients:
-            if patient.id:
-                record = data.patient(f"Patient/{patient.id}")
+            patient_of(result.patient).results.append(result)
+        for patient, key in self.patients:
+            # A Patient without id is known by its fullUrl (urn:uuid in transaction Bundles), which
+            # is also the key of the results that reference it (see patient_key).
+            if patient.id or not key.startswith("Patient@"):
+                record = data.patient(key)
                 record.birth_date = parse_fhir_date(patient.birthDate) or record.birth_date
         for med, key, origin in self.medications:
             exposure = self.finish_medication(med, key, origin)
@@ -731,8 +812,9 @@ class _Normaliser:
             self.finish_condition(condition, key, origin)
         for flag, key, origin in self.flags:
             self.finish_flag(flag, key, origin)
+        by_time_and_key = attrgetter("effective", "key")
         for record in data.patients.values():
-            record.results.sort(key=lambda r: (r.effective, r.key))
+            record.results.sort(key=by_time_and_key)
             record.exposures.sort(key=lambda e: e.key)
             record.conditions.sort(key=lambda c: (c.key, c.cause_id))
         return data
@@ -785,9 +867,43 @@ def normalise(items: Iterable[Sourced | Problem], knowledge: Knowledge) -> Datas
     built by another edge (a FHIR server search, a CDS Hooks prefetch).
     """
     normaliser = _Normaliser(knowledge)
-    for item in items:
-        if isinstance(item, Problem):
-            normaliser.data.problems.append(item)
-        else:
-            normaliser.add(*item)
-    return normaliser.run()
+    # Normalising builds millions of small objects that live to the end and form no reference
+    # cycles; the cyclic garbage collector would rescan them over and over (a third of the run
+    # time of a 1M-Observation export, benchmarks/README.md). Reference counting still frees
+    # everything short-lived.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        for item in items:
+            if isinstance(item, Problem):
+                normaliser.data.problems.append(item)
+            else:
+                normaliser.add(*item)
+        return normaliser.run()
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def drugs_of(
+    medication: MedicationRequest | MedicationStatement,
+    knowledge: Knowledge,
+    related: Iterable[Sourced] = (),
+) -> tuple[list[DrugHit], tuple[str, ...]]:
+    """The known drugs a medication record names, and how it names them; whatever its status.
+
+    For a record :func:`normalise` does not treat as an exposure, e.g. a draft order in a CDS Hooks
+    ``draftOrders`` Bundle. The medication is resolved as :func:`normalise` resolves it: the
+    ``medicationCodeableConcept``, a contained Medication, or a ``medicationReference`` to one of
+    ``related`` (by ``Type/id`` or fullUrl). A record without a medication yet names no drug.
+    """
+    normaliser = _Normaliser(knowledge)
+    for resource, origin in related:
+        if resource.id:
+            normaliser.index[f"{type(resource).__name__}/{resource.id}"] = resource
+        if origin.full_url:
+            normaliser.index[origin.full_url] = resource
+    concepts, extra = normaliser.medication_concepts(medication, "")
+    texts = [*_texts(concepts), *extra]
+    hits = knowledge.match_drugs(_codings(concepts), texts)
+    return hits, tuple(dict.fromkeys(texts)) or tuple(h.label for h in hits)

@@ -7,6 +7,7 @@ Thresholds, lookbacks, code lists and wording live in the files, never in ``if``
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -369,6 +370,30 @@ def _resolve(
     return merge_extends(_resolve(parent_id, documents, (*chain, profile_id)), document)
 
 
+_RULE_FIELD = re.compile(r"^rules\[(\d+)\](.*)$")
+
+
+def _as_in_file(exc: ProfileError, document: dict[str, Any], merged: dict[str, Any]) -> ProfileError:
+    """An error in a merged ``extends`` profile, with the rule index the site's file uses.
+
+    Merging puts a child's rule at its parent's position for that finding, so the merged index
+    (``rules[2]``) is not the one a person finds in the file (``rules[0]``).
+    """
+    match = _RULE_FIELD.match(exc.field)
+    rules = merged.get("rules")
+    if match is None or not document.get("extends") or not isinstance(rules, list):
+        return exc
+    index, rest = int(match[1]), match[2]
+    if index < len(rules):
+        wanted = _rule_key(rules[index])
+        for position, rule in enumerate(document.get("rules") or []):
+            if _rule_key(rule) == wanted:
+                return ProfileError(exc.file, f"rules[{position}]{rest}", exc.reason)
+    return ProfileError(
+        exc.file, f"rules[{index}]{rest} (inherited from {document['extends']})", exc.reason
+    )
+
+
 def _build(
     documents: dict[str, tuple[dict[str, Any], Path]],
     knowledge: Knowledge,
@@ -382,7 +407,10 @@ def _build(
             continue
         try:
             merged = _resolve(profile_id, documents)
-            profile = validate_document(Profile, merged, str(path))
+            try:
+                profile = validate_document(Profile, merged, str(path))
+            except ProfileError as exc:
+                raise _as_in_file(exc, documents[profile_id][0], merged) from None
             _check_against_knowledge(profile, knowledge, str(path))
         except ProfileError as exc:
             errors.append(exc)

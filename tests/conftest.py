@@ -3,13 +3,23 @@ with a reason where that folder is absent) and hand-written files in tests/data.
 
 from __future__ import annotations
 
+import gzip
+import json
+import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from fhir_leuko.knowledge import Knowledge, load_knowledge
+from fhir_leuko.model import Finding
+from fhir_leuko.pipeline import Evaluation, evaluate_resources
 from fhir_leuko.profiles import ProfileSet, load_profiles
+from fhir_leuko.reader import read_paths
+
+Cmd = subprocess.CompletedProcess[str]
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
@@ -41,3 +51,68 @@ def shared_fixtures() -> Path:
 def utc(*args: int) -> datetime:
     """A UTC datetime, for as-of values in tests."""
     return datetime(*args, tzinfo=UTC)  # type: ignore[misc]
+
+
+AS_OF = utc(2024, 5, 2, 23, 59, 59)
+"""The as-of of the hand-written scenarios in tests/data (their counts are taken 2024-05-01)."""
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """tests/data: hand-written FHIR JSON (see tests/data/README.md for what each file holds)."""
+    return DATA
+
+
+def run_paths(
+    paths: list[Path], knowledge: Knowledge, profiles: ProfileSet, as_of: datetime = AS_OF
+) -> Evaluation:
+    """Read files and evaluate them, as ``fhir-leuko evaluate`` does (without the CLI)."""
+    return evaluate_resources(read_paths(paths), knowledge, profiles, as_of=as_of)
+
+
+def by_patient(result: Evaluation) -> dict[tuple[str, str], Finding]:
+    """Findings keyed by (patient id without ``Patient/``, finding kind)."""
+    return {(f.patient.removeprefix("Patient/"), f.kind.value): f for f in result.findings}
+
+
+def fhir_leuko(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> Cmd:
+    """Run the real command, ``python -m fhir_leuko ARGS``, in a child process."""
+    return subprocess.run(
+        [sys.executable, "-m", "fhir_leuko", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def r4_schema(shared_fixtures: Path) -> dict[str, Any]:
+    """The FHIR R4 JSON schema (draft-06) from ../shared/fixtures/fhir-r4-schema."""
+    path = shared_fixtures / "fhir-r4-schema" / "fhir.schema.json.gz"
+    if not path.is_file():
+        pytest.skip(f"FHIR R4 JSON schema not found at {path}")
+    with gzip.open(path, "rb") as stream:
+        schema: dict[str, Any] = json.load(stream)
+    return schema
+
+
+def schema_errors(schema: dict[str, Any], resource: dict[str, Any]) -> list[str]:
+    """Messages of every R4 JSON-schema violation of one resource (validated as its own type)."""
+    from jsonschema import Draft6Validator
+
+    rtype = resource["resourceType"]
+    # The schema's ResourceList is a oneOf over all 145 resource types, which makes validating a
+    # Bundle take many seconds. fhir-leuko writes only these types; each one's schema pins its
+    # resourceType, so the narrowed oneOf is exactly as strict for them.
+    written = ("Bundle", "DetectedIssue", "Device")
+    definitions = {
+        **schema["definitions"],
+        "ResourceList": {"oneOf": [{"$ref": f"#/definitions/{t}"} for t in written]},
+    }
+    validator = Draft6Validator({"$ref": f"#/definitions/{rtype}", "definitions": definitions})
+    return [
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(resource)
+    ]

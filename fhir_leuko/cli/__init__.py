@@ -9,7 +9,8 @@ from collections.abc import Sequence
 
 from .._version import __version__
 from ..errors import ExitCode, FhirLeukoError
-from . import evaluate, profiles
+from . import evaluate, profiles, serve
+from . import run as run_job  # `run` is also the console-script function below
 
 __all__ = ["build_parser", "main"]
 
@@ -29,7 +30,7 @@ Run 'fhir-leuko COMMAND --help' for the options and examples of each command.
 """
 
 # Each module adds one subcommand with `register(subparsers)`; its handler returns an exit code.
-_COMMANDS = [evaluate, profiles]
+_COMMANDS = [evaluate, profiles, run_job, serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,511 @@
+"""``fhir-leuko run`` (one pass against a FHIR server) and ``fhir-leuko watch`` (passes on a
+schedule). The work is in :mod:`fhir_leuko.job`; this module reads the configuration, sets up
+logging, signals and the state file, and prints the summary."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import orjson
+from cronsim import CronSim, CronSimError
+
+from ..errors import AuthError, ExitCode, FhirError, LockError, UsageError
+from ..fhirclient import FhirClient, RetryPolicy
+from ..fhirtime import parse_as_of
+from ..job import Job, JobOptions, Mode, PassReport
+from ..jobconfig import JobConfig, build_auth, load_job_config, parse_interval
+from ..knowledge import load_knowledge
+from ..profiles import load_profiles
+from ..state import State, default_state_path
+
+__all__ = ["register", "schedule_from"]
+
+log = logging.getLogger("fhir_leuko.run")
+
+_RUN_HELP = "one pass against a FHIR server: evaluate changed patients, write DetectedIssues once"
+_WATCH_HELP = "run passes on a schedule (--every 15m or --cron '*/15 * * * *') until stopped"
+
+_CONFIG_EPILOG = """\
+configuration (flags > FHIR_LEUKO_<TABLE>_<KEY> environment variables > --config TOML file):
+  [fhir]  server, timeout, connect_timeout, verify, ca_bundle, headers, page_size,
+          retry_attempts, retry_total              e.g. FHIR_LEUKO_FHIR_SERVER
+  [auth]  method (none|basic|bearer|client-credentials|smart-backend), username, password[_file],
+          token[_file], client_id, client_secret[_file], client_auth (basic|post),
+          private_key_file, key_id, algorithm (RS384|ES384), token_url, scope
+                                                   e.g. FHIR_LEUKO_AUTH_CLIENT_SECRET
+  [run]   overlap, patients_per_request, write_mode, transactions, max_changes, profiles,
+          profile, log_format, every, cron, stale_lock_after
+  [state] path                                     e.g. FHIR_LEUKO_STATE_PATH
+  Secrets are never flags: use the environment or *_file settings. See docs/scheduled-job.md.
+"""
+
+_RUN_EPILOG = f"""\
+what a pass does:
+  Finds the patients whose lab Observations, DiagnosticReports, MedicationRequests or
+  MedicationStatements changed since the last run (the watermark in the state file; the first
+  run takes every patient with labs in the lookback), fetches their data in a few searches per
+  group of patients, evaluates them with the profiles, and writes one DetectedIssue per patient
+  and finding: new ones by conditional create, changed ones as 'amended' (If-Match), recovered
+  ones resolved (kept, with a 'count recovered' mitigation). Re-running never duplicates, also
+  after a crash or kill -9. Only one run writes to a server at a time (a lock in the state file).
+
+examples:
+  fhir-leuko run --server https://ehr.example.org/fhir
+  fhir-leuko run --config /etc/fhir-leuko/job.toml --log-format json
+  FHIR_LEUKO_AUTH_CLIENT_SECRET=... fhir-leuko run --server URL --auth client-credentials \\
+      --client-id fhir-leuko
+  fhir-leuko run --server URL --auth smart-backend --client-id fhir-leuko \\
+      --private-key-file /run/secrets/fhir-leuko.pem --key-id 2026-11
+  fhir-leuko run --server URL --dry-run > would-write.ndjson
+  fhir-leuko run --server URL --patient 123 --patient 456 --as-of 2026-11-20
+  fhir-leuko run --server URL --full           # every patient with labs in the lookback
+
+exit codes:
+  0  every patient was evaluated and written, and the input had no problems
+  1  some patients failed or had input problems (the run went on with the others), the
+     server stayed unavailable, or another run holds the lock
+  2  a usage or configuration error (bad option, missing credential, refused credentials)
+
+{_CONFIG_EPILOG}"""
+
+_WATCH_EPILOG = f"""\
+The first pass starts at once, the next ones on the schedule (cron expressions are in UTC).
+A pass that fails (server down, token refused) is logged and the next one runs on schedule.
+SIGTERM or Ctrl-C stops after the current patient (a second Ctrl-C stops at once).
+
+examples:
+  fhir-leuko watch --server https://ehr.example.org/fhir --every 15m
+  fhir-leuko watch --config /etc/fhir-leuko/job.toml --cron "*/15 * * * *" --log-format json
+
+{_CONFIG_EPILOG}"""
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    conn = parser.add_argument_group("server and authentication")
+    conn.add_argument("--server", metavar="URL", help="FHIR R4 base URL, e.g. https://host/fhir")
+    conn.add_argument("--config", metavar="FILE", type=Path, help="a TOML configuration file")
+    conn.add_argument("--ca-bundle", metavar="FILE", type=Path, help="CA certificates for TLS")
+    conn.add_argument("--timeout", metavar="SECONDS", type=float, help="read timeout (default 60)")
+    conn.add_argument(
+        "--header",
+        metavar="'NAME: VALUE'",
+        action="append",
+        default=[],
+        help="an extra header on every FHIR request (repeatable)",
+    )
+    conn.add_argument(
+        "--auth",
+        choices=("none", "basic", "bearer", "client-credentials", "smart-backend"),
+        help="authentication method (default none)",
+    )
+    conn.add_argument("--username", metavar="NAME", help="basic auth user name")
+    conn.add_argument("--password-file", metavar="FILE", type=Path, help="basic auth password")
+    conn.add_argument("--token-file", metavar="FILE", type=Path, help="static bearer token")
+    conn.add_argument("--client-id", metavar="ID", help="OAuth2 / SMART client id")
+    conn.add_argument(
+        "--client-secret-file", metavar="FILE", type=Path, help="OAuth2 client secret"
+    )
+    conn.add_argument(
+        "--private-key-file",
+        metavar="FILE",
+        type=Path,
+        help="SMART Backend Services private key (PEM; RSA → RS384, EC P-384 → ES384)",
+    )
+    conn.add_argument("--key-id", metavar="KID", help="the key's kid in your JWKS")
+    conn.add_argument(
+        "--token-url", metavar="URL", help="token endpoint (default: SMART discovery)"
+    )
+    conn.add_argument("--scope", metavar="SCOPES", help="scopes to request (space-separated)")
+
+    what = parser.add_argument_group("what to evaluate")
+    select = what.add_mutually_exclusive_group()
+    select.add_argument(
+        "--full", action="store_true", help="every patient with labs in the lookback"
+    )
+    select.add_argument(
+        "--patient",
+        metavar="ID",
+        action="append",
+        default=[],
+        help="only this patient (id or Patient/id; repeatable; the watermark does not move)",
+    )
+    select.add_argument(
+        "--since", metavar="DATETIME", help="changes since this time instead of the watermark"
+    )
+    what.add_argument(
+        "--as-of",
+        metavar="DATETIME",
+        help="evaluate as of this time (backfills, tests; a bare date is the end of that day, "
+        "UTC; default: now)",
+    )
+    what.add_argument(
+        "--profiles", metavar="DIR", type=Path, action="append", default=None,
+        help="site profiles directory (repeatable)",
+    )
+    what.add_argument(
+        "--profile", metavar="ID", action="append", default=None,
+        help="evaluate only this profile (repeatable)",
+    )
+
+    how = parser.add_argument_group("writing, state and output")
+    how.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="write nothing (server and state); print what would be written as NDJSON",
+    )
+    how.add_argument(
+        "--write-mode",
+        choices=("conditional", "put"),
+        help="new DetectedIssues by conditional create (default) or PUT of the deterministic id",
+    )
+    how.add_argument(
+        "--transactions",
+        choices=("auto", "never"),
+        help="transaction Bundles when metadata lists them (auto, default) or never",
+    )
+    how.add_argument(
+        "--patients-per-request", metavar="N", type=int, help="patients per search (default 25)"
+    )
+    how.add_argument(
+        "--overlap", metavar="DURATION", help="re-read this far before the watermark (default 5m)"
+    )
+    how.add_argument("--state", metavar="FILE", type=Path, help="the state file (SQLite)")
+    how.add_argument("--log-format", choices=("text", "json"), help="log lines as text or JSON")
+    how.add_argument(
+        "--no-progress", action="store_true", help="no progress bar even on a terminal"
+    )
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    run = sub.add_parser(
+        "run",
+        help=_RUN_HELP,
+        description=f"fhir-leuko run: {_RUN_HELP}.",
+        epilog=_RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_common(run)
+    run.set_defaults(handler=run_command)
+    watch = sub.add_parser(
+        "watch",
+        help=_WATCH_HELP,
+        description=f"fhir-leuko watch: {_WATCH_HELP}.",
+        epilog=_WATCH_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_common(watch)
+    schedule = watch.add_argument_group("schedule")
+    schedule.add_argument("--every", metavar="DURATION", help="e.g. 15m, 1h, 90s")
+    schedule.add_argument("--cron", metavar="EXPR", help="a 5-field cron expression (UTC)")
+    schedule.add_argument(
+        "--max-passes", metavar="N", type=int, help="stop after N passes (tests, debugging)"
+    )
+    watch.set_defaults(handler=watch_command)
+
+
+# -- configuration ---------------------------------------------------------------------------
+
+
+def _flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags actually given, as a nested dict in the TOML layout."""
+    headers: dict[str, str] = {}
+    for text in args.header:
+        name, sep, value = text.partition(":")
+        if not sep or not name.strip():
+            raise UsageError(f"--header {text!r}: expected 'Name: value'")
+        headers[name.strip()] = value.strip()
+    tables: dict[str, dict[str, Any]] = {
+        "fhir": {
+            "server": args.server,
+            "ca_bundle": args.ca_bundle,
+            "timeout": args.timeout,
+            "headers": headers or None,
+        },
+        "auth": {
+            "method": args.auth,
+            "username": args.username,
+            "password_file": args.password_file,
+            "token_file": args.token_file,
+            "client_id": args.client_id,
+            "client_secret_file": args.client_secret_file,
+            "private_key_file": args.private_key_file,
+            "key_id": args.key_id,
+            "token_url": args.token_url,
+            "scope": args.scope,
+        },
+        "run": {
+            "write_mode": args.write_mode,
+            "transactions": args.transactions,
+            "patients_per_request": args.patients_per_request,
+            "overlap": args.overlap,
+            "log_format": args.log_format,
+            "profiles": args.profiles,
+            "profile": args.profile,
+            "every": getattr(args, "every", None),
+            "cron": getattr(args, "cron", None),
+        },
+        "state": {"path": args.state},
+    }
+    return {
+        table: {k: v for k, v in values.items() if v is not None}
+        for table, values in tables.items()
+    }
+
+
+def _instant(flag: str, text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        return parse_as_of(text)
+    except ValueError:
+        raise UsageError(
+            f"{flag} {text!r}: not an ISO 8601 date or date-time (e.g. 2026-11-20 or "
+            "2026-11-20T08:00:00Z)"
+        ) from None
+
+
+def _options(config: JobConfig, args: argparse.Namespace) -> JobOptions:
+    mode: Mode = "patients" if args.patient else "full" if args.full else "incremental"
+    return JobOptions(
+        mode=mode,
+        patients=tuple(args.patient),
+        since=_instant("--since", args.since),
+        as_of=_instant("--as-of", args.as_of),
+        dry_run=args.dry_run,
+        write_mode=config.run.write_mode,
+        transactions=config.run.transactions,
+        patients_per_request=config.run.patients_per_request,
+        page_size=config.fhir.page_size,
+        overlap=config.overlap(),
+        max_changes=config.run.max_changes,
+        stale_lock_after=config.stale_lock_after(),
+        progress=sys.stderr.isatty() and not args.no_progress,
+    )
+
+
+def _client(config: JobConfig) -> FhirClient:
+    fhir = config.fhir
+    if not fhir.server:
+        raise UsageError(
+            "no FHIR server: give --server URL, FHIR_LEUKO_FHIR_SERVER or [fhir] server in --config"
+        )
+    if fhir.ca_bundle is not None and not fhir.ca_bundle.is_file():
+        raise UsageError(f"--ca-bundle {fhir.ca_bundle}: no such file")
+    verify: bool | str = str(fhir.ca_bundle) if fhir.ca_bundle else fhir.verify
+    if verify is False:
+        log.warning("TLS certificate verification is OFF ([fhir] verify = false)")
+    return FhirClient(
+        fhir.server,
+        auth=build_auth(config),
+        timeout=(fhir.connect_timeout, fhir.timeout),
+        verify=verify,
+        retry=RetryPolicy(max_attempts=fhir.retry_attempts, max_total=fhir.retry_total),
+        headers=fhir.headers,
+    )
+
+
+# -- logging --------------------------------------------------------------------------------
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            out.update(fields)
+        if record.exc_info:
+            out["error"] = self.formatException(record.exc_info).splitlines()[-1]
+        return orjson.dumps(out).decode()
+
+
+def _setup_logging(fmt: str, verbose: int) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("fhir-leuko: %(levelname)s: %(message)s"))
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True
+    )
+    # urllib3 logs request lines with their query strings (patient ids): never below WARNING.
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
+
+
+def _print_report(report: PassReport, fmt: str) -> None:
+    if fmt == "json":
+        for problem in report.problems[:50]:
+            fields = {"event": "input.problem", "problem": str(problem)}
+            log.warning("input problem", extra={"fields": fields})
+        log.info("pass finished", extra={"fields": {"event": "pass.finished", **report.as_dict()}})
+        return
+    for line in report.summary_lines():
+        print(f"fhir-leuko: {line}", file=sys.stderr)
+    for alias, reason in report.failed[:20]:
+        print(f"fhir-leuko: failed: patient {alias}: {reason}", file=sys.stderr)
+    for problem in report.problems[:50]:
+        print(f"problem: {problem}", file=sys.stderr)
+    if len(report.problems) > 50:
+        print(f"problem: ... and {len(report.problems) - 50} more", file=sys.stderr)
+
+
+# -- signals and the test hook ----------------------------------------------------------------
+
+
+@contextmanager
+def _stop_on_signals(stop: threading.Event) -> Iterator[list[int]]:
+    """SIGTERM/SIGINT set ``stop`` (finish the current patient); a second SIGINT interrupts."""
+    received: list[int] = []
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        received.append(signum)
+        stop.set()
+        log.warning(
+            "%s received: stopping after the current patient", signal.Signals(signum).name
+        )
+
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+def _test_pause_hook() -> Callable[[str, int], None] | None:
+    """``FHIR_LEUKO_TEST_PAUSE=write:2`` makes the process stop dead (sleep) at the 2nd write,
+    after writing its pid to ``FHIR_LEUKO_TEST_PAUSE_FILE``, so that a test can kill -9 it at that
+    exact point. Points: ``fetched`` (a group's data read), ``write`` (a write request answered),
+    ``checkpoint`` (progress committed to the state file). Test use only."""
+    spec = os.environ.get("FHIR_LEUKO_TEST_PAUSE")
+    if not spec:
+        return None
+    name, _, number = spec.partition(":")
+    target = int(number or "1")
+    marker = os.environ.get("FHIR_LEUKO_TEST_PAUSE_FILE")
+
+    def hook(point: str, count: int) -> None:
+        if point == name and count == target:
+            if marker:
+                Path(marker).write_text(str(os.getpid()), encoding="ascii")
+            while True:
+                time.sleep(3600)
+
+    return hook
+
+
+# -- commands --------------------------------------------------------------------------------
+
+
+def _setup(args: argparse.Namespace) -> tuple[JobConfig, Job, State | None]:
+    config = load_job_config(_flags(args), args.config)
+    _setup_logging(config.run.log_format, args.verbose)
+    options = _options(config, args)
+    knowledge = load_knowledge()
+    profiles = load_profiles(knowledge, config.run.profiles)
+    if config.run.profile:
+        profiles = profiles.select(config.run.profile)
+    client = _client(config)
+    state = State(config.state.path or default_state_path())
+    emit = None
+    if options.dry_run:
+
+        def emit(resource: dict[str, Any]) -> None:
+            sys.stdout.buffer.write(orjson.dumps(resource) + b"\n")
+            sys.stdout.buffer.flush()
+
+    job = Job(
+        client,
+        knowledge,
+        profiles,
+        options,
+        state=state,
+        emit=emit,
+        checkpoint_hook=_test_pause_hook(),
+    )
+    return config, job, state
+
+
+def run_command(args: argparse.Namespace) -> int:
+    config, job, state = _setup(args)
+    fmt = config.run.log_format
+    try:
+        with _stop_on_signals(job.stop) as received:
+            report = job.run()
+        _print_report(report, fmt)
+        if report.interrupted and received:
+            return 128 + received[0]
+        return int(ExitCode.OK if report.ok else ExitCode.INPUT_PROBLEMS)
+    finally:
+        job.client.close()
+        if state is not None:
+            state.close()
+
+
+def schedule_from(config: JobConfig) -> Callable[[datetime], datetime]:
+    """The next pass time after a given time, from ``every`` or ``cron`` (UTC)."""
+    every, cron = config.run.every, config.run.cron
+    if bool(every) == bool(cron):
+        raise UsageError("watch needs exactly one of --every DURATION or --cron EXPR")
+    if every:
+        interval = parse_interval(every)
+        if interval < timedelta(seconds=1):
+            raise UsageError(f"--every {every}: at least 1s")
+        return lambda after: after + interval
+    assert cron is not None
+    try:
+        CronSim(cron, datetime.now(UTC))
+    except CronSimError as exc:
+        raise UsageError(f"--cron {cron!r}: {exc}") from None
+    return lambda after: next(CronSim(cron, after))
+
+
+def watch_command(args: argparse.Namespace) -> int:
+    config, job, state = _setup(args)
+    fmt = config.run.log_format
+    next_after = schedule_from(config)
+    passes = 0
+    try:
+        with _stop_on_signals(job.stop):
+            while not job.stop.is_set():
+                started = datetime.now(UTC)
+                try:
+                    _print_report(job.run(), fmt)
+                except LockError as exc:
+                    log.warning("pass skipped: %s", exc)
+                except AuthError as exc:
+                    log.error("pass failed: authentication: %s", exc)
+                except FhirError as exc:
+                    log.error("pass failed (the next pass runs on schedule): %s", exc)
+                passes += 1
+                if args.max_passes and passes >= args.max_passes:
+                    break
+                due = next_after(started)
+                now = datetime.now(UTC)
+                while due <= now:  # a pass longer than the interval: skip the missed slots
+                    due = next_after(due)
+                log.info("next pass at %s", due.isoformat(timespec="seconds"))
+                job.stop.wait((due - now).total_seconds())
+        return int(ExitCode.OK)
+    finally:
+        job.client.close()
+        if state is not None:
+            state.close()

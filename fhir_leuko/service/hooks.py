@@ -1,0 +1,392 @@
+"""The three CDS services on the rule core: patient-view, order-select and order-sign.
+
+A call is: check the request (``hook``, ``hookInstance``, ``context``; ``fhirAuthorization`` needs
+``fhirServer`` and must be for ``context.patientId``), get the data (prefetch, else the client's FHIR
+server, else 412), normalise, evaluate with the profiles as of the call's time, and build cards.
+The service adds no rule of its own: findings come from :func:`fhir_leuko.evaluate.evaluate`, the
+monitoring an order needs from the profiles' ``[[monitoring]]``, drugs from the knowledge files.
+
+patient-view
+    One card condensing the patient's findings, or no card.
+order-select / order-sign
+    For each draft MedicationRequest (order-select: the ``selections``; order-sign: all) for a drug
+    known to cause a low count: a card when the patient's latest counts are low for what the drug
+    causes, or when a profile's monitoring is missing or too old (clozapine: no ANC in 7 days).
+    A draft order without a medication yet, or for any other drug, gets no card, and needs no data.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import msgspec
+
+from ..errors import MalformedRequestError, UnknownServiceError
+from ..evaluate import evaluate, latest_result, profile_applies
+from ..fhirjson import MedicationRequest
+from ..knowledge import Knowledge
+from ..model import FINDING_ANALYTE, Analyte, FindingKind, PatientRecord, Problem
+from ..normalise import drugs_of, normalise
+from ..profiles import ProfileSet
+from ..reader import Sourced, iter_document
+from .cards import CardContext, DraftOrder, MonitoringGap, order_card, patient_card
+from .feedback import FeedbackStore, IssuedCard
+from .fetch import FhirFetcher
+from .models import WireContext, WireRequest
+from .prefetch import PrefetchKey, Resolution, prefetch_keys, resolve_prefetch, server_access
+from .security import Caller
+from .settings import ServiceSettings
+
+__all__ = ["SERVICES", "CdsEngine", "ServiceDefinition"]
+
+logger = logging.getLogger("fhir_leuko.service")
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceDefinition:
+    id: str
+    hook: str
+    title: str
+    description: str
+
+
+SERVICES: tuple[ServiceDefinition, ...] = (
+    ServiceDefinition(
+        "leuko-patient-view",
+        "patient-view",
+        "Low white-cell counts (fhir-leuko)",
+        "When a chart is opened: one card if the patient's latest white-cell counts are low "
+        "(leukopenia, neutropenia including the agranulocytosis range, lymphopenia, monocytopenia, "
+        "eosinopenia, basopenia), with values, dates, trend, grade, the limit and its source, the "
+        "drugs known to cause it, and what to do.",
+    ),
+    ServiceDefinition(
+        "leuko-order-select",
+        "order-select",
+        "Ordering a drug that lowers white counts (fhir-leuko)",
+        "When a drug known to cause leukopenia or neutropenia (clozapine, chemotherapy, "
+        "immunosuppressants, ...) is selected: a card if the patient's latest counts are low, or "
+        "missing or too old for the drug's monitoring (clozapine: an ANC within 7 days).",
+    ),
+    ServiceDefinition(
+        "leuko-order-sign",
+        "order-sign",
+        "Signing a drug that lowers white counts (fhir-leuko)",
+        "When orders are signed: as order-select, and with severe neutropenia a suggestion to "
+        "remove the draft order.",
+    ),
+)
+
+USAGE = (
+    "Authenticate with a JWT signed with ES384 or RS384 by a client configured in the service. "
+    "Prefetch 'patient' and 'observations' (required), and the medication, condition and flag "
+    "keys (optional); a key the client does not send is fetched from fhirServer only with "
+    "fhirAuthorization and only if that server is configured for the client, otherwise the call "
+    "answers 412."
+)
+
+# FHIR R4 id: https://hl7.org/fhir/R4/datatypes.html#id. Checked before an id is put in a URL.
+_FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+_KIND_OF: dict[Analyte, FindingKind] = {a: k for k, a in FINDING_ANALYTE.items()}
+_NOT_A_DRAFT = frozenset({"entered-in-error", "cancelled"})
+_PROBLEMS_SHOWN = 3
+
+
+def _decode_request(body: bytes) -> tuple[WireRequest, WireContext]:
+    try:
+        request = msgspec.json.decode(body, type=WireRequest)
+    except msgspec.ValidationError as exc:
+        raise MalformedRequestError(f"invalid CDS Hooks request: {exc}") from None
+    except msgspec.DecodeError:
+        raise MalformedRequestError("the request body is not valid JSON") from None
+    if not request.hook or not request.hookInstance:
+        raise MalformedRequestError("hook and hookInstance must not be empty")
+    if len(request.hookInstance) > 256:
+        raise MalformedRequestError("hookInstance is too long")
+    try:
+        context = msgspec.json.decode(request.context, type=WireContext)
+    except msgspec.ValidationError as exc:
+        raise MalformedRequestError(f"invalid context: {exc}") from None
+    return request, context
+
+
+def _patient_id(context: WireContext) -> str:
+    value = context.patientId
+    if value is None:
+        raise MalformedRequestError("context.patientId is required")
+    value = value.removeprefix("Patient/")
+    if not _FHIR_ID.match(value):
+        raise MalformedRequestError("context.patientId is not a FHIR id")
+    return value
+
+
+class CdsEngine:
+    """Answers discovery and hook calls. Thread-safe: calls run in worker threads."""
+
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        knowledge: Knowledge,
+        profiles: ProfileSet,
+        *,
+        fetcher: FhirFetcher,
+        store: FeedbackStore,
+        executor: Executor,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self.settings = settings
+        self.knowledge = knowledge
+        self.profiles = profiles
+        self.fetcher = fetcher
+        self.store = store
+        self.executor = executor
+        self.clock = clock
+        self.keys: tuple[PrefetchKey, ...] = prefetch_keys(knowledge)
+        self.services = {s.id: s for s in SERVICES}
+        self._discovery = {
+            "services": [
+                {
+                    "hook": s.hook,
+                    "title": s.title,
+                    "description": s.description,
+                    "id": s.id,
+                    "prefetch": {k.name: k.template for k in self.keys},
+                    "usageRequirements": USAGE,
+                }
+                for s in SERVICES
+            ]
+        }
+
+    def discovery(self) -> dict[str, Any]:
+        return self._discovery
+
+    def service(self, service_id: str) -> ServiceDefinition:
+        """
+        Raises:
+            UnknownServiceError: no service with this id (HTTP 404).
+        """
+        found = self.services.get(service_id)
+        if found is None:
+            raise UnknownServiceError(f"no CDS service '{service_id}' (see GET /cds-services)")
+        return found
+
+    # -- a hook call -------------------------------------------------------------------------------
+
+    def call(self, service_id: str, body: bytes, caller: Caller) -> dict[str, Any]:
+        """The response to ``POST /cds-services/{service_id}``.
+
+        Raises:
+            UnknownServiceError, MalformedRequestError, PrefetchUnavailableError: 404, 400, 412.
+        """
+        started = time.perf_counter()
+        service = self.service(service_id)
+        request, context = _decode_request(body)
+        if request.hook != service.hook:
+            raise MalformedRequestError(
+                f"hook '{request.hook}' does not match service '{service.id}' ({service.hook})"
+            )
+        patient_id = _patient_id(context)
+        authorization = request.fhirAuthorization
+        token: str | None = None
+        expires_in: int | None = None
+        if authorization is not None:
+            if not request.fhirServer:
+                raise MalformedRequestError("fhirAuthorization requires fhirServer (cds-r-1)")
+            if authorization.token_type.lower() != "bearer":
+                raise MalformedRequestError("fhirAuthorization.token_type must be Bearer")
+            if authorization.patient is not None and (
+                authorization.patient.removeprefix("Patient/") != patient_id
+            ):
+                raise MalformedRequestError(
+                    "fhirAuthorization.patient does not match context.patientId"
+                )
+            token, expires_in = authorization.access_token, authorization.expires_in
+        access, why = server_access(
+            request.fhirServer,
+            token,
+            expires_in,
+            caller.fhir_servers,
+            self.settings.testing.allow_http,
+        )
+        as_of = self.clock()
+
+        def resolve() -> Resolution:
+            return resolve_prefetch(
+                self.keys, request.prefetch, patient_id, access, why, self.fetcher, self.executor
+            )
+
+        fetched: list[str] = []
+        if service.hook == "patient-view":
+            cards = self._patient_view(resolve, patient_id, context, as_of, fetched)
+        else:
+            cards = self._orders(
+                resolve, patient_id, context, as_of, fetched, signing=service.hook == "order-sign"
+            )
+        self.store.record_cards(service.id, request.hookInstance, as_of, [c[1] for c in cards])
+        logger.info(
+            "%s hookInstance=%s iss=%s tenant=%s jti=%s cards=%d fetched=%s %.1f ms",
+            service.id,
+            request.hookInstance,
+            caller.iss,
+            caller.tenant,
+            caller.jti,
+            len(cards),
+            ",".join(fetched) or "-",
+            (time.perf_counter() - started) * 1000,
+        )
+        return {"cards": [c[0] for c in cards]}
+
+    def _record(
+        self, resolution: Resolution, patient_id: str
+    ) -> tuple[PatientRecord, list[Problem]]:
+        dataset = normalise(resolution.items, self.knowledge)
+        key = f"Patient/{patient_id}"
+        record = dataset.patients.get(key) or PatientRecord(key)
+        for problem in dataset.problems:
+            logger.info("input problem: %s", problem)
+        return record, dataset.problems
+
+    def _context(
+        self,
+        patient_id: str,
+        context: WireContext,
+        as_of: datetime,
+        resolution: Resolution,
+        problems: list[Problem],
+    ) -> CardContext:
+        labels = {k.name: k.what for k in self.keys}
+        not_checked = {labels[name]: reason for name, reason in resolution.unavailable.items()}
+        shown = [f"{p.resource or p.source}: {p.reason}" for p in problems[:_PROBLEMS_SHOWN]]
+        if len(problems) > _PROBLEMS_SHOWN:
+            shown.append(f"and {len(problems) - _PROBLEMS_SHOWN} more")
+        return CardContext(
+            profiles=self.profiles,
+            as_of=as_of,
+            patient_id=patient_id,
+            documentation_url=self.settings.documentation_url,
+            override_reasons=self.settings.override_reasons,
+            cbc_order=self.settings.cbc_order,
+            encounter_id=context.encounterId
+            if context.encounterId and _FHIR_ID.match(context.encounterId)
+            else None,
+            user_id=context.userId,
+            not_checked=not_checked,
+            problems=tuple(shown),
+        )
+
+    def _patient_view(
+        self,
+        resolve: Callable[[], Resolution],
+        patient_id: str,
+        context: WireContext,
+        as_of: datetime,
+        fetched: list[str],
+    ) -> list[tuple[dict[str, Any], IssuedCard]]:
+        resolution = resolve()
+        fetched.extend(resolution.fetched)
+        record, problems = self._record(resolution, patient_id)
+        findings = evaluate(record, self.profiles, as_of=as_of)
+        card = patient_card(
+            findings, self._context(patient_id, context, as_of, resolution, problems)
+        )
+        return [card] if card is not None else []
+
+    def _drafts(self, context: WireContext, *, signing: bool) -> list[DraftOrder]:
+        """Draft MedicationRequests for drugs known to lower white counts."""
+        raw = bytes(context.draftOrders)
+        if not raw.strip() or raw.strip() == b"null":
+            return []
+        sourced: list[Sourced] = []
+        for item in iter_document(raw, "context.draftOrders"):
+            if isinstance(item, Problem):
+                logger.info("draft order not read: %s", item)
+            else:
+                sourced.append(item)
+        selected = set(context.selections or []) if not signing else set()
+        drafts: list[DraftOrder] = []
+        for resource, origin in sourced:
+            if not isinstance(resource, MedicationRequest):
+                continue
+            reference = f"MedicationRequest/{resource.id}" if resource.id else None
+            if selected and reference not in selected and origin.full_url not in selected:
+                continue
+            if resource.status in _NOT_A_DRAFT or resource.doNotPerform:
+                continue
+            hits, names = drugs_of(resource, self.knowledge, sourced)
+            risky = tuple(h for h in hits if h.effects)
+            if risky:
+                drafts.append(DraftOrder(reference, names, risky))
+        return drafts
+
+    def _gaps(
+        self, order: DraftOrder, record: PatientRecord, as_of: datetime
+    ) -> list[MonitoringGap]:
+        gaps: list[MonitoringGap] = []
+        seen: set[tuple[str, str]] = set()
+        for profile in self.profiles.profiles:
+            if not profile_applies(profile, record, as_of):
+                continue
+            statuses = profile.settings.statuses
+            for monitoring in profile.monitoring:
+                wanted = set(monitoring.drugs)
+                hit = next(
+                    (h for h in order.hits if h.drug_id in wanted or wanted.intersection(h.groups)),
+                    None,
+                )
+                if hit is None or (monitoring.analyte.value, hit.drug_id) in seen:
+                    continue
+                seen.add((monitoring.analyte.value, hit.drug_id))
+                kind = _KIND_OF[monitoring.analyte]
+                recent = latest_result(
+                    record,
+                    kind,
+                    as_of=as_of,
+                    lookback=timedelta(days=monitoring.max_age_days),
+                    statuses=statuses,
+                )
+                if recent is not None:
+                    continue
+                last = latest_result(
+                    record,
+                    kind,
+                    as_of=as_of,
+                    lookback=timedelta(days=profile.settings.trend_days),
+                    statuses=statuses,
+                )
+                gaps.append(MonitoringGap(profile, monitoring, hit.label, last))
+        return gaps
+
+    def _orders(
+        self,
+        resolve: Callable[[], Resolution],
+        patient_id: str,
+        context: WireContext,
+        as_of: datetime,
+        fetched: list[str],
+        *,
+        signing: bool,
+    ) -> list[tuple[dict[str, Any], IssuedCard]]:
+        drafts = self._drafts(context, signing=signing)
+        if not drafts:
+            return []  # nothing ordered that lowers white counts: no data needed, nothing to say
+        resolution = resolve()
+        fetched.extend(resolution.fetched)
+        record, problems = self._record(resolution, patient_id)
+        findings = evaluate(record, self.profiles, as_of=as_of)
+        card_context = self._context(patient_id, context, as_of, resolution, problems)
+        cards: list[tuple[dict[str, Any], IssuedCard]] = []
+        for order in drafts:
+            relevant = [f for f in findings if f.kind.value in order.effects]
+            card = order_card(
+                order, relevant, self._gaps(order, record, as_of), card_context, signing=signing
+            )
+            if card is not None:
+                cards.append(card)
+        return cards
