@@ -125,7 +125,9 @@ def discover_token_endpoint(
             f"GET {url}: {exc.__class__.__name__} (no response)", url=url
         ) from None
     if response.status_code >= 500 or response.status_code == 429:
-        raise FhirTemporaryError(f"GET {url}: HTTP {response.status_code}", status=response.status_code)
+        raise FhirTemporaryError(
+            f"GET {url}: HTTP {response.status_code}", status=response.status_code
+        )
     if response.status_code != 200:
         raise AuthError(
             f"GET {url}: HTTP {response.status_code}: the server publishes no SMART configuration; "
@@ -245,7 +247,9 @@ class _TokenAuth(requests.auth.AuthBase):
             token = data["access_token"]
             lifetime = float(data.get("expires_in") or 300)
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            raise AuthError(f"POST {url}: the token endpoint's answer has no access_token") from None
+            raise AuthError(
+                f"POST {url}: the token endpoint's answer has no access_token"
+            ) from None
         if not isinstance(token, str) or not token:
             raise AuthError(f"POST {url}: empty access_token")
         self.tokens_fetched += 1

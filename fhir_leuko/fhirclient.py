@@ -361,7 +361,9 @@ class FhirClient:
                     outcome=failure.outcome,
                 )
             delay = (
-                retry_after if retry_after is not None else self.retry.backoff(attempt - 1, self.rng)
+                retry_after
+                if retry_after is not None
+                else self.retry.backoff(attempt - 1, self.rng)
             )
             spent = self.clock() - started
             if spent + delay > self.retry.max_total:
@@ -452,7 +454,9 @@ class FhirClient:
             if not next_url:
                 return
             if next_url in seen_links:
-                raise FhirFatalError(f"{what}: the server repeated a next link (cycle) at page {pages}")
+                raise FhirFatalError(
+                    f"{what}: the server repeated a next link (cycle) at page {pages}"
+                )
             seen_links.add(next_url)
             if not next_url.lower().startswith(("http://", "https://")):
                 next_url = self.url(next_url)
@@ -495,9 +499,7 @@ class FhirClient:
         """``POST [type]``, conditional with ``If-None-Exist`` when given (200 = already there)."""
         rtype = str(resource["resourceType"])
         headers = {"If-None-Exist": if_none_exist} if if_none_exist else {}
-        response = self.request(
-            "POST", rtype, body=orjson.dumps(resource), headers=headers
-        )
+        response = self.request("POST", rtype, body=orjson.dumps(resource), headers=headers)
         return self._write_result(response, f"POST {rtype}")
 
     def update(self, resource: Mapping[str, Any], *, if_match: str | None = None) -> WriteResult:

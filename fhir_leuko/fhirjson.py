@@ -60,10 +60,10 @@ class CodeableConcept(_Element):
 
 
 class Quantity(_Element):
+    # `system` is not declared: only UCUM codes are read, matched on the code itself.
     value: float | None = None
     comparator: str | None = None
     unit: str | None = None
-    system: str | None = None
     code: str | None = None
 
 
@@ -88,11 +88,25 @@ class Meta(_Element):
     lastUpdated: str | None = None
 
 
+class CodeOnly(_Element):
+    """A Coding without its display: what an Observation's code and range type are matched on.
+
+    Observations are read by the million, and the displays they carry (never used: matching is
+    on the code, clinical.md §1) would each be a string to build.
+    """
+
+    system: str | None = None
+    code: str | None = None
+
+
+class CodedOnly(_Element):
+    coding: list[CodeOnly] = []
+
+
 class ReferenceRange(_Element):
+    # Only the low end is ever used (a low count is the question); `high` and `text` are skipped.
     low: Quantity | None = None
-    high: Quantity | None = None
-    type: CodeableConcept | None = None
-    text: str | None = None
+    type: CodedOnly | None = None
 
 
 class TimingRepeat(_Element):
@@ -136,12 +150,11 @@ class _Resource(_Element, tag_field="resourceType"):
 
 class Observation(_Resource, tag="Observation"):
     status: str | None = None
-    code: CodeableConcept | None = None
+    code: CodedOnly | None = None
     subject: Reference | None = None
     effectiveDateTime: str | None = None
     effectivePeriod: Period | None = None
     effectiveInstant: str | None = None
-    issued: str | None = None
     valueQuantity: Quantity | None = None
     valueString: str | None = None
     dataAbsentReason: CodeableConcept | None = None

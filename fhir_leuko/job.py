@@ -273,9 +273,7 @@ def _for_update(body: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]
     out = {k: v for k, v in body.items() if k not in ("meta", "text")}
     out["id"] = current["id"]
     # What people recorded on the DetectedIssue (a pharmacist's mitigation) is kept.
-    theirs = [
-        m for m in current.get("mitigation") or [] if not _resolved({"mitigation": [m]})
-    ]
+    theirs = [m for m in current.get("mitigation") or [] if not _resolved({"mitigation": [m]})]
     ours = [m for m in out.get("mitigation") or [] if _resolved({"mitigation": [m]})]
     if theirs or ours:
         out["mitigation"] = theirs + ours
@@ -373,9 +371,7 @@ class Job:
         self.codes = ",".join(f"{LOINC_SYSTEM}|{code}" for code in sorted(knowledge.loinc))
         self.finding_codes = ",".join(f"{FINDING_SYSTEM}|{k.value}" for k in FindingKind)
         active = profiles.profiles or tuple(lp.profile for lp in profiles.loaded)
-        self.lookback = timedelta(
-            days=max((p.settings.lookback_days for p in active), default=30)
-        )
+        self.lookback = timedelta(days=max((p.settings.lookback_days for p in active), default=30))
         # The trend in the explanation reaches back trend_days before the latest result.
         self.window = self.lookback + timedelta(
             days=max((p.settings.trend_days for p in active), default=180)
@@ -596,7 +592,10 @@ class _Pass:
                     resource = item[0]
                     if not isinstance(
                         resource,
-                        Observation | DiagnosticReportStruct | MedicationRequest | MedicationStatement,
+                        Observation
+                        | DiagnosticReportStruct
+                        | MedicationRequest
+                        | MedicationStatement,
                     ):
                         continue
                     count += 1
@@ -854,9 +853,7 @@ class _Pass:
                     self.report.actions["unchanged"] += 1
                     continue
                 writes.append(
-                    _Write(
-                        patient, kind, "update", _for_update(new, current), _version(current)
-                    )
+                    _Write(patient, kind, "update", _for_update(new, current), _version(current))
                 )
                 continue
             if current is None or _resolved(current) or current.get("status") in _HUMAN_CLOSED:
@@ -971,9 +968,7 @@ class _Pass:
                 entry["request"] = {
                     "method": "POST",
                     "url": "DetectedIssue",
-                    "ifNoneExist": conditional_query(
-                        {"identifier": w.resource["identifier"]}
-                    ),
+                    "ifNoneExist": conditional_query({"identifier": w.resource["identifier"]}),
                 }
             else:
                 request: dict[str, Any] = {
@@ -1045,8 +1040,14 @@ class _Pass:
             if _resolved(current):
                 self.report.actions["unchanged"] += 1
                 return
-            body = {**current, "detail": w.resource["detail"], "mitigation": w.resource["mitigation"]}
-            redo = _Write(w.patient, w.kind, "resolve", _for_update(body, current), _version(current))
+            body = {
+                **current,
+                "detail": w.resource["detail"],
+                "mitigation": w.resource["mitigation"],
+            }
+            redo = _Write(
+                w.patient, w.kind, "resolve", _for_update(body, current), _version(current)
+            )
         else:
             if _content(current) == _content(w.resource) and not _resolved(current):
                 self.report.actions["unchanged"] += 1

@@ -262,11 +262,25 @@ class _DrugMatcher:
                     )
         self._group_prefixes.sort(key=lambda item: len(item[0]), reverse=True)
         self._names = _word_pattern(self._by_name, ignore_case=True)
+        self._memo: dict[
+            tuple[tuple[tuple[str | None, str | None], ...], tuple[str, ...]], tuple[DrugHit, ...]
+        ] = {}
 
     def match(
         self, codings: Iterable[tuple[str | None, str | None]], texts: Iterable[str]
     ) -> list[DrugHit]:
         """Known drugs named by these codings (``(system, code)``) or texts; no duplicates."""
+        key = (tuple(codings), tuple(texts))
+        found = self._memo.get(key)
+        if found is None:
+            found = self._match(*key)
+            if len(self._memo) < 1 << 14:  # a formulary repeats: the same few thousand records
+                self._memo[key] = found
+        return list(found)
+
+    def _match(
+        self, codings: tuple[tuple[str | None, str | None], ...], texts: tuple[str, ...]
+    ) -> tuple[DrugHit, ...]:
         hits: dict[str, DrugHit] = {}
         for system, code in codings:
             if not code or not system:
@@ -303,7 +317,7 @@ class _DrugMatcher:
                     if exclude is not None and exclude.search(text):
                         continue
                     hits.setdefault(hit.drug_id, hit)
-        return list(hits.values())
+        return tuple(hits.values())
 
 
 # --- conditions and flags ---------------------------------------------------------------------

@@ -130,7 +130,8 @@ class LabResult:
     """The time as the input gave it (shown to people; ``effective`` is the same in UTC)."""
     status: str
     group: str
-    """Same specimen (or report, or time): only values of one group are combined."""
+    """The patient's specimen, report or time this value belongs to: only values of one group are
+    combined (``specimen:<ref>``, the DiagnosticReport or panel key, or ``time:<iso time>``)."""
     ref_low: float | None = None
     """The lab's lower reference limit, converted like ``value``."""
     corrected: bool = False

@@ -21,15 +21,17 @@ report or time (clozapine prescribing information §5.1; clinical.md §4.5).
 from __future__ import annotations
 
 import gc
-from collections import Counter, defaultdict, deque
+from collections import Counter
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import lru_cache
 from operator import attrgetter
 
 from .fhirjson import (
+    Bundle,
     CodeableConcept,
+    CodedOnly,
     Condition,
     DiagnosticReport,
     Flag,
@@ -58,9 +60,15 @@ from .model import (
     PatientRecord,
     Problem,
 )
-from .reader import Origin, Sourced
+from .reader import Origin, Sourced, bundle_entries
 
-__all__ = ["OBSERVATION_STATUSES", "Dataset", "drugs_of", "normalise"]
+__all__ = [
+    "OBSERVATION_STATUSES",
+    "Dataset",
+    "Normaliser",
+    "drugs_of",
+    "normalise",
+]
 
 # R4 ObservationStatus (required binding): https://hl7.org/fhir/R4/valueset-observation-status.html
 OBSERVATION_STATUSES = frozenset(
@@ -109,12 +117,13 @@ _REQUEST_STATUSES = frozenset(
 _NO_EXPOSURE = frozenset({"not-taken", "entered-in-error", "cancelled", "draft", "intended"})
 _ENDED = frozenset({"completed", "stopped"})
 
-# The results of one CBC share their time: parse each distinct time text once (datetimes are
-# immutable, so sharing them is safe). Bounded, so a long run does not grow it without end.
-_lab_time = lru_cache(maxsize=1 << 16)(parse_fhir_datetime)
 
 _CLINICAL_STATUS = "http://terminology.hl7.org/CodeSystem/condition-clinical"
 _VERIFICATION_STATUS = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
+
+
+Where = Origin | int
+"""Where a resource was read: its Origin, or the line number of the NDJSON being fed."""
 
 
 @dataclass
@@ -133,53 +142,32 @@ class Dataset:
         return record
 
 
-class _RawLab:
-    """A mapped lab Observation, held lean until references are linked."""
+class _Pending:
+    """A mapped lab Observation still missing its subject or its time.
 
-    __slots__ = (
-        "data_absent",
-        "effective",
-        "effective_text",
-        "group",
-        "info",
-        "key",
-        "last_updated",
-        "origin",
-        "quantity",
-        "range_low",
-        "specimen",
-        "status",
-        "subject",
-        "value_string",
-    )
+    The DiagnosticReport that lists it (``result``) or its panel (``hasMember``) may supply them
+    once everything is read, as in the HL7 R4 CBC example (Bundle 101). Most results carry both and
+    are built at once, without this detour.
+    """
 
-    def __init__(self, obs: Observation, key: str, info: CodeInfo, origin: Origin) -> None:
+    __slots__ = ("effective_text", "group", "info", "key", "obs", "origin", "subject")
+
+    def __init__(
+        self,
+        obs: Observation,
+        key: str,
+        info: CodeInfo,
+        origin: Origin,
+        subject: str | None,
+        effective_text: str | None,
+    ) -> None:
+        self.obs = obs
         self.key = key
         self.info = info
         self.origin = origin
-        self.status = obs.status
-        self.subject = obs.subject.reference if obs.subject else None
-        self.effective_text = _effective_text(
-            obs.effectiveDateTime, obs.effectivePeriod, obs.effectiveInstant
-        )
-        self.effective = _lab_time(self.effective_text)
-        self.quantity = obs.valueQuantity
-        self.value_string = obs.valueString
-        self.data_absent = obs.dataAbsentReason
-        # Only the low end of the first normal range is ever used: keeping just that Quantity
-        # (not every range with its high end and text) halves what a bulk export holds in memory.
-        self.range_low: Quantity | None = None
-        for entry in obs.referenceRange:
-            low = entry.low
-            if low is None or low.value is None:
-                continue
-            if entry.type is not None and not any(c.code == "normal" for c in entry.type.coding):
-                continue
-            self.range_low = low
-            break
-        self.specimen = obs.specimen.reference if obs.specimen else None
-        self.last_updated = obs.meta.lastUpdated if obs.meta else None
-        self.group: str | None = None
+        self.subject = subject
+        self.effective_text = effective_text
+        self.group = ""
 
 
 @dataclass
@@ -201,7 +189,7 @@ def _effective_text(
     return instant
 
 
-def _loinc_info(code: CodeableConcept | None, table: dict[str, CodeInfo]) -> CodeInfo | None:
+def _loinc_info(code: CodedOnly | None, table: dict[str, CodeInfo]) -> CodeInfo | None:
     if code is None:
         return None
     for coding in code.coding:
@@ -248,7 +236,11 @@ def _reported(quantity: Quantity) -> str:
     return f"{comparator}{value} {unit}".strip()
 
 
-class _Normaliser:
+class Normaliser:
+    """Normalising, step by step: :meth:`feed` (or :meth:`feed_lines`) resources as they are read,
+    then :meth:`run` once for the :class:`Dataset`. :func:`normalise` does both; the file reader
+    (``bulkread``) drives it directly to decode NDJSON lines in one loop."""
+
     def __init__(self, knowledge: Knowledge) -> None:
         self.knowledge = knowledge
         self.loinc = knowledge.loinc
@@ -257,10 +249,21 @@ class _Normaliser:
         """Resources other than Observations, by ``Type/id`` and by fullUrl."""
         self.observation_urls: dict[str, str] = {}
         self.patient_keys: dict[str, str] = {}
-        self.reported_texts: dict[tuple[str | None, float, str | None, str | None], str] = {}
-        self.group_keys: dict[tuple[str, str], str] = {}
-        self.times: dict[str, str] = {}
-        self.labs: dict[str, _RawLab] = {}
+        self.reported_texts: dict[tuple[str | None, str | None], dict[float, str]] = {}
+        self.times: dict[str, tuple[str, datetime | None]] = {}
+        self.lines_source = ""
+        """The source of the lines :meth:`feed_lines` is reading."""
+        self.observations = 0
+        """Observations with an id (counted apart from ``data.counts``: see :meth:`add`)."""
+        self.count_units = knowledge.count_units
+        self.fraction_units = knowledge.fraction_units
+        self.limits = {a: (p.max, p.min_nonzero) for a, p in knowledge.plausible.items()}
+        self.results: dict[str, LabResult] = {}
+        """Results by key, built as they are read; ``patient`` holds the subject reference and
+        ``group`` the specimen (or "") until :meth:`run` resolves both."""
+        self.pending: dict[str, _Pending] = {}
+        self.versions: dict[str, str] = {}
+        """``meta.lastUpdated`` of the version kept of each mapped Observation (``""`` if none)."""
         self.panels: dict[str, _Panel] = {}
         self.reports: list[tuple[DiagnosticReport, str, Origin]] = []
         self.medications: list[tuple[MedicationRequest | MedicationStatement, str, Origin]] = []
@@ -270,14 +273,81 @@ class _Normaliser:
 
     # -- pass 1: collect ---------------------------------------------------------------------
 
-    def problem(self, origin: Origin, key: str, reason: str, kind: str = "input") -> None:
+    @contextmanager
+    def collecting(self) -> Iterator[None]:
+        """No cyclic garbage collection while this builds millions of small, long-lived, acyclic
+        objects: the collector would rescan them over and over (a third of the run time of a
+        1M-Observation export, benchmarks/README.md). Reference counting still frees the rest."""
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            yield
+        finally:
+            if enabled:
+                gc.enable()
+
+    def feed(self, items: Iterable[Sourced | Problem]) -> None:
+        add = self.add
+        problems = self.data.problems
+        for item in items:
+            if type(item) is Problem:
+                problems.append(item)
+            else:
+                add(*item)  # type: ignore[misc]
+
+    def problem(self, origin: Where, key: str, reason: str, kind: str = "input") -> None:
+        origin = self.origin_of(origin)
         self.data.problems.append(Problem(origin.source, reason, key, origin.position, kind))
 
+    def origin_of(self, where: Where) -> Origin:
+        """The Origin of a resource; :meth:`feed_lines` passes only the line number (an Origin
+        per line would cost as much as the rest of reading an Observation)."""
+        if isinstance(where, int):
+            return Origin(self.lines_source, f"line {where}")
+        return where
+
+    def feed_lines(self, lines: Iterable[bytes], source: str, first: int = 1) -> None:
+        """Decode and add the resources of NDJSON lines numbered from ``first``, from ``source``.
+
+        What :func:`fhir_leuko.reader.read_file` and :meth:`feed` do for NDJSON, in one loop:
+        this runs once per line of a bulk export.
+        """
+        self.lines_source = source
+        problems = self.data.problems
+        add_observation = self.add_observation
+        number = first - 1
+        for line in lines:
+            number += 1
+            if not line or line.isspace():
+                continue
+            try:
+                resource = decode_resource(line)
+            except MalformedResourceError as exc:
+                problems.append(Problem(source, exc.reason, exc.label, f"line {number}"))
+                continue
+            if resource is None:
+                continue
+            rid = resource.id
+            if type(resource) is Observation and rid:
+                self.observations += 1
+                add_observation(resource, f"Observation/{rid}", number)
+            elif type(resource) is Bundle:
+                self.feed(bundle_entries(resource, source, f"line {number}"))
+            else:
+                self.add(resource, Origin(source, f"line {number}"))
+
     def add(self, resource: Resource, origin: Origin) -> None:
-        counts = self.data.counts
-        rtype = type(resource).__name__
-        counts[rtype] += 1
         rid = resource.id
+        if type(resource) is Observation and rid:
+            # The common case of a bulk export, kept short: it runs once per Observation.
+            self.observations += 1
+            key = f"Observation/{rid}"
+            if origin.full_url and origin.full_url != key:
+                self.observation_urls[origin.full_url] = key
+            self.add_observation(resource, key, origin)
+            return
+        rtype = type(resource).__name__
+        self.data.counts[rtype] += 1
         # Without id or fullUrl the key names the file and position: positions alone ("entry[0]",
         # "line 3", "" for a single resource) repeat across files and would merge resources.
         if rid:
@@ -317,7 +387,7 @@ class _Normaliser:
         if isinstance(inner, Observation) and inner.id:
             self.add_observation(inner, f"{container}#{inner.id}", origin)
 
-    def add_observation(self, obs: Observation, key: str, origin: Origin) -> None:
+    def add_observation(self, obs: Observation, key: str, origin: Where) -> None:
         info = _loinc_info(obs.code, self.loinc)
         if info is None:
             if obs.hasMember:
@@ -330,14 +400,26 @@ class _Normaliser:
                     obs.hasMember,
                 )
             return
-        lab = _RawLab(obs, key, info, origin)
-        if lab.effective_text:
-            # the results of one CBC share one time text: keep one copy of it
-            lab.effective_text = self.times.setdefault(lab.effective_text, lab.effective_text)
-        previous = self.labs.get(key)
-        if previous is not None and (previous.last_updated or "") > (lab.last_updated or ""):
-            return  # the same Observation read twice: keep the newest version
-        self.labs[key] = lab
+        meta = obs.meta
+        updated = (meta.lastUpdated or "") if meta is not None else ""
+        versions = self.versions
+        kept = versions.get(key)
+        if kept is not None:
+            if kept > updated:
+                return  # the same Observation read twice: keep the newest version
+            self.results.pop(key, None)
+            self.pending.pop(key, None)
+        versions[key] = updated
+        subject = obs.subject.reference if obs.subject is not None else None
+        text = obs.effectiveDateTime or _effective_text(
+            None, obs.effectivePeriod, obs.effectiveInstant
+        )
+        if subject is None or text is None:
+            self.pending[key] = _Pending(obs, key, info, self.origin_of(origin), subject, text)
+            return
+        result = self.make_result(obs, key, info, origin, subject, text)
+        if result is not None:
+            self.results[key] = result
 
     # -- pass 2: link and finish -------------------------------------------------------------
 
@@ -354,18 +436,18 @@ class _Normaliser:
             return self.index.get(f"{parts[-2]}/{parts[-1]}")
         return None
 
-    def lab_for(self, reference: str, container: str) -> _RawLab | _Panel | None:
+    def lab_for(self, reference: str, container: str) -> LabResult | _Pending | _Panel | None:
         """The mapped lab or panel Observation a ``result``/``hasMember`` reference points at."""
         if reference.startswith("#"):
             key = f"{container}{reference}"
         else:
             key = self.observation_urls.get(reference, reference)
-            if key not in self.labs and key not in self.panels:
+            if key not in self.versions and key not in self.panels:
                 parts = reference.split("/_history/")[0].rstrip("/").split("/")
                 if len(parts) < 2 or parts[-2] != "Observation":
                     return None
                 key = f"Observation/{parts[-1]}"
-        return self.labs.get(key) or self.panels.get(key)
+        return self.results.get(key) or self.pending.get(key) or self.panels.get(key)
 
     def patient_key(self, reference: str | None) -> str | None:
         if not reference:
@@ -397,10 +479,14 @@ class _Normaliser:
         group: str,
         seen: set[str],
     ) -> None:
+        results = self.results
         for member in members:
-            if not member.reference:
+            reference = member.reference
+            if not reference:
                 continue
-            target = self.lab_for(member.reference, container)
+            # Usually the reference is the key of a result already built: the group is all it
+            # needs from its report (a million times for a million Observations).
+            target = results.get(reference) or self.lab_for(reference, container)
             if target is None:
                 continue
             if isinstance(target, _Panel):
@@ -416,12 +502,12 @@ class _Normaliser:
                     seen,
                 )
                 continue
-            if target.subject is None:
-                target.subject = subject
-            if target.effective_text is None and effective_text:
-                target.effective_text = effective_text
-                target.effective = _lab_time(effective_text)
-            if target.group is None:
+            if isinstance(target, _Pending):
+                if target.subject is None:
+                    target.subject = subject
+                if target.effective_text is None:
+                    target.effective_text = effective_text
+            if not target.group:
                 target.group = group
 
     def link(self) -> None:
@@ -444,79 +530,80 @@ class _Normaliser:
     def reported(self, quantity: Quantity) -> str:
         """``_reported`` for a result that is kept: lab values repeat (two decimals, one unit),
         so the text is built once per distinct value and shared."""
-        key = (quantity.comparator, quantity.value or 0.0, quantity.code, quantity.unit)
-        text = self.reported_texts.get(key)
+        if quantity.comparator is not None:
+            return _reported(quantity)
+        by_value = self.reported_texts.get((quantity.code, quantity.unit))
+        if by_value is None:
+            by_value = self.reported_texts[(quantity.code, quantity.unit)] = {}
+        value = quantity.value or 0.0
+        text = by_value.get(value)
         if text is None:
             text = _reported(quantity)
-            if len(self.reported_texts) < 1 << 16:
-                self.reported_texts[key] = text
+            if len(by_value) < 1 << 14:
+                by_value[value] = text
         return text
 
-    def group_key(self, patient: str, group: str) -> str:
-        """``patient|group``, one shared string per specimen/report (about 11 results each)."""
-        key = self.group_keys.get((patient, group))
-        if key is None:
-            key = self.group_keys[(patient, group)] = f"{patient}|{group}"
-        return key
+    def make_result(
+        self,
+        obs: Observation,
+        key: str,
+        info: CodeInfo,
+        origin: Where,
+        subject: str,
+        effective_text: str,
+    ) -> LabResult | None:
+        """Check one mapped Observation and build its result, or report why it cannot count.
 
-    def finish_lab(self, lab: _RawLab) -> LabResult | None:
-        counts = self.data.counts
-        status = lab.status
-        origin = lab.origin
-        if status not in OBSERVATION_STATUSES:
-            self.problem(origin, lab.key, f"invalid Observation.status {status!r}", "status")
-            return None
+        This runs once per lab Observation of a bulk export (millions of times): keep it lean.
+        """
+        status = obs.status
         if status not in _KEPT_STATUSES:
-            counts[f"results:ignored-{status}"] += 1
+            self.status_dropped(obs, key, origin)
             return None
-        patient = self.patient_key(lab.subject)
-        if patient is None:
-            self.problem(origin, lab.key, "no subject (and no DiagnosticReport that names one)")
-            return None
-        if lab.effective is None:
-            self.problem(origin, lab.key, "no effective time (nor one from its DiagnosticReport)")
-            return None
-        if lab.data_absent is not None:
-            reason = next(
-                (c.code for c in lab.data_absent.coding if c.code), lab.data_absent.text or "?"
+        timed = self.times.get(effective_text)
+        if timed is None:
+            # The results of one CBC share their time: parse each distinct text once, and keep
+            # one copy of it for all of them.
+            timed = self.times[effective_text] = (
+                effective_text,
+                parse_fhir_datetime(effective_text),
             )
-            self.problem(origin, lab.key, f"no value: dataAbsentReason {reason!r}", "value")
+        effective_text, effective = timed
+        if effective is None:
+            self.problem(origin, key, f"invalid effective time {effective_text!r}")
             return None
-        quantity = lab.quantity
+        quantity = obs.valueQuantity
+        if obs.dataAbsentReason is not None:
+            absent = obs.dataAbsentReason
+            reason = next((c.code for c in absent.coding if c.code), absent.text or "?")
+            self.problem(origin, key, f"no value: dataAbsentReason {reason!r}", "value")
+            return None
         if quantity is None or quantity.value is None:
-            detail = f" (valueString {lab.value_string!r})" if lab.value_string else ""
-            self.problem(origin, lab.key, f"no numeric valueQuantity{detail}", "value")
+            detail = f" (valueString {obs.valueString!r})" if obs.valueString else ""
+            self.problem(origin, key, f"no numeric valueQuantity{detail}", "value")
             return None
         comparator = quantity.comparator
         if comparator is not None and comparator not in _COMPARATORS:
-            self.problem(origin, lab.key, f"invalid comparator {comparator!r}", "value")
+            self.problem(origin, key, f"invalid comparator {comparator!r}", "value")
             return None
-        info = lab.info
-        value = quantity.value
-        if info.measure is Measure.COUNT:
-            factor = self.knowledge.count_units.factor(quantity.code, quantity.unit)
-            kind_word = "count"
-        else:
-            factor = self.knowledge.fraction_units.factor(quantity.code, quantity.unit)
-            if factor is None and info.unitless and not quantity.code and not quantity.unit:
-                factor = 1.0
-            kind_word = "fraction"
+        is_count = info.measure is Measure.COUNT
+        table = self.count_units if is_count else self.fraction_units
+        factor = table.factor(quantity.code, quantity.unit)
         if factor is None:
-            shown = quantity.code or quantity.unit
-            reason = (
-                f"unit {shown!r} is not a known {kind_word} unit for LOINC {info.code}"
-                if shown
-                else f"no unit for LOINC {info.code} (a {kind_word}); the unit is never guessed"
-            )
-            self.problem(origin, lab.key, reason, "unit")
-            return None
-        converted = round(value * factor, 9)
-        if info.measure is Measure.COUNT:
-            limits = self.knowledge.plausible[info.analyte]
-            if converted < 0 or converted > limits.max or 0 < converted < limits.min_nonzero:
+            if not is_count and info.unitless and not quantity.code and not quantity.unit:
+                factor = 1.0
+            else:
+                self.problem(origin, key, _unit_problem(quantity, info), "unit")
+                return None
+        # Rounded to 9 decimals so a unit conversion never moves a value across a band edge by
+        # float noise (1100 /uL is 1.1, not 1.1000000000000001); factor 1 needs no rounding.
+        converted = quantity.value if factor == 1.0 else round(quantity.value * factor, 9)
+        if is_count:
+            limit_max, limit_min = self.limits[info.analyte]
+            if converted < 0 or converted > limit_max or 0 < converted < limit_min:
                 self.problem(
                     origin,
-                    lab.key,
+                    key,
                     f"implausible {info.analyte.value} count {_reported(quantity)} for its "
                     "declared unit (not graded; check the unit)",
                     "implausible",
@@ -525,45 +612,88 @@ class _Normaliser:
         elif not 0 <= converted <= 1:
             self.problem(
                 origin,
-                lab.key,
+                key,
                 f"implausible fraction {_reported(quantity)} for LOINC {info.code} (not graded)",
                 "implausible",
             )
             return None
         ref_low = None
-        low = lab.range_low
-        if low is not None and low.value is not None:
-            table = (
-                self.knowledge.count_units
-                if info.measure is Measure.COUNT
-                else self.knowledge.fraction_units
-            )
-            low_factor = table.factor(low.code, low.unit) if (low.code or low.unit) else factor
+        for entry in obs.referenceRange:
+            # The low end of the first normal range (a range without a type is a normal one).
+            low = entry.low
+            if low is None or low.value is None:
+                continue
+            if entry.type is not None and not any(c.code == "normal" for c in entry.type.coding):
+                continue
+            if (low.code == quantity.code and low.unit == quantity.unit) or not (
+                low.code or low.unit
+            ):
+                low_factor: float | None = factor
+            else:
+                low_factor = table.factor(low.code, low.unit)
             if low_factor is not None:
-                ref_low = round(low.value * low_factor, 9)
-        group = lab.group
-        if lab.specimen:
-            group = f"specimen:{lab.specimen}"
-        if group is None:
-            group = f"time:{lab.effective.isoformat()}"
-        counts["results:used"] += 1
+                ref_low = low.value if low_factor == 1.0 else round(low.value * low_factor, 9)
+            break
+        specimen = obs.specimen
         return LabResult(
-            key=lab.key,
-            patient=patient,
-            analyte=info.analyte,
-            measure=info.measure,
-            form=info.form,
-            loinc=info.code,
-            value=converted,
-            comparator=comparator,
-            reported=self.reported(quantity),
-            effective=lab.effective,
-            effective_text=lab.effective_text or lab.effective.isoformat(),
-            status=status,
-            group=self.group_key(patient, group),
-            ref_low=ref_low,
-            corrected=info.corrected,
+            key,
+            subject,
+            info.analyte,
+            info.measure,
+            info.form,
+            info.code,
+            converted,
+            comparator,
+            self.reported(quantity),
+            effective,
+            effective_text,
+            status,
+            f"specimen:{specimen.reference}" if specimen is not None and specimen.reference else "",
+            ref_low,
+            info.corrected,
         )
+
+    def status_dropped(self, obs: Observation, key: str, origin: Where) -> None:
+        """Count an Observation whose status does not count, or report an invalid status."""
+        status = obs.status
+        if status in OBSERVATION_STATUSES:
+            self.data.counts[f"results:ignored-{status}"] += 1
+        else:
+            self.problem(origin, key, f"invalid Observation.status {status!r}", "status")
+
+    def finish_pending(self) -> None:
+        """Build the results that waited for their report's subject or time."""
+        for pending in self.pending.values():
+            if pending.obs.status not in _KEPT_STATUSES:
+                self.status_dropped(pending.obs, pending.key, pending.origin)
+                continue
+            if pending.subject is None:
+                self.problem(
+                    pending.origin,
+                    pending.key,
+                    "no subject (and no DiagnosticReport that names one)",
+                )
+                continue
+            if pending.effective_text is None:
+                self.problem(
+                    pending.origin,
+                    pending.key,
+                    "no effective time (nor one from its DiagnosticReport)",
+                )
+                continue
+            result = self.make_result(
+                pending.obs,
+                pending.key,
+                pending.info,
+                pending.origin,
+                pending.subject,
+                pending.effective_text,
+            )
+            if result is not None:
+                if not result.group:
+                    result.group = pending.group
+                self.results[pending.key] = result
+        self.pending.clear()
 
     # -- medications, conditions, flags --------------------------------------------------------
 
@@ -692,28 +822,36 @@ class _Normaliser:
     # -- derivation ------------------------------------------------------------------------------
 
     def derive(self, results: list[LabResult]) -> list[LabResult]:
-        """Absolute counts derived from WBC x fraction where a specimen has no absolute count."""
-        by_group: dict[str, list[LabResult]] = defaultdict(list)
+        """Absolute counts derived from WBC x fraction where a specimen has no absolute count.
+
+        ``results`` are one patient's, so ``group`` (specimen, report or time) needs no patient.
+        """
+        by_group: dict[str, list[LabResult]] = {}
         for result in results:
-            by_group[result.group].append(result)
+            members = by_group.get(result.group)
+            if members is None:
+                by_group[result.group] = [result]
+            else:
+                members.append(result)
         derived: list[LabResult] = []
+        count, total = Measure.COUNT, Form.TOTAL
         for group, members in by_group.items():
-            by_analyte: dict[Analyte, list[LabResult]] = defaultdict(list)
-            for member in members:
-                by_analyte[member.analyte].append(member)
-            wbcs = sorted(by_analyte.get(Analyte.WBC, ()), key=lambda r: (not r.corrected, r.key))
+            counted = {r.analyte for r in members if r.measure is count and r.form is total}
+            wanting = {r.analyte for r in members} - counted
+            wanting.discard(Analyte.WBC)
+            if not wanting:
+                continue  # the usual complete differential: every absolute count is there
+            wbcs = sorted(
+                (r for r in members if r.analyte is Analyte.WBC),
+                key=lambda r: (not r.corrected, r.key),
+            )
             wbc = wbcs[0] if wbcs else None
             for analyte in Analyte:
-                if analyte is Analyte.WBC:
-                    continue
-                mine = by_analyte.get(analyte)
-                if not mine or any(
-                    r.measure is Measure.COUNT and r.form is Form.TOTAL for r in mine
-                ):
-                    continue
-                made = self.derive_one(analyte, mine, wbc, group)
-                if made is not None:
-                    derived.append(made)
+                if analyte in wanting:
+                    mine = [r for r in members if r.analyte is analyte]
+                    made = self.derive_one(analyte, mine, wbc, group)
+                    if made is not None:
+                        derived.append(made)
         return derived
 
     def derive_one(
@@ -784,20 +922,31 @@ class _Normaliser:
         self.reports.clear()
         self.index = {k: v for k, v in self.index.items() if not isinstance(v, DiagnosticReport)}
         data = self.data
-        results: list[LabResult] = []
-        # Each raw lab (with its decoded Quantity and ranges) is dropped as soon as its result is
-        # built, so a bulk export never holds both forms of every Observation at once.
-        pending = deque(self.labs.values())
-        self.labs.clear()
-        finish_lab = self.finish_lab
-        while pending:
-            finished = finish_lab(pending.popleft())
-            if finished is not None:
-                results.append(finished)
-        results.extend(self.derive(results))
+        data.counts["Observation"] += self.observations
+        self.observations = 0
+        self.finish_pending()
+        results = list(self.results.values())
+        self.results.clear()
+        self.versions.clear()
+        data.counts["results:used"] += len(results)
+        # Now that every Patient is read, subjects resolve to patient keys; results without a
+        # specimen or report are grouped by time (clinical.md §4.5: same specimen or time).
+        patient_key = self.patient_key
         patient_of = data.patient
+        time_groups: dict[datetime, str] = {}
         for result in results:
-            patient_of(result.patient).results.append(result)
+            who = patient_key(result.patient) or result.patient
+            result.patient = who
+            if not result.group:
+                known = time_groups.get(result.effective)
+                if known is None:
+                    known = time_groups[result.effective] = f"time:{result.effective.isoformat()}"
+                result.group = known
+            patient_of(who).results.append(result)
+        del results
+        for record in data.patients.values():
+            if record.results:
+                record.results.extend(self.derive(record.results))
         for patient, key in self.patients:
             # A Patient without id is known by its fullUrl (urn:uuid in transaction Bundles), which
             # is also the key of the results that reference it (see patient_key).
@@ -812,9 +961,11 @@ class _Normaliser:
             self.finish_condition(condition, key, origin)
         for flag, key, origin in self.flags:
             self.finish_flag(flag, key, origin)
-        by_time_and_key = attrgetter("effective", "key")
+        # By time; results of one time keep the order they were read in (evaluate never depends
+        # on that order: its ties are broken explicitly).
+        by_time = attrgetter("effective")
         for record in data.patients.values():
-            record.results.sort(key=by_time_and_key)
+            record.results.sort(key=by_time)
             record.exposures.sort(key=lambda e: e.key)
             record.conditions.sort(key=lambda c: (c.key, c.cause_id))
         return data
@@ -851,6 +1002,14 @@ def _exposure_period(
     return start or parse_fhir_datetime(med.dateAsserted), end
 
 
+def _unit_problem(quantity: Quantity, info: CodeInfo) -> str:
+    kind = "count" if info.measure is Measure.COUNT else "fraction"
+    shown = quantity.code or quantity.unit
+    if shown:
+        return f"unit {shown!r} is not a known {kind} unit for LOINC {info.code}"
+    return f"no unit for LOINC {info.code} (a {kind}); the unit is never guessed"
+
+
 def _form_word(result: LabResult) -> str:
     base = result.analyte.value
     if result.form is Form.SEGMENTED:
@@ -866,23 +1025,10 @@ def normalise(items: Iterable[Sourced | Problem], knowledge: Knowledge) -> Datas
     ``items`` is what :func:`fhir_leuko.reader.read_paths` yields, or ``(resource, Origin)`` pairs
     built by another edge (a FHIR server search, a CDS Hooks prefetch).
     """
-    normaliser = _Normaliser(knowledge)
-    # Normalising builds millions of small objects that live to the end and form no reference
-    # cycles; the cyclic garbage collector would rescan them over and over (a third of the run
-    # time of a 1M-Observation export, benchmarks/README.md). Reference counting still frees
-    # everything short-lived.
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        for item in items:
-            if isinstance(item, Problem):
-                normaliser.data.problems.append(item)
-            else:
-                normaliser.add(*item)
+    normaliser = Normaliser(knowledge)
+    with normaliser.collecting():
+        normaliser.feed(items)
         return normaliser.run()
-    finally:
-        if collecting:
-            gc.enable()
 
 
 def drugs_of(
@@ -897,7 +1043,7 @@ def drugs_of(
     ``medicationCodeableConcept``, a contained Medication, or a ``medicationReference`` to one of
     ``related`` (by ``Type/id`` or fullUrl). A record without a medication yet names no drug.
     """
-    normaliser = _Normaliser(knowledge)
+    normaliser = Normaliser(knowledge)
     for resource, origin in related:
         if resource.id:
             normaliser.index[f"{type(resource).__name__}/{resource.id}"] = resource

@@ -5,6 +5,7 @@ The scheduled job, the CDS service and ``fhir-leuko evaluate`` are thin edges ar
 
 from __future__ import annotations
 
+import gc
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -40,12 +41,20 @@ class Evaluation:
 def evaluate_dataset(dataset: Dataset, profiles: ProfileSet, *, as_of: datetime) -> Evaluation:
     """Evaluate every patient of a normalised dataset and build their DetectedIssues."""
     out = Evaluation(problems=list(dataset.problems), counts=Counter(dataset.counts))
-    for key in sorted(dataset.patients):
-        record = dataset.patients[key]
-        out.patients += 1
-        for finding in evaluate(record, profiles, as_of=as_of):
-            out.findings.append(finding)
-            out.issues.append(build_detected_issue(finding, identified=as_of))
+    # A large dataset is millions of long-lived objects: with the cyclic collector on, every
+    # collection triggered while evaluating would rescan all of them (see normalise()).
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        for key in sorted(dataset.patients):
+            record = dataset.patients[key]
+            out.patients += 1
+            for finding in evaluate(record, profiles, as_of=as_of):
+                out.findings.append(finding)
+                out.issues.append(build_detected_issue(finding, identified=as_of))
+    finally:
+        if collecting:
+            gc.enable()
     return out
 
 

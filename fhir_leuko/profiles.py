@@ -373,7 +373,9 @@ def _resolve(
 _RULE_FIELD = re.compile(r"^rules\[(\d+)\](.*)$")
 
 
-def _as_in_file(exc: ProfileError, document: dict[str, Any], merged: dict[str, Any]) -> ProfileError:
+def _as_in_file(
+    exc: ProfileError, document: dict[str, Any], merged: dict[str, Any]
+) -> ProfileError:
     """An error in a merged ``extends`` profile, with the rule index the site's file uses.
 
     Merging puts a child's rule at its parent's position for that finding, so the merged index

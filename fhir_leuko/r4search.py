@@ -43,7 +43,6 @@ COMMON = frozenset(
 )
 
 
-
 def _names(text: str) -> frozenset[str]:
     return frozenset(text.split())
 
@@ -98,8 +97,19 @@ _INCLUDES: dict[str, frozenset[str]] = {
 }
 
 _MODIFIERS = frozenset(
-    {"missing", "exact", "contains", "text", "not", "above", "below", "in", "not-in", "of-type",
-     "identifier"}
+    {
+        "missing",
+        "exact",
+        "contains",
+        "text",
+        "not",
+        "above",
+        "below",
+        "in",
+        "not-in",
+        "of-type",
+        "identifier",
+    }
 )
 
 
@@ -111,13 +121,13 @@ def check_search_params(
     known = R4_SEARCH_PARAMS.get(resource_type)
     if known is None:
         raise ValueError(f"no R4 search parameter table for {resource_type}")
-    items: Iterable[tuple[str, object]] = (
-        params.items() if isinstance(params, Mapping) else params
-    )
+    items: Iterable[tuple[str, object]] = params.items() if isinstance(params, Mapping) else params
     for name, value in items:
         base, _, modifier = name.partition(":")
         if base not in known and base not in COMMON:
-            raise ValueError(f"{resource_type}?{base}: not an R4 search parameter of {resource_type}")
+            raise ValueError(
+                f"{resource_type}?{base}: not an R4 search parameter of {resource_type}"
+            )
         if modifier and modifier not in _MODIFIERS and not modifier[:1].isupper():
             raise ValueError(f"{resource_type}?{name}: not an R4 search modifier")
         if base == "_include":

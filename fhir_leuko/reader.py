@@ -11,13 +11,24 @@ import gzip
 import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import IO, NamedTuple, cast
 
 from .errors import InputError
 from .fhirjson import Bundle, MalformedResourceError, Resource, decode_resource
 from .model import Problem
 
-__all__ = ["INPUT_SUFFIXES", "Origin", "Sourced", "expand_paths", "iter_document", "read_paths"]
+__all__ = [
+    "INPUT_SUFFIXES",
+    "Origin",
+    "Sourced",
+    "bundle_entries",
+    "expand_paths",
+    "is_ndjson",
+    "iter_document",
+    "open_input",
+    "read_file",
+    "read_paths",
+]
 
 INPUT_SUFFIXES = (".json", ".ndjson", ".jsonl", ".json.gz", ".ndjson.gz", ".jsonl.gz")
 
@@ -37,6 +48,11 @@ class Origin(NamedTuple):
 Sourced = tuple[Resource, Origin]
 Progress = Callable[[int], object]
 """Called with the number of bytes just read (e.g. ``tqdm.update``)."""
+
+
+def is_ndjson(path: Path) -> bool:
+    """NDJSON by its name (``.ndjson``, ``.jsonl``, also gzipped)."""
+    return path.name.lower().removesuffix(".gz").endswith((".ndjson", ".jsonl"))
 
 
 def _is_input(path: Path) -> bool:
@@ -75,12 +91,14 @@ def iter_document(data: bytes, source: str, position: str = "") -> Iterator[Sour
     if resource is None:
         return
     if isinstance(resource, Bundle):
-        yield from _bundle_entries(resource, source, position)
+        yield from bundle_entries(resource, source, position)
     else:
         yield resource, Origin(source, position)
 
 
-def _bundle_entries(bundle: Bundle, source: str, position: str) -> Iterator[Sourced | Problem]:
+def bundle_entries(bundle: Bundle, source: str, position: str) -> Iterator[Sourced | Problem]:
+    """The resources of a Bundle's entries (nested Bundles flattened), each decoded on its own so
+    one malformed entry loses only itself."""
     prefix = f"{position} " if position else ""
     for index, entry in enumerate(bundle.entry):
         where = f"{prefix}entry[{index}]"
@@ -95,17 +113,17 @@ def _bundle_entries(bundle: Bundle, source: str, position: str) -> Iterator[Sour
         if resource is None:
             continue
         if isinstance(resource, Bundle):
-            yield from _bundle_entries(resource, source, where)
+            yield from bundle_entries(resource, source, where)
         else:
             yield resource, Origin(source, where, entry.fullUrl)
 
 
 def _iter_lines(
-    lines: Iterable[bytes], source: str, progress: Progress | None
+    lines: Iterable[bytes], source: str, progress: Progress | None, first: int = 1
 ) -> Iterator[Sourced | Problem]:
     # iter_document inlined: this loop runs once per line of a bulk export (millions of times),
     # where a nested generator per line costs as much as the rest of the reading.
-    for number, line in enumerate(lines, start=1):
+    for number, line in enumerate(lines, start=first):
         if progress is not None:
             progress(len(line))
         if not line or line.isspace():
@@ -118,14 +136,15 @@ def _iter_lines(
         if resource is None:
             continue
         if isinstance(resource, Bundle):
-            yield from _bundle_entries(resource, source, f"line {number}")
+            yield from bundle_entries(resource, source, f"line {number}")
         else:
             yield resource, Origin(source, f"line {number}")
 
 
-def _open(path: Path) -> Iterable[bytes]:
+def open_input(path: Path) -> IO[bytes]:
+    """An input file opened for reading bytes, gunzipped on the fly when its name ends in .gz."""
     if path.name.lower().endswith(".gz"):
-        return gzip.open(path, "rb")
+        return cast(IO[bytes], gzip.open(path, "rb"))
     return path.open("rb")
 
 
@@ -135,10 +154,10 @@ def read_file(path: Path, progress: Progress | None = None) -> Iterator[Sourced 
     name = path.name.lower().removesuffix(".gz")
     try:
         if name.endswith((".ndjson", ".jsonl")):
-            with _open(path) as stream:  # type: ignore[attr-defined]
+            with open_input(path) as stream:
                 yield from _iter_lines(stream, source, progress)
             return
-        with _open(path) as stream:  # type: ignore[attr-defined]
+        with open_input(path) as stream:
             data = stream.read()
     except (OSError, EOFError) as exc:
         yield Problem(source, f"cannot read file: {exc}")

@@ -276,9 +276,7 @@ class State:
                 [(server, r, t) for r, t in seen],
             )
             if watermark is not None:
-                row = db.execute(
-                    "SELECT value FROM watermark WHERE server=?", (server,)
-                ).fetchone()
+                row = db.execute("SELECT value FROM watermark WHERE server=?", (server,)).fetchone()
                 if row is None or _instant_key(watermark) > _instant_key(str(row[0])):
                     db.execute(
                         "INSERT OR REPLACE INTO watermark VALUES (?, ?, ?)",

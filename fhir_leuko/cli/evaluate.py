@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import tempfile
@@ -12,10 +13,11 @@ from typing import IO
 import orjson
 from tqdm import tqdm
 
+from ..bulkread import normalise_paths
 from ..detectedissue import to_ndjson, to_transaction_bundle
 from ..errors import ExitCode, UsageError
-from ..pipeline import Evaluation, evaluate_resources
-from ..reader import expand_paths, read_paths
+from ..pipeline import Evaluation, evaluate_dataset
+from ..reader import expand_paths
 from .options import add_as_of, add_profile_options, as_of_from, profiles_from
 
 __all__ = ["register"]
@@ -73,6 +75,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress bar even on a terminal"
     )
+
     parser.set_defaults(handler=run)
 
 
@@ -128,6 +131,9 @@ def _summary(result: Evaluation, files: int) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    # A batch that builds millions of long-lived objects and then exits: the cyclic garbage
+    # collector would only rescan them again and again (normalise.Normaliser.collecting).
+    gc.disable()
     as_of = as_of_from(args)
     knowledge, profiles = profiles_from(args)
     files = expand_paths(args.paths)
@@ -137,8 +143,8 @@ def run(args: argparse.Namespace) -> int:
         total=total, unit="B", unit_scale=True, disable=not show, desc="reading", leave=False
     ) as bar:
         # Progress counts decompressed bytes for .gz input, so the bar may run past its total.
-        items = read_paths(files, progress=bar.update if show else None)
-        result = evaluate_resources(items, knowledge, profiles, as_of=as_of)
+        dataset = normalise_paths(files, knowledge, progress=bar.update if show else None)
+    result = evaluate_dataset(dataset, profiles, as_of=as_of)
     if args.format == "bundle":
         data = (
             orjson.dumps(to_transaction_bundle(result.issues), option=orjson.OPT_INDENT_2) + b"\n"

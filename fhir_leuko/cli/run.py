@@ -151,11 +151,18 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         "UTC; default: now)",
     )
     what.add_argument(
-        "--profiles", metavar="DIR", type=Path, action="append", default=None,
+        "--profiles",
+        metavar="DIR",
+        type=Path,
+        action="append",
+        default=None,
         help="site profiles directory (repeatable)",
     )
     what.add_argument(
-        "--profile", metavar="ID", action="append", default=None,
+        "--profile",
+        metavar="ID",
+        action="append",
+        default=None,
         help="evaluate only this profile (repeatable)",
     )
 
@@ -378,9 +385,7 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[list[int]]:
             raise KeyboardInterrupt
         received.append(signum)
         stop.set()
-        log.warning(
-            "%s received: stopping after the current patient", signal.Signals(signum).name
-        )
+        log.warning("%s received: stopping after the current patient", signal.Signals(signum).name)
 
     previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
