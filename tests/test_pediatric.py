@@ -62,10 +62,10 @@ def test_age_partitioned_limits(
 def test_no_verified_limit_is_said_in_the_text(result: Evaluation) -> None:
     issue = next(i for i in result.issues if i["patient"]["reference"] == "Patient/ped-3y-anc-1.4")
     assert "No lower limit is known for this result" in issue["detail"]
-    assert "no verified table below 5 years" in issue["detail"]
+    assert "no verified lower limit under 5 years" in issue["detail"]
     assert issue["reference"] == "https://fhir-leuko.github.io/fhir/profiles/pediatric|1.0.0"
 
 
 def test_source_of_the_limit_is_named(result: Evaluation) -> None:
     finding = by_patient(result)[("ped-6d", "leukopenia")]
-    assert "St Luke's: 0-1 week 9.0-30.0 K/uL" in finding.lower_limit.source
+    assert "St Luke's Hospital laboratory, WBC 0-1 week 9.0-30.0 K/uL" in finding.lower_limit.source

@@ -61,7 +61,7 @@ def test_severe_neutropenia_on_clozapine_gives_one_critical_card(
         "Recent values: 2.1 ×10⁹/L (2026-10-27), 1.6 ×10⁹/L (2026-11-10), 0.3 ×10⁹/L (2026-11-17)",
         "severe neutropenia (\\< 500/uL) per the clozapine label",  # grade
         "Clozaril PI 2015-2025 (rev. 2020)",  # grading version
-        "Lower limit used: 1.5 ×10⁹/L, from clozapine PI general population",  # limit and source
+        "Lower limit used: 1.5 ×10⁹/L, from Clozaril prescribing information §5.1, general population table",  # limit and source
         "Possibly implicated: clozapine (MedicationRequest/cs-cloz",
         "**Recommendation:** Recommend haematology consultation",
         "CTCAE v5.0 grade 2",  # the second finding, leukopenia
