@@ -47,8 +47,10 @@ class Explanation:
     recommendation: str
     rule: str
 
-    def lines(self) -> list[str]:
-        out = [self.headline, self.value]
+    def body(self) -> list[str]:
+        """The sentences between the headline and the recommendation: value, derivation, limit,
+        trend, drugs, other causes."""
+        out = [self.value]
         if self.derivation:
             out.append(self.derivation)
         out.append(self.limit)
@@ -60,6 +62,11 @@ class Explanation:
             out.append("No drug known to cause it was active in the window before this count.")
         if self.conditions:
             out.append("Other possible causes on record: " + "; ".join(self.conditions) + ".")
+        return out
+
+    def lines(self) -> list[str]:
+        """Everything, one sentence a line (``DetectedIssue.detail``)."""
+        out = [self.headline, *self.body()]
         if self.recommendation:
             out.append(f"Recommendation: {self.recommendation}")
         out.append(self.rule)

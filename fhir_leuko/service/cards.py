@@ -155,19 +155,7 @@ def _finding_short(finding: Finding) -> list[str]:
 def _finding_markdown(finding: Finding) -> list[str]:
     sentences = explain(finding)
     lines = [f"#### {md_escape(sentences.headline)}", ""]
-    bullets = [sentences.value]
-    if sentences.derivation:
-        bullets.append(sentences.derivation)
-    bullets.append(sentences.limit)
-    if sentences.trend:
-        bullets.append(sentences.trend)
-    if sentences.drugs:
-        bullets.append("Possibly implicated: " + "; ".join(sentences.drugs) + ".")
-    else:
-        bullets.append("No drug known to cause it was active in the window before this count.")
-    if sentences.conditions:
-        bullets.append("Other possible causes on record: " + "; ".join(sentences.conditions) + ".")
-    lines.extend(f"- {md_escape(b)}" for b in bullets)
+    lines.extend(f"- {md_escape(b)}" for b in sentences.body())
     if sentences.recommendation:
         lines.append(f"- **Recommendation:** {md_escape(sentences.recommendation)}")
     lines.append(f"- {md_escape(sentences.rule)}")
