@@ -140,11 +140,6 @@ def test_hl7_capecitabine_is_recognised_by_its_snomed_display(
     assert exposures["MedicationRequest/medrx0309"] == ["capecitabine"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="knowledge gap: drugs.toml has busulfan as a cytotoxic name but not the brand 'Myleran' "
-    "(needs a [[drug]] entry with a brand_source); remove this mark when it is added",
-)
 def test_hl7_myleran_is_busulfan(shared_fixtures: Path, knowledge: Knowledge) -> None:
     exposures = _exposures(shared_fixtures, knowledge)
     assert "MedicationRequest/medrx0306" in exposures
