@@ -423,11 +423,12 @@ class Normaliser:
 
     # -- pass 2: link and finish -------------------------------------------------------------
 
-    def resolve(self, reference: str | None, container: str | None = None) -> Resource | None:
-        if not reference:
+    def resolve(self, reference: str | None) -> Resource | None:
+        """A (non-Observation) resource of the input by reference: fullUrl, ``Type/id``, or the
+        last two segments of an absolute or versioned URL. Contained ``#id`` is resolved by the
+        container's owner (see :meth:`medication_concepts`)."""
+        if not reference or reference.startswith("#"):
             return None
-        if reference.startswith("#"):
-            return self.index.get(f"{container}{reference}") if container else None
         found = self.index.get(reference)
         if found is not None:
             return found

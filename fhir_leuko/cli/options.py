@@ -11,7 +11,7 @@ from ..fhirtime import parse_as_of
 from ..knowledge import Knowledge, load_knowledge
 from ..profiles import ProfileSet, load_profiles
 
-__all__ = ["add_as_of", "add_profile_options", "as_of_from", "profiles_from"]
+__all__ = ["add_as_of", "add_profile_options", "as_of_from", "parse_instant", "profiles_from"]
 
 
 def add_profile_options(parser: argparse.ArgumentParser) -> None:
@@ -42,16 +42,25 @@ def add_as_of(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def parse_instant(flag: str, text: str) -> datetime:
+    """An ``--as-of``/``--since`` value (a bare date is the end of that day, UTC).
+
+    Raises:
+        UsageError: naming the flag, when the text is not an ISO 8601 date or date-time.
+    """
+    try:
+        return parse_as_of(text)
+    except ValueError:
+        raise UsageError(
+            f"{flag} {text!r}: not an ISO 8601 date or date-time (e.g. 2024-05-01 or "
+            "2024-05-01T08:00:00Z)"
+        ) from None
+
+
 def as_of_from(args: argparse.Namespace) -> datetime:
     if not args.as_of:
         return datetime.now(UTC).replace(microsecond=0)
-    try:
-        return parse_as_of(args.as_of)
-    except ValueError:
-        raise UsageError(
-            f"--as-of {args.as_of!r}: not an ISO 8601 date or date-time (e.g. 2024-05-01 or "
-            "2024-05-01T08:00:00Z)"
-        ) from None
+    return parse_instant("--as-of", args.as_of)
 
 
 def profiles_from(args: argparse.Namespace) -> tuple[Knowledge, ProfileSet]:

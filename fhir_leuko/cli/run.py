@@ -23,12 +23,12 @@ from cronsim import CronSim, CronSimError
 
 from ..errors import AuthError, ExitCode, FhirError, LockError, UsageError
 from ..fhirclient import FhirClient, RetryPolicy
-from ..fhirtime import parse_as_of
 from ..job import Job, JobOptions, Mode, PassReport
 from ..jobconfig import JobConfig, build_auth, load_job_config, parse_interval
 from ..knowledge import load_knowledge
 from ..profiles import load_profiles
 from ..state import State, default_state_path
+from .options import parse_instant
 
 __all__ = ["register", "schedule_from"]
 
@@ -272,15 +272,7 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _instant(flag: str, text: str | None) -> datetime | None:
-    if not text:
-        return None
-    try:
-        return parse_as_of(text)
-    except ValueError:
-        raise UsageError(
-            f"{flag} {text!r}: not an ISO 8601 date or date-time (e.g. 2026-11-20 or "
-            "2026-11-20T08:00:00Z)"
-        ) from None
+    return parse_instant(flag, text) if text else None
 
 
 def _options(config: JobConfig, args: argparse.Namespace) -> JobOptions:
