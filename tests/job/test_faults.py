@@ -17,6 +17,7 @@ import responses
 from fhir_leuko.auth import BearerTokenAuth, ClientCredentialsAuth, Secret
 from fhir_leuko.errors import AuthError, FhirFatalError, FhirTemporaryError
 from fhir_leuko.fhirclient import FhirClient, RetryPolicy
+from fhir_leuko.fhirtime import parse_fhir_datetime
 from fhir_leuko.knowledge import Knowledge
 from fhir_leuko.profiles import ProfileSet
 from fhir_leuko.state import State
@@ -350,8 +351,15 @@ def test_an_outage_stops_the_pass_and_keeps_the_watermark(
             f"{base}/Observation", params={"_id": "o-0-anc-2,o-1-anc-2,o-2-anc-2,o-3-anc-2"},
             timeout=30,
         ).json()
-        first_change = min(e["resource"]["meta"]["lastUpdated"] for e in changed["entry"])
-        assert before is not None and before <= state.watermark(base) <= first_change  # type: ignore[operator]
+        first_change = min(
+            parse_fhir_datetime(e["resource"]["meta"]["lastUpdated"]) for e in changed["entry"]
+        )
+        # Instants compare as instants: "…39Z" and "…39.692Z" are one second apart as text
+        # but not in order ("Z" sorts after ".").
+        now = parse_fhir_datetime(state.watermark(base))
+        start = parse_fhir_datetime(before)
+        assert start is not None and now is not None and first_change is not None
+        assert start <= now <= first_change
         assert state.pending(base) == {}
         assert state.runs(base)[-1]["status"] == "failed"
     # The server is back: the next pass does the work.
