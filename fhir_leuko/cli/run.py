@@ -421,7 +421,9 @@ def _setup(args: argparse.Namespace) -> tuple[JobConfig, Job, State | None]:
     if config.run.profile:
         profiles = profiles.select(config.run.profile)
     client = _client(config)
-    state = State(config.state.path or default_state_path())
+    state_path = config.state.path or default_state_path()
+    # A dry run changes nothing, the state file included: with no file yet it runs as a first pass.
+    state = None if options.dry_run and not state_path.exists() else State(state_path)
     emit = None
     if options.dry_run:
 

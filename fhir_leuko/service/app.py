@@ -13,7 +13,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -191,7 +191,10 @@ def create_app(
         now = lambda: fixed  # noqa: E731
     else:
         now = lambda: datetime.now(UTC)  # noqa: E731
-    store = FeedbackStore(settings.feedback_database)
+    days = settings.issued_card_retention_days
+    store = FeedbackStore(
+        settings.feedback_database, retention=timedelta(days=days) if days else None
+    )
     executor = ThreadPoolExecutor(
         max_workers=settings.fetch_workers, thread_name_prefix="fhir-leuko-fetch"
     )

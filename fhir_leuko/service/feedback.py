@@ -6,7 +6,9 @@ idempotently: an entry is identified by the hash of what it says (service, card,
 accepted suggestions, override reason), so the same feedback sent twice is one row.
 
 Issued cards are kept (uuid, service, hook instance, indicator, topic, suggestion uuids and labels)
-so feedback can be matched to what was shown. Nothing identifying the patient, and never a token, is
+so feedback can be matched to what was shown, for ``retention`` (default 90 days: feedback comes
+within minutes of a card, so that is generous) and then deleted, checked at most once an hour of
+issue time so the table stays small without a cron job. Feedback rows are kept. Nothing identifying the patient, and never a token, is
 stored. One connection, serialised by a lock: writes are small and SQLite in WAL mode is fast enough
 for a hook's budget (see benchmarks/README.md).
 """
@@ -18,7 +20,7 @@ import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import orjson
@@ -58,6 +60,7 @@ CREATE TABLE IF NOT EXISTS feedback (
     received_at          TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS feedback_card ON feedback (card);
+CREATE INDEX IF NOT EXISTS issued_card_time ON issued_card (issued_at);  -- retention pruning
 """
 
 
@@ -100,8 +103,11 @@ def _entry_key(service_id: str, entry: FeedbackEntry) -> str:
 class FeedbackStore:
     """Issued cards and feedback in one SQLite file (created with its directory if missing)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, retention: timedelta | None = timedelta(days=90)) -> None:
+        """``retention``: how long issued cards are kept (``None``: forever)."""
         self.path = path
+        self.retention = retention
+        self._pruned_at: datetime | None = None
         try:
             if str(path) != ":memory:":
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -151,6 +157,25 @@ class FeedbackStore:
             self._db.executemany(
                 "INSERT OR IGNORE INTO issued_card VALUES (?, ?, ?, ?, ?, ?, ?)", rows
             )
+            self._prune(issued_at)
+
+    def _prune(self, now: datetime) -> None:
+        """Delete issued cards older than the retention, at most once an hour (of ``now``)."""
+        if self.retention is None:
+            return
+        if self._pruned_at is not None and timedelta(0) <= now - self._pruned_at < timedelta(hours=1):
+            return
+        self._pruned_at = now
+        # issued_at is written by format_instant: second precision, or ".ffffff" within a second;
+        # a whole-second cutoff compares correctly as text except inside its own second.
+        cutoff = format_instant((now - self.retention).replace(microsecond=0))
+        self._db.execute("DELETE FROM issued_card WHERE issued_at < ?", (cutoff,))
+
+    def issued_cards(self) -> list[str]:
+        """The uuids of the issued cards still kept, oldest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT uuid FROM issued_card ORDER BY issued_at").fetchall()
+        return [str(r[0]) for r in rows]
 
     def record_feedback(
         self,

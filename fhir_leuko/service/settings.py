@@ -176,6 +176,8 @@ class ServiceSettings(BaseSettings):
     """At most one JWKS refetch per key set in this time when a token names an unknown ``kid``."""
     jwks_timeout_seconds: float = pydantic.Field(default=5.0, gt=0)
     feedback_database: Path = pydantic.Field(default_factory=_default_database)
+    issued_card_retention_days: int = pydantic.Field(default=90, ge=0)
+    """Days the issued cards are kept for matching feedback (0: forever)."""
     profiles: list[Path] = []
     """Site profile directories, as ``fhir-leuko evaluate --profiles``."""
     profile_ids: list[str] = []

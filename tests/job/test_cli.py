@@ -74,8 +74,17 @@ def test_dry_run_prints_ndjson_and_writes_nothing(
     assert len(lines) == 7 and {r["resourceType"] for r in lines} == {"DetectedIssue"}
     assert "7 would be written" in out.err
     assert issues(server.base_url) == []
+    assert not (tmp_path / "state.sqlite3").exists()  # no state file is created by a dry run
+    # With a state file from a real pass, a dry run reads it and leaves it as it was.
+    assert main(_args(server, tmp_path)) == 0
     with State(tmp_path / "state.sqlite3") as state:
-        assert state.watermark(server.base_url) is None and state.runs(server.base_url) == []
+        mark, runs = state.watermark(server.base_url), state.runs(server.base_url)
+    capsys.readouterr()
+    assert main(_args(server, tmp_path, "--dry-run", "--full")) == 0
+    out = capsys.readouterr()
+    assert out.out == "" and "7 unchanged" in out.err
+    with State(tmp_path / "state.sqlite3") as state:
+        assert state.watermark(server.base_url) == mark and state.runs(server.base_url) == runs
 
 
 def test_json_logs_carry_counts_but_no_patient_data(

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import sqlite3
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
+
+from fhir_leuko.service.feedback import FeedbackStore, IssuedCard
 
 from .conftest import ServiceEnv
 from .harness import CdsClient, clozapine_draft, hook_request, prefetch
@@ -136,3 +140,27 @@ def test_feedback_needs_a_jwt_for_the_feedback_url(ehr: CdsClient) -> None:
     wrong = ehr.token(f"/cds-services/{SIGN}")
     assert ehr.feedback(SIGN, {"feedback": []}, token=wrong).status == 401
     assert ehr.feedback(SIGN, {"feedback": []}, token=None).status == 401
+
+
+def test_issued_cards_older_than_the_retention_are_pruned(tmp_path: Path) -> None:
+    store = FeedbackStore(tmp_path / "fb.sqlite3", retention=timedelta(days=30))
+    t0 = datetime(2026, 10, 1, 8, 0, tzinfo=UTC)
+
+    def card(uuid: str) -> IssuedCard:
+        return IssuedCard(uuid, "warning", "neutropenia", (("s-" + uuid, "Order a CBC"),))
+
+    store.record_cards(SIGN, "h-1", t0, [card("old")])
+    store.record_cards(SIGN, "h-2", t0 + timedelta(days=29, hours=23), [card("recent")])
+    assert store.issued_cards() == ["old", "recent"]  # nothing is 30 days old yet
+    # The near miss: 30 days after "old" but within an hour of the last check, no pruning yet.
+    store.record_cards(SIGN, "h-3", t0 + timedelta(days=30), [card("c3")])
+    assert "old" in store.issued_cards()
+    store.record_cards(SIGN, "h-4", t0 + timedelta(days=30, hours=1), [card("c4")])
+    assert store.issued_cards() == ["recent", "c3", "c4"]
+    store.close()
+    # Retention None keeps every card.
+    keep = FeedbackStore(tmp_path / "keep.sqlite3", retention=None)
+    keep.record_cards(SIGN, "h-1", t0, [card("old")])
+    keep.record_cards(SIGN, "h-2", t0 + timedelta(days=400), [card("new")])
+    assert keep.issued_cards() == ["old", "new"]
+    keep.close()
