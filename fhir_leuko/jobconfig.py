@@ -27,7 +27,6 @@ printed.
 from __future__ import annotations
 
 import re
-import tomllib
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -40,6 +39,7 @@ from pydantic_settings import (
 )
 
 from .auth import BearerTokenAuth, ClientCredentialsAuth, Secret, SmartBackendAuth
+from .configfile import layer_sources, read_toml
 from .errors import UsageError
 
 __all__ = [
@@ -189,9 +189,8 @@ class JobConfig(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Flags (passed as init values) > environment > the TOML file (also passed as init
-        # values, merged under the flags by load_job_config) > defaults.
-        return (init_settings, env_settings)
+        # Flags > environment > the TOML file > defaults, layered by configfile.layer_sources.
+        return (init_settings,)
 
     def overlap(self) -> timedelta:
         return parse_interval(self.run.overlap)
@@ -203,14 +202,8 @@ class JobConfig(BaseSettings):
 _TABLES = ("fhir", "auth", "run", "state")
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        with path.open("rb") as handle:
-            data = tomllib.load(handle)
-    except OSError as exc:
-        raise UsageError(f"--config {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"--config {path}: not valid TOML: {exc}") from None
+def _read_tables(path: Path) -> dict[str, Any]:
+    data = read_toml(path, f"--config {path}")
     unknown = sorted(k for k in data if k not in (*_TABLES, "service"))
     if unknown:
         raise UsageError(
@@ -220,16 +213,6 @@ def _read_toml(path: Path) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k in _TABLES}
 
 
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def load_job_config(flags: dict[str, Any], config_file: Path | None = None) -> JobConfig:
     """Build the configuration from flags (nested dict of the flags actually given), the
     environment and the optional TOML file.
@@ -237,12 +220,9 @@ def load_job_config(flags: dict[str, Any], config_file: Path | None = None) -> J
     Raises:
         UsageError: an invalid value; the message names the table and key (never a secret).
     """
-    file_values = _read_toml(config_file) if config_file else {}
+    file_values = _read_tables(config_file) if config_file else {}
     try:
-        env_only = JobConfig()  # environment over defaults
-        env_given = env_only.model_dump(exclude_unset=True)
-        merged = _deep_merge(_deep_merge(file_values, env_given), flags)
-        return JobConfig(**merged)
+        return JobConfig(**layer_sources(JobConfig, file_values, flags))
     except pydantic.ValidationError as exc:
         raise UsageError(_validation_message(exc, config_file)) from None
 

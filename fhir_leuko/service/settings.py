@@ -1,6 +1,6 @@
 """Configuration of the CDS Hooks service: a ``[service]`` TOML table and ``FHIR_LEUKO_SERVICE_*``.
 
-Sources, highest precedence first: keyword arguments (tests, :func:`create_app` callers), environment
+Sources of :func:`load_settings`, highest precedence first: keyword arguments, environment
 variables ``FHIR_LEUKO_SERVICE_<FIELD>`` (nested with ``__``, e.g.
 ``FHIR_LEUKO_SERVICE_TESTING__ALLOW_HTTP=true``; lists and tables as JSON), then the ``[service]``
 table of the file given to :func:`load_settings` (``fhir-leuko serve --config FILE``). The scheduled
@@ -12,17 +12,15 @@ Every key is documented in docs/cds-hooks.md; examples/cds/service.toml is a com
 
 from __future__ import annotations
 
-import contextvars
-import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 import platformdirs
 import pydantic
-from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from ..configfile import layer_sources, read_toml
 from ..errors import UsageError
 
 __all__ = [
@@ -145,7 +143,10 @@ def _check_url(value: str, field: str, allow_http: bool) -> str:
 
 
 class ServiceSettings(BaseSettings):
-    """Everything ``fhir-leuko serve`` and :func:`create_app` read. See docs/cds-hooks.md."""
+    """Everything ``fhir-leuko serve`` and :func:`create_app` read. See docs/cds-hooks.md.
+
+    :func:`load_settings` layers the environment and the file under its arguments; constructed
+    directly, the settings hold exactly the values given (tests do this)."""
 
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True
@@ -240,26 +241,9 @@ class ServiceSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _TableSource(settings_cls, _FILE_TABLE.get() or {}))
-
-
-_FILE_TABLE: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
-    "fhir_leuko_service_file_table", default=None
-)
-
-
-class _TableSource(PydanticBaseSettingsSource):
-    """The ``[service]`` table of the configuration file (lowest precedence)."""
-
-    def __init__(self, settings_cls: type[BaseSettings], table: dict[str, Any]) -> None:
-        super().__init__(settings_cls)
-        self._table = table
-
-    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        return self._table.get(field_name), field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        return dict(self._table)
+        # Keyword arguments > environment > the file's [service] table > defaults, layered by
+        # configfile.layer_sources in load_settings.
+        return (init_settings,)
 
 
 def _resolve_paths(table: dict[str, Any], base: Path) -> dict[str, Any]:
@@ -303,19 +287,12 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> ServiceS
     table: dict[str, Any] = {}
     where = str(config_file) if config_file else f"no --config FILE, {ENV_PREFIX}* variables only"
     if config_file is not None:
-        try:
-            document = tomllib.loads(config_file.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise UsageError(f"{config_file}: cannot read: {exc.strerror}") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise UsageError(f"{config_file}: not valid TOML: {exc}") from None
-        service = document.get("service")
+        service = read_toml(config_file, str(config_file)).get("service")
         if not isinstance(service, dict):
             raise UsageError(f"{config_file}: no [service] table (see examples/cds/service.toml)")
         table = _resolve_paths(service, config_file.resolve().parent)
-    token = _FILE_TABLE.set(table)
     try:
-        return ServiceSettings(**overrides)
+        return ServiceSettings(**layer_sources(ServiceSettings, table, overrides))
     except pydantic.ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         field = _field_path(tuple(first["loc"]))
@@ -324,5 +301,3 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> ServiceS
             message = "unknown setting (see docs/cds-hooks.md)"
         prefix = f"[service] {field}: " if field else ""
         raise UsageError(f"{where}: {prefix}{message}") from None
-    finally:
-        _FILE_TABLE.reset(token)
