@@ -10,6 +10,7 @@ the two entry points cannot drift apart on precedence.
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +36,11 @@ def read_toml(path: Path, label: str) -> dict[str, Any]:
         raise UsageError(f"{label}: not valid TOML: {exc}") from None
 
 
-def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     """``base`` with ``over`` on top; tables merge key by key, anything else is replaced."""
     out = dict(base)
     for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
             out[key] = deep_merge(out[key], value)
         else:
             out[key] = value

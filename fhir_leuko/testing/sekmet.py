@@ -50,6 +50,8 @@ from typing import Any
 
 import requests
 
+from ..configfile import deep_merge
+
 __all__ = [
     "DETECTED_ISSUE_PARAMS",
     "SEKMET_VERSION",
@@ -178,16 +180,6 @@ def free_port() -> int:
         return port
 
 
-def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
 class SekmetServer:
     """A sekmet-fhir server in a child process, bound to 127.0.0.1. Use as a context manager.
 
@@ -274,7 +266,7 @@ class SekmetServer:
 
     def _spawn(self) -> None:
         self._nonce = secrets.token_hex(16)
-        settings = _merge(
+        settings = deep_merge(
             _DEFAULT_SETTINGS,
             {
                 "port": self.port,
@@ -284,7 +276,7 @@ class SekmetServer:
                 "own_private_key_path": str(self.data_dir / "keys" / "sekmet_private.pem"),
             },
         )
-        settings = _merge(settings, self._settings_override)
+        settings = deep_merge(settings, self._settings_override)
         settings["host"] = "127.0.0.1"  # never anything else, whatever the override says
         config = self.data_dir / "settings.json"
         config.write_text(json.dumps(settings, indent=2), encoding="utf-8")
