@@ -8,9 +8,9 @@ accepted suggestions, override reason), so the same feedback sent twice is one r
 Issued cards are kept (uuid, service, hook instance, indicator, topic, suggestion uuids and labels)
 so feedback can be matched to what was shown, for ``retention`` (default 90 days: feedback comes
 within minutes of a card, so that is generous) and then deleted, checked at most once an hour of
-issue time so the table stays small without a cron job. Feedback rows are kept. Nothing identifying the patient, and never a token, is
-stored. One connection, serialised by a lock: writes are small and SQLite in WAL mode is fast enough
-for a hook's budget (see benchmarks/README.md).
+issue time so the table stays small without a cron job. Feedback rows are kept. Nothing identifying
+the patient, and never a token, is stored. One connection, serialised by a lock: writes are small
+and SQLite in WAL mode is fast enough for a hook's budget (see benchmarks/README.md).
 """
 
 from __future__ import annotations

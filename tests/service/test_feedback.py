@@ -152,7 +152,8 @@ def test_issued_cards_older_than_the_retention_are_pruned(tmp_path: Path) -> Non
     store.record_cards(SIGN, "h-1", t0, [card("old")])
     store.record_cards(SIGN, "h-2", t0 + timedelta(days=29, hours=23), [card("recent")])
     assert store.issued_cards() == ["old", "recent"]  # nothing is 30 days old yet
-    # The near miss: 30 days after "old" but within an hour of the last check, no pruning yet.
+    # The near miss: exactly 30 days after "old" (not older than the retention), and within an
+    # hour of the last check.
     store.record_cards(SIGN, "h-3", t0 + timedelta(days=30), [card("c3")])
     assert "old" in store.issued_cards()
     store.record_cards(SIGN, "h-4", t0 + timedelta(days=30, hours=1), [card("c4")])
