@@ -29,11 +29,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from fhir_leuko.fhirclient import FhirClient
-from fhir_leuko.job import Job, JobOptions, PassReport
-from fhir_leuko.knowledge import load_knowledge
-from fhir_leuko.profiles import load_profiles
-from fhir_leuko.state import State
+from fhir_leuko.core.knowledge import load_knowledge
+from fhir_leuko.core.profiles import load_profiles
+from fhir_leuko.fhir.client import FhirClient
+from fhir_leuko.job.runner import Job, JobOptions, PassReport
+from fhir_leuko.job.state import State
 from fhir_leuko.testing.seed import seed_resources
 from fhir_leuko.testing.sekmet import SekmetServer
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import requests
 
 from fhir_leuko.cli import main
-from fhir_leuko.detectedissue import FINDING_SYSTEM
+from fhir_leuko.core.detectedissue import FINDING_SYSTEM
 from fhir_leuko.testing.seed import seed_paths
 from fhir_leuko.testing.sekmet import SekmetServer
 

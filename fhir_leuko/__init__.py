@@ -20,15 +20,15 @@ Example::
 """
 
 from ._version import __version__
-from .detectedissue import build_detected_issue, to_ndjson, to_transaction_bundle
+from .core.detectedissue import build_detected_issue, to_ndjson, to_transaction_bundle
+from .core.evaluate import evaluate
+from .core.knowledge import Knowledge, load_knowledge
+from .core.model import Finding, FindingKind, LabResult, PatientRecord, Problem
+from .core.normalise import Dataset, normalise
+from .core.pipeline import Evaluation, evaluate_dataset, evaluate_resources
+from .core.profiles import Profile, ProfileSet, load_profiles
 from .errors import ExitCode, FhirLeukoError, InputError, ProfileError, UsageError
-from .evaluate import evaluate
-from .knowledge import Knowledge, load_knowledge
-from .model import Finding, FindingKind, LabResult, PatientRecord, Problem
-from .normalise import Dataset, normalise
-from .pipeline import Evaluation, evaluate_dataset, evaluate_resources
-from .profiles import Profile, ProfileSet, load_profiles
-from .reader import Origin, read_paths
+from .files.reader import Origin, read_paths
 
 __all__ = [
     "Dataset",

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from fhir_leuko.bulkread import normalise_paths
-from fhir_leuko.knowledge import Knowledge
-from fhir_leuko.normalise import Dataset, normalise
-from fhir_leuko.reader import read_paths
+from fhir_leuko.core.knowledge import Knowledge
+from fhir_leuko.core.normalise import Dataset, normalise
+from fhir_leuko.files.bulkread import normalise_paths
+from fhir_leuko.files.reader import read_paths
 
 from .conftest import DATA, REPO
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from fhir_leuko.knowledge import Knowledge
-from fhir_leuko.pipeline import Evaluation
-from fhir_leuko.profiles import ProfileSet
+from fhir_leuko.core.knowledge import Knowledge
+from fhir_leuko.core.pipeline import Evaluation
+from fhir_leuko.core.profiles import ProfileSet
 
 from .conftest import by_patient, run_paths
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from fhir_leuko.knowledge import Knowledge
-from fhir_leuko.model import Finding
-from fhir_leuko.pipeline import Evaluation
-from fhir_leuko.profiles import ProfileSet
+from fhir_leuko.core.knowledge import Knowledge
+from fhir_leuko.core.model import Finding
+from fhir_leuko.core.pipeline import Evaluation
+from fhir_leuko.core.profiles import ProfileSet
 
 from .conftest import run_paths, utc
 
@@ -123,8 +123,8 @@ def test_hl7_medication_examples_read_without_problems(
 
 
 def _exposures(shared: Path, knowledge: Knowledge) -> dict[str, list[str]]:
-    from fhir_leuko.normalise import normalise
-    from fhir_leuko.reader import read_paths
+    from fhir_leuko.core.normalise import normalise
+    from fhir_leuko.files.reader import read_paths
 
     files = sorted((shared / "hl7-fhir-r4-examples").glob("Medication*.json"))
     data = normalise(read_paths(files), knowledge)

@@ -20,10 +20,15 @@ from typing import Any
 import pytest
 
 from fhir_leuko._version import __version__
-from fhir_leuko.detectedissue import IDENTIFIER_SYSTEM, issue_id, to_ndjson, to_transaction_bundle
-from fhir_leuko.knowledge import Knowledge
-from fhir_leuko.model import FindingKind
-from fhir_leuko.profiles import ProfileSet
+from fhir_leuko.core.detectedissue import (
+    IDENTIFIER_SYSTEM,
+    issue_id,
+    to_ndjson,
+    to_transaction_bundle,
+)
+from fhir_leuko.core.knowledge import Knowledge
+from fhir_leuko.core.model import FindingKind
+from fhir_leuko.core.profiles import ProfileSet
 
 from .conftest import AS_OF, DATA, fhir_leuko, run_paths, schema_errors
 

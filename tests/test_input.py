@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from fhir_leuko.knowledge import Knowledge
-from fhir_leuko.pipeline import Evaluation
-from fhir_leuko.profiles import ProfileSet
-from fhir_leuko.reader import expand_paths
+from fhir_leuko.core.knowledge import Knowledge
+from fhir_leuko.core.pipeline import Evaluation
+from fhir_leuko.core.profiles import ProfileSet
+from fhir_leuko.files.reader import expand_paths
 
 from .conftest import by_patient, run_paths
 

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from fhir_leuko.documents import shipped_profiles_dir
-from fhir_leuko.knowledge import Knowledge
-from fhir_leuko.model import Analyte
-from fhir_leuko.profiles import ProfileSet, validate_profile_dir
+from fhir_leuko.core.knowledge import Knowledge
+from fhir_leuko.core.model import Analyte
+from fhir_leuko.core.profiles import ProfileSet, validate_profile_dir
+from fhir_leuko.files.documents import shipped_profiles_dir
 
 from .conftest import REPO
 

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from fhir_leuko.evaluate import implicated_drugs
-from fhir_leuko.knowledge import Knowledge
-from fhir_leuko.model import FindingKind
-from fhir_leuko.normalise import normalise
-from fhir_leuko.profiles import ProfileSet
-from fhir_leuko.reader import read_paths
+from fhir_leuko.core.evaluate import implicated_drugs
+from fhir_leuko.core.knowledge import Knowledge
+from fhir_leuko.core.model import FindingKind
+from fhir_leuko.core.normalise import normalise
+from fhir_leuko.core.profiles import ProfileSet
+from fhir_leuko.files.reader import read_paths
 
 from .conftest import run_paths, utc
 

@@ -13,11 +13,11 @@ from typing import IO
 import orjson
 from tqdm import tqdm
 
-from ..bulkread import normalise_paths
-from ..detectedissue import to_ndjson, to_transaction_bundle
+from ..core.detectedissue import to_ndjson, to_transaction_bundle
+from ..core.pipeline import Evaluation, evaluate_dataset
 from ..errors import ExitCode, UsageError
-from ..pipeline import Evaluation, evaluate_dataset
-from ..reader import expand_paths
+from ..files.bulkread import normalise_paths
+from ..files.reader import expand_paths
 from .options import add_as_of, add_profile_options, as_of_from, profiles_from
 
 __all__ = ["register"]

@@ -6,10 +6,10 @@ import argparse
 from datetime import UTC, datetime
 from pathlib import Path
 
+from ..core.fhirtime import parse_as_of
+from ..core.knowledge import Knowledge, load_knowledge
+from ..core.profiles import ProfileSet, load_profiles
 from ..errors import UsageError
-from ..fhirtime import parse_as_of
-from ..knowledge import Knowledge, load_knowledge
-from ..profiles import ProfileSet, load_profiles
 
 __all__ = ["add_as_of", "add_profile_options", "as_of_from", "parse_instant", "profiles_from"]
 

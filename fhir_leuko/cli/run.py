@@ -1,5 +1,5 @@
 """``fhir-leuko run`` (one pass against a FHIR server) and ``fhir-leuko watch`` (passes on a
-schedule). The work is in :mod:`fhir_leuko.job`; this module reads the configuration, sets up
+schedule). The work is in :mod:`fhir_leuko.job.runner`; this module reads the configuration, sets up
 logging, signals and the state file, and prints the summary."""
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ from typing import Any
 import orjson
 from cronsim import CronSim, CronSimError
 
+from ..core.knowledge import load_knowledge
+from ..core.profiles import load_profiles
 from ..errors import AuthError, ExitCode, FhirError, LockError, UsageError
-from ..fhirclient import FhirClient, RetryPolicy
-from ..job import Job, JobOptions, Mode, PassReport
-from ..jobconfig import JobConfig, build_auth, load_job_config, parse_interval
-from ..knowledge import load_knowledge
-from ..profiles import load_profiles
-from ..state import State, default_state_path
+from ..fhir.client import FhirClient, RetryPolicy
+from ..job.config import JobConfig, build_auth, load_job_config, parse_interval
+from ..job.runner import Job, JobOptions, Mode, PassReport
+from ..job.state import State, default_state_path
 from .options import parse_instant
 
 __all__ = ["register", "schedule_from"]

@@ -27,6 +27,8 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .._version import __version__
+from ..core.knowledge import Knowledge, load_knowledge
+from ..core.profiles import ProfileSet, load_profiles
 from ..errors import (
     AuthenticationError,
     FhirLeukoError,
@@ -38,8 +40,6 @@ from ..errors import (
     UnknownServiceError,
     UsageError,
 )
-from ..knowledge import Knowledge, load_knowledge
-from ..profiles import ProfileSet, load_profiles
 from .feedback import FeedbackStore
 from .fetch import FhirClientFetcher, FhirFetcher
 from .hooks import CdsEngine

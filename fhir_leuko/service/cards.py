@@ -2,7 +2,7 @@
 
 Every card carries a ``uuid`` (for feedback), a ``summary`` under 140 characters, an ``indicator``
 (``critical`` for high severity, ``warning`` for moderate, ``info`` for low), a ``source`` with label,
-url and topic, GitHub-flavoured markdown ``detail`` built from :func:`fhir_leuko.explain.explain`
+url and topic, GitHub-flavoured markdown ``detail`` built from :func:`fhir_leuko.core.explain.explain`
 (escaped, so no raw HTML reaches the client), ``overrideReasons`` with displays, and absolute links
 to the documentation. Suggestions always come with ``selectionBehavior``; every action has a
 ``description``; a delete names its target with ``resourceId``. Optional members are omitted, never
@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from ..detectedissue import FINDING_SYSTEM, build_detected_issue
-from ..explain import UNIT, explain, format_count, reference_of
-from ..fhir_models import check_resource
-from ..model import DrugHit, Finding, FindingKind, LabResult
-from ..profiles import Monitoring, Profile, ProfileSet
+from ..core.detectedissue import FINDING_SYSTEM, build_detected_issue
+from ..core.explain import UNIT, explain, format_count, reference_of
+from ..core.fhir_models import check_resource
+from ..core.model import DrugHit, Finding, FindingKind, LabResult
+from ..core.profiles import Monitoring, Profile, ProfileSet
 from .feedback import IssuedCard
 from .settings import CodingSettings
 

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import orjson
 
+from ..core.fhirtime import format_instant
 from ..errors import UsageError
-from ..fhirtime import format_instant
 from .models import FeedbackEntry
 
 __all__ = ["FeedbackStore", "IssuedCard", "StoredFeedback"]

@@ -5,7 +5,7 @@ Service's responsibility to … programmatically retrieve any additional necessa
 against a ``fhirServer`` configured for the authenticated client (the caller checks that). The
 boundary is the small :class:`FhirFetcher` protocol, injected into the app, so a test or a site can
 swap the HTTP stack; :class:`FhirClientFetcher` (on the scheduled job's
-:class:`~fhir_leuko.fhirclient.FhirClient`) is the default.
+:class:`~fhir_leuko.fhir.client.FhirClient`) is the default.
 
 Safety rules kept here, whatever the caller does: every URL fetched, including ``next`` links, must
 lie under the server's base URL (the token never leaves for another host); redirects are not
@@ -24,7 +24,7 @@ import requests
 import requests.auth
 
 from ..errors import FhirError, FhirFetchError, FhirTemporaryError
-from ..fhirclient import FhirClient, RetryPolicy
+from ..fhir.client import FhirClient, RetryPolicy
 
 __all__ = ["FhirClientFetcher", "FhirFetcher", "next_link", "under_base"]
 
@@ -104,7 +104,7 @@ def _fetch_error(exc: FhirError) -> FhirFetchError:
 
 
 class FhirClientFetcher:
-    """:class:`FhirFetcher` over :class:`fhir_leuko.fhirclient.FhirClient` (the scheduled job's
+    """:class:`FhirFetcher` over :class:`fhir_leuko.fhir.client.FhirClient` (the scheduled job's
     client), sharing one ``requests.Session`` (connection reuse) and a short retry budget: a hook
     call has about 500 ms in all (CDS Hooks 2.0 §Providing FHIR Resources), so one quick retry of a
     429/503 at most."""

@@ -2,7 +2,7 @@
 
 Requests are read with msgspec (the ``Wire*`` structs): the envelope and the hook context are
 checked, the FHIR data inside ``prefetch`` and ``draftOrders`` is kept as raw JSON bytes and decoded
-leniently by :mod:`fhir_leuko.fhirjson`, so the hot path never builds Python objects for 200
+leniently by :mod:`fhir_leuko.core.fhirjson`, so the hot path never builds Python objects for 200
 Observations only to serialise them again. Unknown members are ignored everywhere (CDS Hooks 2.0
 and the sandbox send extensions and non-strict R4).
 

@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 import requests
 
-from fhir_leuko.detectedissue import FINDING_SYSTEM, IDENTIFIER_SYSTEM
-from fhir_leuko.fhirclient import FhirClient
-from fhir_leuko.job import Job, JobOptions, PassReport
-from fhir_leuko.knowledge import Knowledge
-from fhir_leuko.profiles import ProfileSet
-from fhir_leuko.state import State
+from fhir_leuko.core.detectedissue import FINDING_SYSTEM, IDENTIFIER_SYSTEM
+from fhir_leuko.core.knowledge import Knowledge
+from fhir_leuko.core.profiles import ProfileSet
+from fhir_leuko.fhir.client import FhirClient
+from fhir_leuko.job.runner import Job, JobOptions, PassReport
+from fhir_leuko.job.state import State
 from fhir_leuko.testing.seed import seed_resources
 from fhir_leuko.testing.sekmet import SekmetServer
 

@@ -16,12 +16,12 @@ import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from fhir_leuko.auth import ClientCredentialsAuth, Secret, SmartBackendAuth
 from fhir_leuko.cli import main
+from fhir_leuko.core.knowledge import Knowledge
+from fhir_leuko.core.profiles import ProfileSet
 from fhir_leuko.errors import AuthError
-from fhir_leuko.fhirclient import FhirClient
-from fhir_leuko.knowledge import Knowledge
-from fhir_leuko.profiles import ProfileSet
+from fhir_leuko.fhir.auth import ClientCredentialsAuth, Secret, SmartBackendAuth
+from fhir_leuko.fhir.client import FhirClient
 from fhir_leuko.testing.seed import seed_resources
 from fhir_leuko.testing.sekmet import SekmetServer
 

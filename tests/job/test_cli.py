@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from fhir_leuko.cli import main
-from fhir_leuko.fhirclient import FhirClient
-from fhir_leuko.job import Job, JobOptions
-from fhir_leuko.knowledge import Knowledge
-from fhir_leuko.profiles import ProfileSet
-from fhir_leuko.state import State
+from fhir_leuko.core.knowledge import Knowledge
+from fhir_leuko.core.profiles import ProfileSet
+from fhir_leuko.fhir.client import FhirClient
+from fhir_leuko.job.runner import Job, JobOptions
+from fhir_leuko.job.state import State
 from fhir_leuko.testing.seed import seed_paths
 from fhir_leuko.testing.sekmet import SekmetServer, free_port
 
@@ -166,7 +166,7 @@ def test_schedules() -> None:
     from datetime import UTC, datetime
 
     from fhir_leuko.cli.run import schedule_from
-    from fhir_leuko.jobconfig import load_job_config
+    from fhir_leuko.job.config import load_job_config
 
     after = datetime(2026, 11, 20, 10, 7, 30, tzinfo=UTC)
     cron = schedule_from(load_job_config({"run": {"cron": "*/15 * * * *"}}))

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from fhir_leuko.auth import Secret
 from fhir_leuko.errors import UsageError
-from fhir_leuko.jobconfig import build_auth, load_job_config, parse_interval
+from fhir_leuko.fhir.auth import Secret
+from fhir_leuko.job.config import build_auth, load_job_config, parse_interval
 
 TOML = """\
 [fhir]

@@ -14,13 +14,13 @@ import pytest
 import requests
 import responses
 
-from fhir_leuko.auth import BearerTokenAuth, ClientCredentialsAuth, Secret
+from fhir_leuko.core.fhirtime import parse_fhir_datetime
+from fhir_leuko.core.knowledge import Knowledge
+from fhir_leuko.core.profiles import ProfileSet
 from fhir_leuko.errors import AuthError, FhirFatalError, FhirTemporaryError
-from fhir_leuko.fhirclient import FhirClient, RetryPolicy
-from fhir_leuko.fhirtime import parse_fhir_datetime
-from fhir_leuko.knowledge import Knowledge
-from fhir_leuko.profiles import ProfileSet
-from fhir_leuko.state import State
+from fhir_leuko.fhir.auth import BearerTokenAuth, ClientCredentialsAuth, Secret
+from fhir_leuko.fhir.client import FhirClient, RetryPolicy
+from fhir_leuko.job.state import State
 from fhir_leuko.testing.sekmet import SekmetServer
 
 from .conftest import STRICT, anc, at, patient, run_pass, seed

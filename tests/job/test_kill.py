@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from fhir_leuko.state import State
+from fhir_leuko.job.state import State
 from fhir_leuko.testing.sekmet import SekmetServer
 
 from .conftest import anc, by_identity, cli, issues, patient, seed, valproate_order, wbc

@@ -9,10 +9,10 @@ from urllib.parse import parse_qsl, urlsplit
 import pytest
 import requests
 
-from fhir_leuko.fhirclient import FhirClient
-from fhir_leuko.knowledge import Knowledge
-from fhir_leuko.profiles import ProfileSet
-from fhir_leuko.r4search import R4_SEARCH_PARAMS, check_search_params
+from fhir_leuko.core.knowledge import Knowledge
+from fhir_leuko.core.profiles import ProfileSet
+from fhir_leuko.fhir.client import FhirClient
+from fhir_leuko.fhir.r4search import R4_SEARCH_PARAMS, check_search_params
 from fhir_leuko.testing.seed import seed_paths
 from fhir_leuko.testing.sekmet import SekmetServer
 

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import requests
 
-from fhir_leuko.detectedissue import issue_id
-from fhir_leuko.job import MITIGATION_SYSTEM, RECOVERED_CODE
-from fhir_leuko.knowledge import Knowledge
-from fhir_leuko.model import FindingKind
-from fhir_leuko.profiles import ProfileSet
-from fhir_leuko.state import State
+from fhir_leuko.core.detectedissue import issue_id
+from fhir_leuko.core.knowledge import Knowledge
+from fhir_leuko.core.model import FindingKind
+from fhir_leuko.core.profiles import ProfileSet
+from fhir_leuko.job.runner import MITIGATION_SYSTEM, RECOVERED_CODE
+from fhir_leuko.job.state import State
 from fhir_leuko.testing.seed import seed_paths
 from fhir_leuko.testing.sekmet import SekmetServer
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fhir_leuko.errors import LockError, StateError
-from fhir_leuko.state import State, default_state_path
+from fhir_leuko.job.state import State, default_state_path
 
 SERVER = "https://fhir.test/fhir"
 

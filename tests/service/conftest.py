@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import requests
 
-from fhir_leuko.knowledge import Knowledge
-from fhir_leuko.profiles import ProfileSet
+from fhir_leuko.core.knowledge import Knowledge
+from fhir_leuko.core.profiles import ProfileSet
 from fhir_leuko.service import ServiceSettings, create_app
 from fhir_leuko.testing.sekmet import SekmetServer
 

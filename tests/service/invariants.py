@@ -12,7 +12,7 @@ import uuid
 from typing import Any
 from urllib.parse import urlsplit
 
-from fhir_leuko.fhir_models import check_resource
+from fhir_leuko.core.fhir_models import check_resource
 from fhir_leuko.service.models import CardsResponse, DiscoveryResponse, OperationOutcome
 
 INDICATORS = {"info", "warning", "critical"}

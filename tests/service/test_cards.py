@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fhir_leuko.evaluate import evaluate
-from fhir_leuko.knowledge import Knowledge
-from fhir_leuko.normalise import normalise
-from fhir_leuko.profiles import load_profiles
-from fhir_leuko.reader import iter_document
+from fhir_leuko.core.evaluate import evaluate
+from fhir_leuko.core.knowledge import Knowledge
+from fhir_leuko.core.normalise import normalise
+from fhir_leuko.core.profiles import load_profiles
+from fhir_leuko.files.reader import iter_document
 from fhir_leuko.service.cards import CardContext, md_escape, patient_card
 from fhir_leuko.service.settings import DEFAULT_CBC_ORDER, DEFAULT_OVERRIDE_REASONS
 

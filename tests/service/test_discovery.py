@@ -6,7 +6,7 @@ from urllib.parse import parse_qsl
 
 import requests
 
-from fhir_leuko.knowledge import Knowledge
+from fhir_leuko.core.knowledge import Knowledge
 
 from .conftest import ServiceEnv
 from .harness import CdsClient

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from fhir_leuko.knowledge import Knowledge
-from fhir_leuko.profiles import ProfileSet
+from fhir_leuko.core.knowledge import Knowledge
+from fhir_leuko.core.profiles import ProfileSet
 from fhir_leuko.service import create_app, load_settings
 
 from .conftest import ServiceEnv

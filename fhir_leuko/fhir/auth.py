@@ -1,7 +1,7 @@
 """Authentication to a FHIR server: none, HTTP basic, a static bearer token, OAuth2 client
 credentials with a secret, and SMART Backend Services (``private_key_jwt``, RS384 or ES384).
 
-Every auth here is a ``requests.auth.AuthBase`` that :class:`fhir_leuko.fhirclient.FhirClient`
+Every auth here is a ``requests.auth.AuthBase`` that :class:`fhir_leuko.fhir.client.FhirClient`
 (or any ``requests`` call) can use. The token-based ones also have ``invalidate()``, which the
 client calls once on a 401 to get a fresh token.
 
@@ -34,8 +34,8 @@ import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from .errors import AuthError, FhirTemporaryError, UsageError
-from .fhirclient import operation_outcome_text
+from ..errors import AuthError, FhirTemporaryError, UsageError
+from .client import operation_outcome_text
 
 __all__ = [
     "BearerTokenAuth",

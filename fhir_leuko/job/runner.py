@@ -49,7 +49,7 @@ from typing import Any, Literal
 import orjson
 from tqdm import tqdm
 
-from .detectedissue import (
+from ..core.detectedissue import (
     FINDING_SYSTEM,
     IDENTIFIER_SYSTEM,
     PROJECT_BASE,
@@ -57,7 +57,17 @@ from .detectedissue import (
     conditional_query,
     issue_id,
 )
-from .errors import (
+from ..core.evaluate import evaluate, latest_result
+from ..core.explain import UNIT, format_count, reference_of
+from ..core.fhir_models import check_resource
+from ..core.fhirjson import DiagnosticReport as DiagnosticReportStruct
+from ..core.fhirjson import MedicationRequest, MedicationStatement, Observation
+from ..core.fhirtime import format_instant, parse_fhir_datetime
+from ..core.knowledge import LOINC_SYSTEM, Knowledge
+from ..core.model import FINDING_ANALYTE, Finding, FindingKind, PatientRecord, Problem
+from ..core.normalise import normalise
+from ..core.profiles import ProfileSet
+from ..errors import (
     AuthError,
     FhirConflictError,
     FhirError,
@@ -66,19 +76,9 @@ from .errors import (
     FhirTemporaryError,
     LockError,
 )
-from .evaluate import evaluate, latest_result
-from .explain import UNIT, format_count, reference_of
-from .fhir_models import check_resource
-from .fhirclient import FhirClient
-from .fhirjson import DiagnosticReport as DiagnosticReportStruct
-from .fhirjson import MedicationRequest, MedicationStatement, Observation
-from .fhirtime import format_instant, parse_fhir_datetime
-from .knowledge import LOINC_SYSTEM, Knowledge
-from .model import FINDING_ANALYTE, Finding, FindingKind, PatientRecord, Problem
-from .normalise import normalise
-from .profiles import ProfileSet
-from .r4search import check_search_params
-from .reader import Sourced, iter_document
+from ..fhir.client import FhirClient
+from ..fhir.r4search import check_search_params
+from ..files.reader import Sourced, iter_document
 from .state import LockInfo, State, server_key
 
 __all__ = [

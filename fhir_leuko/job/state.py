@@ -34,8 +34,8 @@ from typing import Any
 
 import platformdirs
 
-from .errors import LockError, StateError
-from .fhirtime import parse_fhir_datetime
+from ..core.fhirtime import parse_fhir_datetime
+from ..errors import LockError, StateError
 
 __all__ = ["SCHEMA_VERSION", "LockInfo", "State", "default_state_path", "server_key"]
 

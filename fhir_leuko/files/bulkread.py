@@ -2,9 +2,9 @@
 
 A Bulk Data export is millions of Observations, and decoding and checking each of them is most of
 the work of ``fhir-leuko evaluate``. Here NDJSON files (also gzipped) are fed line by line to
-:meth:`fhir_leuko.normalise.Normaliser.feed_lines`, without a ``(resource, Origin)`` pair per line;
-other files go through :func:`fhir_leuko.reader.read_file`. The result is what
-:func:`fhir_leuko.normalise.normalise` gives for :func:`fhir_leuko.reader.read_paths`.
+:meth:`fhir_leuko.core.normalise.Normaliser.feed_lines`, without a ``(resource, Origin)`` pair per line;
+other files go through :func:`fhir_leuko.files.reader.read_file`. The result is what
+:func:`fhir_leuko.core.normalise.normalise` gives for :func:`fhir_leuko.files.reader.read_paths`.
 
 (Reading on several processes was tried: on this project's 2-vCPU machines two processes parse
 only 1.4x faster than one, and passing the results back cost more than that; benchmarks/README.md.)
@@ -15,9 +15,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from .knowledge import Knowledge
-from .model import Problem
-from .normalise import Dataset, Normaliser
+from ..core.knowledge import Knowledge
+from ..core.model import Problem
+from ..core.normalise import Dataset, Normaliser
 from .reader import Progress, expand_paths, is_ndjson, open_input, read_file
 
 __all__ = ["normalise_paths"]
@@ -32,7 +32,7 @@ def _counted(lines: Iterable[bytes], progress: Progress) -> Iterator[bytes]:
 def normalise_paths(
     paths: Sequence[Path], knowledge: Knowledge, *, progress: Progress | None = None
 ) -> Dataset:
-    """What :func:`fhir_leuko.normalise.normalise` gives for these files and directories.
+    """What :func:`fhir_leuko.core.normalise.normalise` gives for these files and directories.
 
     Raises:
         InputError: a path does not exist (before anything is read).

@@ -15,8 +15,13 @@ from typing import Annotated, Any, Literal
 
 import pydantic
 
-from .documents import DOCUMENT_SUFFIXES, load_document, shipped_profiles_dir, validate_document
-from .errors import ProfileError
+from ..errors import ProfileError
+from ..files.documents import (
+    DOCUMENT_SUFFIXES,
+    load_document,
+    shipped_profiles_dir,
+    validate_document,
+)
 from .fhirtime import parse_duration
 from .knowledge import Knowledge
 from .model import Analyte, FindingKind

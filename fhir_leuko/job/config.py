@@ -38,9 +38,9 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from .auth import BearerTokenAuth, ClientCredentialsAuth, Secret, SmartBackendAuth
-from .configfile import layer_sources, read_toml
-from .errors import UsageError
+from ..configfile import layer_sources, read_toml
+from ..errors import UsageError
+from ..fhir.auth import BearerTokenAuth, ClientCredentialsAuth, Secret, SmartBackendAuth
 
 __all__ = [
     "AuthConfig",

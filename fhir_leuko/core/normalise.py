@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from operator import attrgetter
 
+from ..files.reader import Origin, Sourced, bundle_entries
 from .fhirjson import (
     Bundle,
     CodeableConcept,
@@ -60,7 +61,6 @@ from .model import (
     PatientRecord,
     Problem,
 )
-from .reader import Origin, Sourced, bundle_entries
 
 __all__ = [
     "OBSERVATION_STATUSES",
@@ -309,7 +309,7 @@ class Normaliser:
     def feed_lines(self, lines: Iterable[bytes], source: str, first: int = 1) -> None:
         """Decode and add the resources of NDJSON lines numbered from ``first``, from ``source``.
 
-        What :func:`fhir_leuko.reader.read_file` and :meth:`feed` do for NDJSON, in one loop:
+        What :func:`fhir_leuko.files.reader.read_file` and :meth:`feed` do for NDJSON, in one loop:
         this runs once per line of a bulk export.
         """
         self.lines_source = source
@@ -1023,7 +1023,7 @@ def _form_word(result: LabResult) -> str:
 def normalise(items: Iterable[Sourced | Problem], knowledge: Knowledge) -> Dataset:
     """Normalise resources (and pass through reader problems) into a :class:`Dataset`.
 
-    ``items`` is what :func:`fhir_leuko.reader.read_paths` yields, or ``(resource, Origin)`` pairs
+    ``items`` is what :func:`fhir_leuko.files.reader.read_paths` yields, or ``(resource, Origin)`` pairs
     built by another edge (a FHIR server search, a CDS Hooks prefetch).
     """
     normaliser = Normaliser(knowledge)

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 import pydantic
 import yaml
 
-from .errors import ProfileError
+from ..errors import ProfileError
 
 __all__ = ["DOCUMENT_SUFFIXES", "load_document", "shipped_profiles_dir", "validate_document"]
 
@@ -24,10 +24,11 @@ def shipped_profiles_dir() -> Path:
     In a wheel it is ``fhir_leuko/profiles`` (copied there at build time, see pyproject.toml); in a
     source checkout or an editable install it is the repository's top-level ``profiles/``.
     """
-    packaged = Path(__file__).resolve().parent / "profiles"
+    package = Path(__file__).resolve().parent.parent  # fhir_leuko/
+    packaged = package / "profiles"
     if packaged.is_dir():
         return packaged
-    return Path(__file__).resolve().parent.parent / "profiles"
+    return package.parent / "profiles"
 
 
 def load_document(path: Path) -> dict[str, Any]:

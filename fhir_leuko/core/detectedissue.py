@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from ._version import __version__
+from .._version import __version__
 from .explain import explain, reference_of
 from .fhir_models import check_resource
 from .fhirtime import format_instant

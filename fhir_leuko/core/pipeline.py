@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from ..files.reader import Sourced
 from .detectedissue import build_detected_issue
 from .evaluate import evaluate
 from .knowledge import Knowledge
 from .model import Finding, Problem
 from .normalise import Dataset, normalise
 from .profiles import ProfileSet
-from .reader import Sourced
 
 __all__ = ["Evaluation", "evaluate_dataset", "evaluate_resources"]
 

@@ -5,7 +5,7 @@ Public API (stable)::
 
     client = FhirClient(
         "https://ehr.example.org/fhir",
-        auth=None,              # a requests AuthBase, e.g. from fhir_leuko.auth.build_auth(...)
+        auth=None,              # a requests AuthBase, e.g. from fhir_leuko.fhir.auth.build_auth(...)
         session=None,           # an injected requests.Session (tests, connection pooling)
         timeout=(10.0, 60.0),   # (connect, read) seconds, on every request
         verify=True,            # TLS verification; or the path of a CA bundle
@@ -34,7 +34,7 @@ Behaviour, from what real servers do (``../shared/knowledge/fhir-servers.md``):
   time per request (:class:`RetryPolicy`). A POST that is not idempotent (no ``If-None-Exist``)
   is retried only when the server certainly did not process it (429, 503, connect errors).
 * **401**: when ``auth`` has an ``invalidate()`` method (the OAuth2 auths of
-  :mod:`fhir_leuko.auth`), the token is dropped and the request retried once with a new one; a
+  :mod:`fhir_leuko.fhir.auth`), the token is dropped and the request retried once with a new one; a
   second 401 is an :class:`~fhir_leuko.errors.AuthError`.
 * **Errors** carry the OperationOutcome text (``issue.diagnostics`` / ``details.text``) and the URL
   without its query string. Logs name the method, resource type and status only: never search
@@ -58,8 +58,8 @@ import msgspec
 import orjson
 import requests
 
-from ._version import __version__
-from .errors import AuthError, FhirConflictError, FhirError, FhirFatalError, FhirTemporaryError
+from .._version import __version__
+from ..errors import AuthError, FhirConflictError, FhirError, FhirFatalError, FhirTemporaryError
 
 __all__ = [
     "FHIR_JSON",

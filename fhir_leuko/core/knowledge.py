@@ -16,8 +16,8 @@ from typing import Annotated, Literal
 
 import pydantic
 
-from .documents import load_document, shipped_profiles_dir, validate_document
-from .errors import ProfileError
+from ..errors import ProfileError
+from ..files.documents import load_document, shipped_profiles_dir, validate_document
 from .model import Analyte, DrugHit, Form, Measure
 
 __all__ = [

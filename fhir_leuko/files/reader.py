@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, NamedTuple, cast
 
-from .errors import InputError
-from .fhirjson import Bundle, MalformedResourceError, Resource, decode_resource
-from .model import Problem
+from ..core.fhirjson import Bundle, MalformedResourceError, Resource, decode_resource
+from ..core.model import Problem
+from ..errors import InputError
 
 __all__ = [
     "INPUT_SUFFIXES",
