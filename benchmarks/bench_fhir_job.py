@@ -29,9 +29,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from fhir_leuko.core.knowledge import load_knowledge
-from fhir_leuko.core.profiles import load_profiles
 from fhir_leuko.fhir.client import FhirClient
+from fhir_leuko.files.documents import load_knowledge, load_profiles
 from fhir_leuko.job.runner import Job, JobOptions, PassReport
 from fhir_leuko.job.state import State
 from fhir_leuko.testing.seed import seed_resources

@@ -22,13 +22,15 @@ Example::
 from ._version import __version__
 from .core.detectedissue import build_detected_issue, to_ndjson, to_transaction_bundle
 from .core.evaluate import evaluate
-from .core.knowledge import Knowledge, load_knowledge
+from .core.fhirjson import Origin
+from .core.knowledge import Knowledge
 from .core.model import Finding, FindingKind, LabResult, PatientRecord, Problem
 from .core.normalise import Dataset, normalise
 from .core.pipeline import Evaluation, evaluate_dataset, evaluate_resources
-from .core.profiles import Profile, ProfileSet, load_profiles
+from .core.profiles import Profile, ProfileSet
 from .errors import ExitCode, FhirLeukoError, InputError, ProfileError, UsageError
-from .files.reader import Origin, read_paths
+from .files.documents import load_knowledge, load_profiles
+from .files.reader import read_paths
 
 __all__ = [
     "Dataset",

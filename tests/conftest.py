@@ -15,10 +15,11 @@ from typing import Any
 
 import pytest
 
-from fhir_leuko.core.knowledge import Knowledge, load_knowledge
+from fhir_leuko.core.knowledge import Knowledge
 from fhir_leuko.core.model import Finding
 from fhir_leuko.core.pipeline import Evaluation, evaluate_resources
-from fhir_leuko.core.profiles import ProfileSet, load_profiles
+from fhir_leuko.core.profiles import ProfileSet
+from fhir_leuko.files.documents import load_knowledge, load_profiles
 from fhir_leuko.files.reader import read_paths
 
 Cmd = subprocess.CompletedProcess[str]

@@ -14,11 +14,11 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fhir_leuko.core.fhirjson import convert_resource
-from fhir_leuko.core.knowledge import Knowledge, load_knowledge
+from fhir_leuko.core.fhirjson import Origin, convert_resource
+from fhir_leuko.core.knowledge import Knowledge
 from fhir_leuko.core.pipeline import evaluate_resources
-from fhir_leuko.core.profiles import ProfileSet, load_profiles
-from fhir_leuko.files.reader import Origin
+from fhir_leuko.core.profiles import ProfileSet
+from fhir_leuko.files.documents import load_knowledge, load_profiles
 
 from .conftest import AS_OF, DATA
 

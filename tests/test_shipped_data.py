@@ -16,8 +16,8 @@ import pytest
 
 from fhir_leuko.core.knowledge import Knowledge
 from fhir_leuko.core.model import Analyte
-from fhir_leuko.core.profiles import ProfileSet, validate_profile_dir
-from fhir_leuko.files.documents import shipped_profiles_dir
+from fhir_leuko.core.profiles import ProfileSet
+from fhir_leuko.files.documents import shipped_profiles_dir, validate_profile_dir
 
 from .conftest import REPO
 

@@ -1,4 +1,10 @@
-"""The ``fhir-leuko`` command: subcommands register themselves; errors become exit codes here only."""
+"""The ``fhir-leuko`` command: subcommands register themselves; errors become exit codes here only.
+
+The CLI is the one part of fhir-leuko that sees everything: it wires the rule core
+(:mod:`fhir_leuko.core`) to the file readers (:mod:`fhir_leuko.files`), the job
+(:mod:`fhir_leuko.job`) and the service (:mod:`fhir_leuko.service`, imported only by ``serve``, as
+it needs the ``service`` extra). Nothing else imports it but ``python -m fhir_leuko``.
+"""
 
 from __future__ import annotations
 

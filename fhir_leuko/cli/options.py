@@ -7,9 +7,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ..core.fhirtime import parse_as_of
-from ..core.knowledge import Knowledge, load_knowledge
-from ..core.profiles import ProfileSet, load_profiles
+from ..core.knowledge import Knowledge
+from ..core.profiles import ProfileSet
 from ..errors import UsageError
+from ..files.documents import load_knowledge, load_profiles
 
 __all__ = ["add_as_of", "add_profile_options", "as_of_from", "parse_instant", "profiles_from"]
 

@@ -6,9 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..core.knowledge import load_knowledge
-from ..core.profiles import load_profiles, validate_profile_dir
 from ..errors import ExitCode
+from ..files.documents import load_knowledge, load_profiles, validate_profile_dir
 
 __all__ = ["register"]
 

@@ -21,10 +21,9 @@ from typing import Any
 import orjson
 from cronsim import CronSim, CronSimError
 
-from ..core.knowledge import load_knowledge
-from ..core.profiles import load_profiles
 from ..errors import AuthError, ExitCode, FhirError, LockError, UsageError
 from ..fhir.client import FhirClient, RetryPolicy
+from ..files.documents import load_knowledge, load_profiles
 from ..job.config import JobConfig, build_auth, load_job_config, parse_interval
 from ..job.runner import Job, JobOptions, Mode, PassReport
 from ..job.state import State, default_state_path

@@ -11,15 +11,22 @@ Elements are declared with their R4 JSON types (https://hl7.org/fhir/R4/json.htm
 wrong JSON type makes the whole resource malformed, which the caller reports by resource and reason.
 Elements fhir-leuko does not use (``category``, ``text`` …) are not declared, so real-world shape
 variations there (e.g. ``category`` sent as an object) do no harm.
+
+:func:`iter_document` turns one JSON document (a resource, or a Bundle flattened) into resources,
+each with the :class:`Origin` it was read from. The bytes come from an edge (a file, a FHIR server
+response, a CDS Hooks prefetch); nothing here does I/O.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import msgspec
 import orjson
+
+from .model import Problem
 
 __all__ = [
     "Bundle",
@@ -34,13 +41,17 @@ __all__ = [
     "MedicationRequest",
     "MedicationStatement",
     "Observation",
+    "Origin",
     "Patient",
     "Period",
     "Quantity",
     "Reference",
     "Resource",
+    "Sourced",
+    "bundle_entries",
     "convert_resource",
     "decode_resource",
+    "iter_document",
 ]
 
 
@@ -316,3 +327,56 @@ def convert_resource(obj: Any) -> Resource | None:
     and Bundle entries, whatever the source (a file, a server response, a CDS Hooks prefetch).
     """
     return decode_resource(orjson.dumps(obj))
+
+
+class Origin(NamedTuple):
+    """Where a resource was read: a file (or URL, or prefetch key) and a position in it.
+
+    A NamedTuple (immutable, like a frozen dataclass) because one is made per resource read, and a
+    frozen dataclass costs twice as much to construct.
+    """
+
+    source: str
+    position: str = ""
+    full_url: str | None = None
+
+
+Sourced = tuple[Resource, Origin]
+
+
+def iter_document(data: bytes, source: str, position: str = "") -> Iterator[Sourced | Problem]:
+    """Resources in one JSON document: a single resource, or a Bundle flattened (nested ones
+    too)."""
+    try:
+        resource = decode_resource(data)
+    except MalformedResourceError as exc:
+        yield Problem(source, exc.reason, exc.label, position)
+        return
+    if resource is None:
+        return
+    if isinstance(resource, Bundle):
+        yield from bundle_entries(resource, source, position)
+    else:
+        yield resource, Origin(source, position)
+
+
+def bundle_entries(bundle: Bundle, source: str, position: str) -> Iterator[Sourced | Problem]:
+    """The resources of a Bundle's entries (nested Bundles flattened), each decoded on its own so
+    one malformed entry loses only itself."""
+    prefix = f"{position} " if position else ""
+    for index, entry in enumerate(bundle.entry):
+        where = f"{prefix}entry[{index}]"
+        if not entry.resource:
+            # Transaction responses and deletes carry no resource: nothing to read.
+            continue
+        try:
+            resource = decode_resource(entry.resource)
+        except MalformedResourceError as exc:
+            yield Problem(source, exc.reason, exc.label or (entry.fullUrl or ""), where)
+            continue
+        if resource is None:
+            continue
+        if isinstance(resource, Bundle):
+            yield from bundle_entries(resource, source, where)
+        else:
+            yield resource, Origin(source, where, entry.fullUrl)

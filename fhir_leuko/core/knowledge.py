@@ -1,9 +1,10 @@
 """Knowledge files: LOINC codes, units, drugs, contributing conditions and patient flags.
 
-The files live in ``profiles/knowledge/`` (grammar in ``profiles/README.md``); this module validates
-them (errors name the file and the field) and compiles them into fast lookups. Nothing here does
-I/O after loading, and the compiled objects are immutable, so one :class:`Knowledge` can be shared
-by the scheduled job and the CDS service.
+The files live in ``profiles/knowledge/`` (grammar in ``profiles/README.md``); the models below
+are their grammar, and :func:`compile_knowledge` compiles the validated documents into fast lookups.
+Reading them is an edge's job (:func:`fhir_leuko.files.load_knowledge`); nothing here does I/O, and
+the compiled objects are immutable, so one :class:`Knowledge` can be shared by the scheduled job and
+the CDS service.
 """
 
 from __future__ import annotations
@@ -11,24 +12,26 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Annotated, Literal
 
 import pydantic
 
-from ..errors import ProfileError
-from ..files.documents import load_document, shipped_profiles_dir, validate_document
 from .model import Analyte, DrugHit, Form, Measure
 
 __all__ = [
     "ATC_SYSTEMS",
+    "KNOWLEDGE_FILES",
     "LOINC_SYSTEM",
     "RXNORM_SYSTEMS",
     "SNOMED_SYSTEM",
     "CodeInfo",
+    "ConditionsFile",
     "DrugHit",
+    "DrugsFile",
     "Knowledge",
-    "load_knowledge",
+    "LoincFile",
+    "UnitsFile",
+    "compile_knowledge",
 ]
 
 LOINC_SYSTEM = "http://loinc.org"
@@ -36,6 +39,9 @@ SNOMED_SYSTEM = "http://snomed.info/sct"
 RXNORM_SYSTEMS = frozenset({"http://www.nlm.nih.gov/research/umls/rxnorm"})
 # The FHIR-registered ATC system is http://www.whocc.no/atc; some feeds send the https form.
 ATC_SYSTEMS = frozenset({"http://www.whocc.no/atc", "https://www.whocc.no/atc"})
+# The knowledge documents, by the name of their file (``<name>.toml``) and the argument of
+# compile_knowledge that takes them.
+KNOWLEDGE_FILES = ("loinc", "units", "drugs", "conditions")
 
 _EFFECT = Literal[
     "leukopenia", "neutropenia", "lymphopenia", "monocytopenia", "eosinopenia", "basopenia"
@@ -434,27 +440,15 @@ class Knowledge:
         return drug_id
 
 
-def _load(path: Path, model: type[_Strict]) -> _Strict:
-    return validate_document(model, load_document(path), str(path))
+def compile_knowledge(
+    *, loinc: LoincFile, units: UnitsFile, drugs: DrugsFile, conditions: ConditionsFile
+) -> Knowledge:
+    """Compile the four validated knowledge documents into fast lookups.
 
-
-def load_knowledge(directory: Path | None = None) -> Knowledge:
-    """Load and compile the knowledge files from ``directory`` (default: the shipped ones).
-
-    Raises:
-        ProfileError: a file is missing or invalid; the message names the file and the field.
+    The documents are read and validated by an edge (:func:`fhir_leuko.files.load_knowledge` reads
+    the shipped ones); each model's ``model_validate`` is the grammar, :data:`KNOWLEDGE_FILES` names
+    the file each one is read from.
     """
-    base = directory or shipped_profiles_dir() / "knowledge"
-    files = {name: base / f"{name}.toml" for name in ("loinc", "units", "drugs", "conditions")}
-    for path in files.values():
-        if not path.is_file():
-            raise ProfileError(str(path), "", "knowledge file not found")
-    loinc = _load(files["loinc"], LoincFile)
-    units = _load(files["units"], UnitsFile)
-    drugs = _load(files["drugs"], DrugsFile)
-    conditions = _load(files["conditions"], ConditionsFile)
-    assert isinstance(loinc, LoincFile) and isinstance(units, UnitsFile)
-    assert isinstance(drugs, DrugsFile) and isinstance(conditions, ConditionsFile)
     codes = {
         e.code: CodeInfo(e.code, e.analyte, e.measure, e.form, e.corrected, e.unitless is not None)
         for e in loinc.code

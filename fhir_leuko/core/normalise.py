@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from operator import attrgetter
 
-from ..files.reader import Origin, Sourced, bundle_entries
 from .fhirjson import (
     Bundle,
     CodeableConcept,
@@ -41,11 +40,14 @@ from .fhirjson import (
     MedicationRequest,
     MedicationStatement,
     Observation,
+    Origin,
     Patient,
     Period,
     Quantity,
     Reference,
     Resource,
+    Sourced,
+    bundle_entries,
     decode_resource,
 )
 from .fhirtime import parse_fhir_date, parse_fhir_datetime
@@ -1023,8 +1025,8 @@ def _form_word(result: LabResult) -> str:
 def normalise(items: Iterable[Sourced | Problem], knowledge: Knowledge) -> Dataset:
     """Normalise resources (and pass through reader problems) into a :class:`Dataset`.
 
-    ``items`` is what :func:`fhir_leuko.files.reader.read_paths` yields, or ``(resource, Origin)`` pairs
-    built by another edge (a FHIR server search, a CDS Hooks prefetch).
+    ``items`` is what :func:`fhir_leuko.files.reader.read_paths` yields, or ``(resource, Origin)``
+    pairs built by another edge (a FHIR server search, a CDS Hooks prefetch).
     """
     normaliser = Normaliser(knowledge)
     with normaliser.collecting():

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from ..files.reader import Sourced
 from .detectedissue import build_detected_issue
 from .evaluate import evaluate
+from .fhirjson import Sourced
 from .knowledge import Knowledge
 from .model import Finding, Problem
 from .normalise import Dataset, normalise

@@ -3,6 +3,8 @@
 The grammar is documented field by field in ``profiles/README.md``; the pydantic models below are
 its executable form (``extra="forbid"``, so a misspelt key is an error that names file and field).
 Thresholds, lookbacks, code lists and wording live in the files, never in ``if`` statements.
+:func:`build_profiles` resolves ``extends`` and validates documents already read; finding and
+reading the files is an edge's job (:func:`fhir_leuko.files.load_profiles`).
 """
 
 from __future__ import annotations
@@ -16,32 +18,30 @@ from typing import Annotated, Any, Literal
 import pydantic
 
 from ..errors import ProfileError
-from ..files.documents import (
-    DOCUMENT_SUFFIXES,
-    load_document,
-    shipped_profiles_dir,
-    validate_document,
-)
 from .fhirtime import parse_duration
 from .knowledge import Knowledge
 from .model import Analyte, FindingKind
+from .validation import validate_document
 
 __all__ = [
     "Band",
     "Grading",
     "LoadedProfile",
     "Profile",
+    "ProfileDocuments",
     "ProfileSet",
     "Rule",
-    "load_profiles",
+    "build_profiles",
     "merge_extends",
-    "validate_profile_dir",
 ]
 
 Source = Annotated[str, pydantic.StringConstraints(strip_whitespace=True, min_length=3)]
 Text = Annotated[str, pydantic.StringConstraints(strip_whitespace=True, min_length=1)]
 Severity = Literal["low", "moderate", "high"]
 OBSERVATION_STATUS = Literal["final", "amended", "corrected", "preliminary"]
+
+ProfileDocuments = dict[str, tuple[dict[str, Any], Path]]
+"""Profile documents as read, by profile id, each with the file it was read from (for errors)."""
 
 
 class _Strict(pydantic.BaseModel):
@@ -320,46 +320,9 @@ def merge_extends(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, An
     return merged
 
 
-def _collect(
-    directories: Sequence[Path],
-) -> tuple[dict[str, tuple[dict[str, Any], Path]], list[ProfileError]]:
-    """Profile documents by id; a later directory's profile replaces an earlier one with its id."""
-    documents: dict[str, tuple[dict[str, Any], Path]] = {}
-    errors: list[ProfileError] = []
-    for directory in directories:
-        try:
-            files = _profile_files(directory)
-        except ProfileError as exc:
-            errors.append(exc)
-            continue
-        seen_here: dict[str, Path] = {}
-        for path in files:
-            try:
-                document = load_document(path)
-            except ProfileError as exc:
-                errors.append(exc)
-                continue
-            profile_id = document.get("id")
-            if not isinstance(profile_id, str) or not profile_id:
-                errors.append(ProfileError(str(path), "id", "required field is missing"))
-                continue
-            if profile_id in seen_here:
-                errors.append(
-                    ProfileError(
-                        str(path),
-                        "id",
-                        f"id {profile_id!r} is also used by {seen_here[profile_id]}",
-                    )
-                )
-                continue
-            seen_here[profile_id] = path
-            documents[profile_id] = (document, path)
-    return documents, errors
-
-
 def _resolve(
     profile_id: str,
-    documents: dict[str, tuple[dict[str, Any], Path]],
+    documents: ProfileDocuments,
     chain: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     document, path = documents[profile_id]
@@ -401,11 +364,16 @@ def _as_in_file(
     )
 
 
-def _build(
-    documents: dict[str, tuple[dict[str, Any], Path]],
+def build_profiles(
+    documents: ProfileDocuments,
     knowledge: Knowledge,
     only: set[Path] | None = None,
 ) -> tuple[list[LoadedProfile], list[ProfileError]]:
+    """Resolve ``extends``, validate and check each profile document against the knowledge.
+
+    ``only``: build only the profiles read from these files (the others may still be extended).
+    All errors are returned, each naming the file and the field.
+    """
     loaded: list[LoadedProfile] = []
     errors: list[ProfileError] = []
     for profile_id in sorted(documents):
@@ -424,44 +392,3 @@ def _build(
             continue
         loaded.append(LoadedProfile(profile, path))
     return loaded, errors
-
-
-def _profile_files(directory: Path) -> list[Path]:
-    if not directory.is_dir():
-        raise ProfileError(str(directory), "", "not a directory")
-    return sorted(
-        p
-        for p in directory.iterdir()
-        if p.is_file() and p.suffix in DOCUMENT_SUFFIXES and not p.name.startswith(".")
-    )
-
-
-def load_profiles(knowledge: Knowledge, site_dirs: Sequence[Path] = ()) -> ProfileSet:
-    """The shipped profiles, then each site directory: a site profile with a shipped id replaces it.
-
-    Raises:
-        ProfileError: the first invalid file, naming the file and the field.
-    """
-    documents, errors = _collect([shipped_profiles_dir(), *site_dirs])
-    if errors:
-        raise errors[0]
-    loaded, errors = _build(documents, knowledge)
-    if errors:
-        raise errors[0]
-    if not loaded:
-        raise ProfileError(str(shipped_profiles_dir()), "", "no profiles found")
-    return ProfileSet(loaded, knowledge)
-
-
-def validate_profile_dir(
-    directory: Path, knowledge: Knowledge
-) -> tuple[list[Profile], list[ProfileError]]:
-    """Check every profile file of a site directory (it may extend the shipped profiles).
-
-    All errors are returned, not only the first.
-    """
-    shipped, _ = _collect([shipped_profiles_dir()])
-    site, errors = _collect([directory])
-    site_paths = {path for _doc, path in site.values()}
-    loaded, build_errors = _build({**shipped, **site}, knowledge, only=site_paths)
-    return [lp.profile for lp in loaded], errors + build_errors

@@ -5,7 +5,7 @@ Public API (stable)::
 
     client = FhirClient(
         "https://ehr.example.org/fhir",
-        auth=None,              # a requests AuthBase, e.g. from fhir_leuko.fhir.auth.build_auth(...)
+        auth=None,              # a requests AuthBase, e.g. from fhir_leuko.job.build_auth(...)
         session=None,           # an injected requests.Session (tests, connection pooling)
         timeout=(10.0, 60.0),   # (connect, read) seconds, on every request
         verify=True,            # TLS verification; or the path of a CA bundle

@@ -2,8 +2,8 @@
 
 A Bulk Data export is millions of Observations, and decoding and checking each of them is most of
 the work of ``fhir-leuko evaluate``. Here NDJSON files (also gzipped) are fed line by line to
-:meth:`fhir_leuko.core.normalise.Normaliser.feed_lines`, without a ``(resource, Origin)`` pair per line;
-other files go through :func:`fhir_leuko.files.reader.read_file`. The result is what
+:meth:`fhir_leuko.core.normalise.Normaliser.feed_lines`, without a ``(resource, Origin)`` pair per
+line; other files go through :func:`fhir_leuko.files.reader.read_file`. The result is what
 :func:`fhir_leuko.core.normalise.normalise` gives for :func:`fhir_leuko.files.reader.read_paths`.
 
 (Reading on several processes was tried: on this project's 2-vCPU machines two processes parse

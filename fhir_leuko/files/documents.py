@@ -1,17 +1,43 @@
-"""Reading profile and knowledge documents (TOML or YAML) with errors that name file and field."""
+"""Reading profile and knowledge documents (TOML or YAML) from disk, with errors that name file and
+field: the shipped ``profiles/`` directory, site profile directories and the knowledge files.
+
+The rule core validates and compiles what is read here
+(:func:`fhir_leuko.core.knowledge.compile_knowledge`, :func:`fhir_leuko.core.profiles.build_profiles`);
+this module only finds and reads the files.
+"""
 
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pydantic
 import yaml
 
+from ..core.knowledge import (
+    KNOWLEDGE_FILES,
+    ConditionsFile,
+    DrugsFile,
+    Knowledge,
+    LoincFile,
+    UnitsFile,
+    compile_knowledge,
+)
+from ..core.profiles import Profile, ProfileDocuments, ProfileSet, build_profiles
+from ..core.validation import validate_document
 from ..errors import ProfileError
 
-__all__ = ["DOCUMENT_SUFFIXES", "load_document", "shipped_profiles_dir", "validate_document"]
+__all__ = [
+    "DOCUMENT_SUFFIXES",
+    "collect_profile_documents",
+    "load_document",
+    "load_knowledge",
+    "load_profiles",
+    "shipped_profiles_dir",
+    "validate_profile_dir",
+]
 
 DOCUMENT_SUFFIXES = (".toml", ".yaml", ".yml")
 
@@ -53,32 +79,103 @@ def load_document(path: Path) -> dict[str, Any]:
     return data
 
 
-def _field_path(loc: tuple[int | str, ...]) -> str:
-    """Render a pydantic error location as people read the file: ``rules[1].lower_limit.value``."""
-    parts: list[str] = []
-    for item in loc:
-        if isinstance(item, int):
-            parts.append(f"[{item}]")
-        elif not item.startswith(("function-", "literal[", "float", "int")):
-            # pydantic adds union-member names to locations; they are not fields of the file
-            parts.append(f".{item}" if parts else item)
-    return "".join(parts)
+def _read(path: Path, model: type[_Model]) -> _Model:
+    return validate_document(model, load_document(path), str(path))
 
 
-def validate_document(model: type[_Model], data: dict[str, Any], file: str) -> _Model:
-    """Validate ``data`` against ``model``; the first error becomes a :class:`ProfileError`.
+def load_knowledge(directory: Path | None = None) -> Knowledge:
+    """Load and compile the knowledge files from ``directory`` (default: the shipped ones).
 
     Raises:
-        ProfileError: naming ``file`` and the dotted field path of the first error.
+        ProfileError: a file is missing or invalid; the message names the file and the field.
     """
-    try:
-        return model.model_validate(data)
-    except pydantic.ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        field = _field_path(tuple(first["loc"]))
-        message = first["msg"]
-        if first["type"] == "extra_forbidden":
-            message = "unknown field (see profiles/README.md for the grammar)"
-        elif first["type"] == "missing":
-            message = "required field is missing"
-        raise ProfileError(file, field, message) from None
+    base = directory or shipped_profiles_dir() / "knowledge"
+    files = {name: base / f"{name}.toml" for name in KNOWLEDGE_FILES}
+    for path in files.values():
+        if not path.is_file():
+            raise ProfileError(str(path), "", "knowledge file not found")
+    # Read and validated one after the other, so the first broken file is the one reported.
+    return compile_knowledge(
+        loinc=_read(files["loinc"], LoincFile),
+        units=_read(files["units"], UnitsFile),
+        drugs=_read(files["drugs"], DrugsFile),
+        conditions=_read(files["conditions"], ConditionsFile),
+    )
+
+
+def collect_profile_documents(
+    directories: Sequence[Path],
+) -> tuple[ProfileDocuments, list[ProfileError]]:
+    """Profile documents by id; a later directory's profile replaces an earlier one with its id."""
+    documents: ProfileDocuments = {}
+    errors: list[ProfileError] = []
+    for directory in directories:
+        try:
+            files = _profile_files(directory)
+        except ProfileError as exc:
+            errors.append(exc)
+            continue
+        seen_here: dict[str, Path] = {}
+        for path in files:
+            try:
+                document = load_document(path)
+            except ProfileError as exc:
+                errors.append(exc)
+                continue
+            profile_id = document.get("id")
+            if not isinstance(profile_id, str) or not profile_id:
+                errors.append(ProfileError(str(path), "id", "required field is missing"))
+                continue
+            if profile_id in seen_here:
+                errors.append(
+                    ProfileError(
+                        str(path),
+                        "id",
+                        f"id {profile_id!r} is also used by {seen_here[profile_id]}",
+                    )
+                )
+                continue
+            seen_here[profile_id] = path
+            documents[profile_id] = (document, path)
+    return documents, errors
+
+
+def _profile_files(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        raise ProfileError(str(directory), "", "not a directory")
+    return sorted(
+        p
+        for p in directory.iterdir()
+        if p.is_file() and p.suffix in DOCUMENT_SUFFIXES and not p.name.startswith(".")
+    )
+
+
+def load_profiles(knowledge: Knowledge, site_dirs: Sequence[Path] = ()) -> ProfileSet:
+    """The shipped profiles, then each site directory: a site profile with a shipped id replaces it.
+
+    Raises:
+        ProfileError: the first invalid file, naming the file and the field.
+    """
+    documents, errors = collect_profile_documents([shipped_profiles_dir(), *site_dirs])
+    if errors:
+        raise errors[0]
+    loaded, errors = build_profiles(documents, knowledge)
+    if errors:
+        raise errors[0]
+    if not loaded:
+        raise ProfileError(str(shipped_profiles_dir()), "", "no profiles found")
+    return ProfileSet(loaded, knowledge)
+
+
+def validate_profile_dir(
+    directory: Path, knowledge: Knowledge
+) -> tuple[list[Profile], list[ProfileError]]:
+    """Check every profile file of a site directory (it may extend the shipped profiles).
+
+    All errors are returned, not only the first.
+    """
+    shipped, _ = collect_profile_documents([shipped_profiles_dir()])
+    site, errors = collect_profile_documents([directory])
+    site_paths = {path for _doc, path in site.values()}
+    loaded, build_errors = build_profiles({**shipped, **site}, knowledge, only=site_paths)
+    return [lp.profile for lp in loaded], errors + build_errors

@@ -11,20 +11,24 @@ import gzip
 import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO, NamedTuple, cast
+from typing import IO, cast
 
-from ..core.fhirjson import Bundle, MalformedResourceError, Resource, decode_resource
+from ..core.fhirjson import (
+    Bundle,
+    MalformedResourceError,
+    Origin,
+    Sourced,
+    bundle_entries,
+    decode_resource,
+    iter_document,
+)
 from ..core.model import Problem
 from ..errors import InputError
 
 __all__ = [
     "INPUT_SUFFIXES",
-    "Origin",
-    "Sourced",
-    "bundle_entries",
     "expand_paths",
     "is_ndjson",
-    "iter_document",
     "open_input",
     "read_file",
     "read_paths",
@@ -33,19 +37,6 @@ __all__ = [
 INPUT_SUFFIXES = (".json", ".ndjson", ".jsonl", ".json.gz", ".ndjson.gz", ".jsonl.gz")
 
 
-class Origin(NamedTuple):
-    """Where a resource was read: a file (or URL, or prefetch key) and a position in it.
-
-    A NamedTuple (immutable, like a frozen dataclass) because one is made per resource read, and a
-    frozen dataclass costs twice as much to construct.
-    """
-
-    source: str
-    position: str = ""
-    full_url: str | None = None
-
-
-Sourced = tuple[Resource, Origin]
 Progress = Callable[[int], object]
 """Called with the number of bytes just read (e.g. ``tqdm.update``)."""
 
@@ -79,43 +70,6 @@ def expand_paths(paths: Iterable[Path]) -> list[Path]:
         else:
             raise InputError(f"{path}: no such file or directory")
     return files
-
-
-def iter_document(data: bytes, source: str, position: str = "") -> Iterator[Sourced | Problem]:
-    """Resources in one JSON document: a single resource, or a Bundle flattened (nested ones too)."""
-    try:
-        resource = decode_resource(data)
-    except MalformedResourceError as exc:
-        yield Problem(source, exc.reason, exc.label, position)
-        return
-    if resource is None:
-        return
-    if isinstance(resource, Bundle):
-        yield from bundle_entries(resource, source, position)
-    else:
-        yield resource, Origin(source, position)
-
-
-def bundle_entries(bundle: Bundle, source: str, position: str) -> Iterator[Sourced | Problem]:
-    """The resources of a Bundle's entries (nested Bundles flattened), each decoded on its own so
-    one malformed entry loses only itself."""
-    prefix = f"{position} " if position else ""
-    for index, entry in enumerate(bundle.entry):
-        where = f"{prefix}entry[{index}]"
-        if not entry.resource:
-            # Transaction responses and deletes carry no resource: nothing to read.
-            continue
-        try:
-            resource = decode_resource(entry.resource)
-        except MalformedResourceError as exc:
-            yield Problem(source, exc.reason, exc.label or (entry.fullUrl or ""), where)
-            continue
-        if resource is None:
-            continue
-        if isinstance(resource, Bundle):
-            yield from bundle_entries(resource, source, where)
-        else:
-            yield resource, Origin(source, where, entry.fullUrl)
 
 
 def _iter_lines(

@@ -61,7 +61,13 @@ from ..core.evaluate import evaluate, latest_result
 from ..core.explain import UNIT, format_count, reference_of
 from ..core.fhir_models import check_resource
 from ..core.fhirjson import DiagnosticReport as DiagnosticReportStruct
-from ..core.fhirjson import MedicationRequest, MedicationStatement, Observation
+from ..core.fhirjson import (
+    MedicationRequest,
+    MedicationStatement,
+    Observation,
+    Sourced,
+    iter_document,
+)
 from ..core.fhirtime import format_instant, parse_fhir_datetime
 from ..core.knowledge import LOINC_SYSTEM, Knowledge
 from ..core.model import FINDING_ANALYTE, Finding, FindingKind, PatientRecord, Problem
@@ -78,7 +84,6 @@ from ..errors import (
 )
 from ..fhir.client import FhirClient
 from ..fhir.r4search import check_search_params
-from ..files.reader import Sourced, iter_document
 from .state import LockInfo, State, server_key
 
 __all__ = [

@@ -27,8 +27,8 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .._version import __version__
-from ..core.knowledge import Knowledge, load_knowledge
-from ..core.profiles import ProfileSet, load_profiles
+from ..core.knowledge import Knowledge
+from ..core.profiles import ProfileSet
 from ..errors import (
     AuthenticationError,
     FhirLeukoError,
@@ -40,6 +40,7 @@ from ..errors import (
     UnknownServiceError,
     UsageError,
 )
+from ..files.documents import load_knowledge, load_profiles
 from .feedback import FeedbackStore
 from .fetch import FhirClientFetcher, FhirFetcher
 from .hooks import CdsEngine

@@ -2,9 +2,9 @@
 
 Every card carries a ``uuid`` (for feedback), a ``summary`` under 140 characters, an ``indicator``
 (``critical`` for high severity, ``warning`` for moderate, ``info`` for low), a ``source`` with label,
-url and topic, GitHub-flavoured markdown ``detail`` built from :func:`fhir_leuko.core.explain.explain`
-(escaped, so no raw HTML reaches the client), ``overrideReasons`` with displays, and absolute links
-to the documentation. Suggestions always come with ``selectionBehavior``; every action has a
+url and topic, GitHub-flavoured markdown ``detail`` built from
+:func:`fhir_leuko.core.explain.explain` (escaped, so no raw HTML reaches the client),
+``overrideReasons`` with displays, and absolute links to the documentation. Suggestions always come with ``selectionBehavior``; every action has a
 ``description``; a delete names its target with ``resourceId``. Optional members are omitted, never
 ``null`` or empty (CDS Hooks 2.0 §Use of JSON).
 

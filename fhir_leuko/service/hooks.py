@@ -3,8 +3,8 @@
 A call is: check the request (``hook``, ``hookInstance``, ``context``; ``fhirAuthorization`` needs
 ``fhirServer`` and must be for ``context.patientId``), get the data (prefetch, else the client's FHIR
 server, else 412), normalise, evaluate with the profiles as of the call's time, and build cards.
-The service adds no rule of its own: findings come from :func:`fhir_leuko.core.evaluate.evaluate`, the
-monitoring an order needs from the profiles' ``[[monitoring]]``, drugs from the knowledge files.
+The service adds no rule of its own: findings come from :func:`fhir_leuko.core.evaluate.evaluate`,
+the monitoring an order needs from the profiles' ``[[monitoring]]``, drugs from the knowledge files.
 
 patient-view
     One card condensing the patient's findings, or no card.
@@ -29,13 +29,12 @@ from typing import Any
 import msgspec
 
 from ..core.evaluate import evaluate, latest_result, profile_applies
-from ..core.fhirjson import MedicationRequest
+from ..core.fhirjson import MedicationRequest, Sourced, iter_document
 from ..core.knowledge import Knowledge
 from ..core.model import FINDING_ANALYTE, Analyte, FindingKind, PatientRecord, Problem
 from ..core.normalise import drugs_of, normalise
 from ..core.profiles import ProfileSet
 from ..errors import MalformedRequestError, UnknownServiceError
-from ..files.reader import Sourced, iter_document
 from .cards import CardContext, DraftOrder, MonitoringGap, order_card, patient_card
 from .feedback import FeedbackStore, IssuedCard
 from .fetch import FhirFetcher

@@ -35,10 +35,10 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from ..core.fhirjson import Sourced, iter_document
 from ..core.knowledge import LOINC_SYSTEM, Knowledge
 from ..core.model import Problem
 from ..errors import FhirFetchError, PrefetchUnavailableError
-from ..files.reader import Sourced, iter_document
 from .fetch import FhirFetcher, under_base
 
 __all__ = [

@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 from fhir_leuko.core.evaluate import evaluate
+from fhir_leuko.core.fhirjson import iter_document
 from fhir_leuko.core.knowledge import Knowledge
 from fhir_leuko.core.normalise import normalise
-from fhir_leuko.core.profiles import load_profiles
-from fhir_leuko.files.reader import iter_document
+from fhir_leuko.files.documents import load_profiles
 from fhir_leuko.service.cards import CardContext, md_escape, patient_card
 from fhir_leuko.service.settings import DEFAULT_CBC_ORDER, DEFAULT_OVERRIDE_REASONS
 

@@ -9,8 +9,8 @@ from typing import Any
 
 from fhir_leuko.core.evaluate import evaluate
 from fhir_leuko.core.fhir_models import check_resource
+from fhir_leuko.core.fhirjson import iter_document
 from fhir_leuko.core.normalise import normalise
-from fhir_leuko.files.reader import iter_document
 
 from .conftest import FHIR_TOKEN, ServiceEnv
 from .harness import CdsClient, Result, clozapine_draft, hook_request, prefetch

@@ -12,10 +12,10 @@ import requests
 
 from fhir_leuko.core.detectedissue import build_detected_issue
 from fhir_leuko.core.evaluate import evaluate
+from fhir_leuko.core.fhirjson import iter_document
 from fhir_leuko.core.knowledge import Knowledge
 from fhir_leuko.core.normalise import normalise
 from fhir_leuko.core.profiles import ProfileSet
-from fhir_leuko.files.reader import iter_document
 from fhir_leuko.service.cards import md_escape
 
 from .conftest import FHIR_TOKEN, ServiceEnv
