@@ -10,7 +10,8 @@ which must have ``sekmet-fhir==0.1.1`` installed.  The child is a tiny wrapper (
 * adds search parameters for ``DetectedIssue`` (:data:`DETECTED_ISSUE_PARAMS`), which 0.1.1 lacks,
   so that searches and conditional creates (``If-None-Exist: identifier=...``) on DetectedIssue work;
 * builds the app with ``sekmet.main.create_app`` and adds one test-only route,
-  ``POST /__launcher__/reset`` (outside ``/fhir``), used by :meth:`SekmetServer.reset`;
+  ``POST /__launcher__/reset`` (outside ``/fhir``), used by :meth:`SekmetServer.reset`, and one
+  that freezes sekmet's clock, ``POST /__launcher__/clock``, used by :meth:`SekmetServer.freeze_clock`;
 * runs it with uvicorn on ``127.0.0.1`` only, and shuts itself down if the process that
   started it disappears, so a killed test run leaves no server behind (nor the data directory,
   when the launcher created it).
@@ -79,6 +80,7 @@ DETECTED_ISSUE_PARAMS: dict[str, tuple[str, tuple[str, ...], str | None]] = {
 """Search parameters added to sekmet's table for DetectedIssue before the server starts."""
 
 RESET_PATH = "/__launcher__/reset"
+CLOCK_PATH = "/__launcher__/clock"
 PING_PATH = "/__launcher__/ping"
 
 _DEFAULT_SETTINGS: dict[str, Any] = {
@@ -99,7 +101,7 @@ _OVERRIDE_ENV = (
 )
 
 # Runs in the child interpreter. argv[1] is JSON with: version, config, port, params, reset_path,
-# ping_path, nonce, parent_pid, data_dir, remove_dir_if_orphaned.
+# clock_path, ping_path, nonce, parent_pid, data_dir, remove_dir_if_orphaned.
 _WRAPPER = r"""
 import json, sys
 cfg = json.loads(sys.argv[1])
@@ -135,7 +137,25 @@ settings = load_settings(cfg["config"])
 app = create_app(settings)
 ctx = app.state.ctx
 
+from datetime import datetime
+from sekmet.fhir import common as _common
+from starlette.requests import Request
+_real_now = _common.now
+
+async def _clock(request: Request):
+    # Freeze sekmet's clock (every write gets the same meta.lastUpdated, as in a bulk load), or
+    # let it run again ({"at": null}).
+    at = (await request.json()).get("at")
+    if at is None:
+        _common.now = _real_now
+    else:
+        moment = datetime.fromisoformat(at.replace("Z", "+00:00"))
+        _common.now = lambda: moment
+    return {"at": at}
+
+
 def _reset():
+    _common.now = _real_now
     with ctx.store.lock:
         ctx.store.reset()
         ctx.subscriptions.seed_topics()
@@ -143,6 +163,7 @@ def _reset():
     return {"reset": True}
 
 app.add_api_route(cfg["reset_path"], _reset, methods=["POST"], include_in_schema=False)
+app.add_api_route(cfg["clock_path"], _clock, methods=["POST"], include_in_schema=False)
 app.add_api_route(cfg["ping_path"], lambda: {"nonce": cfg["nonce"]}, methods=["GET"], include_in_schema=False)
 
 import os, shutil, threading, time
@@ -290,6 +311,7 @@ class SekmetServer:
                     for k, (kind, paths, tgt) in DETECTED_ISSUE_PARAMS.items()
                 },
                 "reset_path": RESET_PATH,
+                "clock_path": CLOCK_PATH,
                 "ping_path": PING_PATH,
                 "nonce": self._nonce,
                 "parent_pid": os.getpid(),
@@ -376,6 +398,13 @@ class SekmetServer:
         r = requests.post(f"{self.root_url}{RESET_PATH}", timeout=30)
         if r.status_code != 200:
             raise SekmetError(f"reset failed: HTTP {r.status_code} {r.text[:500]}")
+
+    def freeze_clock(self, at: str | None) -> None:
+        """Give every write from now on ``meta.lastUpdated = at`` (a FHIR instant), as a bulk load
+        or a migration does; ``None`` lets the clock run again. Test use only."""
+        r = requests.post(f"{self.root_url}{CLOCK_PATH}", json={"at": at}, timeout=30)
+        if r.status_code != 200:
+            raise SekmetError(f"clock failed: HTTP {r.status_code} {r.text[:500]}")
 
     def _log_tail(self, n: int = 4000) -> str:
         try:

@@ -23,6 +23,8 @@ from fhir_leuko.job.state import State
 from fhir_leuko.testing.seed import seed_resources
 from fhir_leuko.testing.sekmet import SekmetServer
 
+from .strictproxy import StrictProxy
+
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
 # Strict servers answer 400 to unknown search parameters; sekmet does too with this header.
@@ -41,6 +43,19 @@ def server(sekmet: SekmetServer) -> SekmetServer:
     """The session's FHIR server, emptied."""
     sekmet.reset()
     return sekmet
+
+
+@pytest.fixture(scope="session")
+def _strict_proxy(sekmet: SekmetServer) -> Iterator[StrictProxy]:
+    with StrictProxy(sekmet.base_url) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def strict(server: SekmetServer, _strict_proxy: StrictProxy) -> StrictProxy:
+    """A production-like server (offset cap 50, _count cap 20, no order without _sort, no total
+    unless asked) in front of the emptied test server: ``strict.configure(...)`` changes it."""
+    return _strict_proxy.configure()
 
 
 @pytest.fixture
