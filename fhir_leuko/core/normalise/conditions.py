@@ -1,0 +1,103 @@
+"""Conditions and Flags: contributing causes and patient flags.
+
+A Condition that is not refuted or in error (nor over without an abatement date) names the
+contributing causes its codes and texts match (knowledge/conditions.toml: HIV, cancers, …), with
+its onset and abatement; a coding the knowledge lists as a flag (e.g. benign ethnic neutropenia)
+sets that flag on the patient while the Condition is not resolved or inactive. An active Flag with such a coding sets it too. Each flag keeps the resource that set
+it, for the explanation.
+"""
+
+from __future__ import annotations
+
+from ..fhirjson import Condition, Flag, Origin
+from ..fhirtime import parse_fhir_datetime
+from ..knowledge import Knowledge
+from ..model import ConditionMatch
+from .concepts import codings, texts
+from .dataset import Dataset, Problems
+from .identity import Identity
+
+__all__ = ["Conditions"]
+
+
+class Conditions:
+    """The Conditions and Flags read, applied to the patients' records once every resource is in."""
+
+    def __init__(self, knowledge: Knowledge, identity: Identity, problems: Problems) -> None:
+        self.knowledge = knowledge
+        self.identity = identity
+        self.problems = problems
+        self.conditions: list[tuple[Condition, str, Origin]] = []
+        self.flags: list[tuple[Flag, str, Origin]] = []
+
+    def add_condition(self, condition: Condition, key: str, origin: Origin) -> None:
+        self.conditions.append((condition, key, origin))
+
+    def add_flag(self, flag: Flag, key: str, origin: Origin) -> None:
+        self.flags.append((flag, key, origin))
+
+    def finish(self, data: Dataset) -> None:
+        for condition, key, origin in self.conditions:
+            self.finish_condition(data, condition, key, origin)
+        for flag, key, origin in self.flags:
+            self.finish_flag(data, flag, key, origin)
+
+    def finish_condition(
+        self, data: Dataset, condition: Condition, key: str, origin: Origin
+    ) -> None:
+        verification = {
+            c.code
+            for c in (condition.verificationStatus.coding if condition.verificationStatus else [])
+        }
+        if verification & {"refuted", "entered-in-error"}:
+            return
+        clinical = {
+            c.code for c in (condition.clinicalStatus.coding if condition.clinicalStatus else [])
+        }
+        abatement = parse_fhir_datetime(condition.abatementDateTime)
+        if clinical & {"resolved", "inactive"} and abatement is None:
+            return  # over, and we do not know since when: not a current cause
+        patient = self.identity.patient_key(
+            condition.subject.reference if condition.subject else None
+        )
+        if patient is None:
+            self.problems.report(origin, key, "no subject")
+            return
+        concepts = [condition.code]
+        for system, code in codings(concepts):
+            flag = self.knowledge.flag_for(system, code)
+            if flag is not None and not clinical & {"resolved", "inactive"}:
+                record = data.patient(patient)
+                record.flags.add(flag.id)
+                record.flag_sources[flag.id] = key
+        named = list(texts(concepts))
+        onset = parse_fhir_datetime(
+            condition.onsetDateTime
+            or (condition.onsetPeriod.start if condition.onsetPeriod else None)
+        )
+        for cause in self.knowledge.match_causes(codings(concepts), named):
+            data.patient(patient).conditions.append(
+                ConditionMatch(
+                    key=key,
+                    patient=patient,
+                    cause_id=cause.id,
+                    label=cause.label,
+                    text=named[0] if named else cause.label,
+                    onset=onset,
+                    abatement=abatement,
+                )
+            )
+
+    def finish_flag(self, data: Dataset, flag: Flag, key: str, origin: Origin) -> None:
+        if flag.status != "active":
+            return
+        patient = self.identity.patient_key(flag.subject.reference if flag.subject else None)
+        if patient is None:
+            self.problems.report(origin, key, "no subject")
+            return
+        for system, code in codings([flag.code]):
+            entry = self.knowledge.flag_for(system, code)
+            if entry is not None:
+                record = data.patient(patient)
+                record.flags.add(entry.id)
+                record.flag_sources[entry.id] = key

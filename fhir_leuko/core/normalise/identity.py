@@ -1,0 +1,73 @@
+"""Which resource a reference names, and which patient a subject reference is.
+
+The input's resources other than Observations are indexed by fullUrl and by ``Type/id``; a reference
+resolves by fullUrl, ``Type/id``, or the last two segments of an absolute or versioned URL
+(``…/Patient/1/_history/2``). A subject resolves to the key of its patient's record: ``Patient/id``
+when the Patient (or the reference) says so, otherwise the reference as given (a ``urn:uuid`` of a
+transaction Bundle). Patient resources give the record its birth date.
+"""
+
+from __future__ import annotations
+
+from ..fhirjson import DiagnosticReport, Patient, Resource
+from ..fhirtime import parse_fhir_date
+from .dataset import Dataset
+
+__all__ = ["Identity"]
+
+
+class Identity:
+    """The resource index and the patient keys of one normalising run."""
+
+    def __init__(self) -> None:
+        self.index: dict[str, Resource] = {}
+        """Resources other than Observations, by ``Type/id`` and by fullUrl."""
+        self.patient_keys: dict[str, str] = {}
+        self.patients: list[tuple[Patient, str]] = []
+
+    def resolve(self, reference: str | None) -> Resource | None:
+        """A (non-Observation) resource of the input by reference: fullUrl, ``Type/id``, or the
+        last two segments of an absolute or versioned URL. Contained ``#id`` is resolved by the
+        container's owner (see :meth:`Medications.concepts`)."""
+        if not reference or reference.startswith("#"):
+            return None
+        found = self.index.get(reference)
+        if found is not None:
+            return found
+        parts = reference.split("/_history/")[0].rstrip("/").split("/")
+        if len(parts) >= 2:
+            return self.index.get(f"{parts[-2]}/{parts[-1]}")
+        return None
+
+    def patient_key(self, reference: str | None) -> str | None:
+        if not reference:
+            return None
+        # Called once per result after every resource is in (run): the answer per reference
+        # cannot change any more, and results share few subjects.
+        known = self.patient_keys.get(reference)
+        if known is not None:
+            return known
+        key = self._patient_key(reference)
+        self.patient_keys[reference] = key
+        return key
+
+    def _patient_key(self, reference: str) -> str:
+        target = self.resolve(reference)
+        if isinstance(target, Patient) and target.id:
+            return f"Patient/{target.id}"
+        parts = reference.split("/_history/")[0].rstrip("/").split("/")
+        if len(parts) >= 2 and parts[-2] == "Patient":
+            return f"Patient/{parts[-1]}"
+        return reference
+
+    def forget_reports(self) -> None:
+        """Drop the DiagnosticReports once linked: nothing resolves one after that."""
+        self.index = {k: v for k, v in self.index.items() if not isinstance(v, DiagnosticReport)}
+
+    def birth_dates(self, data: Dataset) -> None:
+        for patient, key in self.patients:
+            # A Patient without id is known by its fullUrl (urn:uuid in transaction Bundles), which
+            # is also the key of the results that reference it (see patient_key).
+            if patient.id or not key.startswith("Patient@"):
+                record = data.patient(key)
+                record.birth_date = parse_fhir_date(patient.birthDate) or record.birth_date

@@ -1,0 +1,107 @@
+"""DiagnosticReports and panels: what they pass down to the lab results they list.
+
+An Observation without its own subject or time inherits them from the DiagnosticReport that lists
+it in ``result``, or from the panel Observation that lists it in ``hasMember`` (nested panels too),
+as in the HL7 R4 CBC example (Bundle 101). Every listed result also takes the report (or panel) as
+its group when it has no specimen: values of one group are one blood count (derivation). Contained
+Observations of a report are read here and handed to :class:`~.results.LabResults`.
+"""
+
+from __future__ import annotations
+
+from ..fhirjson import (
+    DiagnosticReport,
+    MalformedResourceError,
+    Observation,
+    Origin,
+    Reference,
+    decode_resource,
+)
+from .dataset import Problems
+from .results import LabResults, Panel, Pending, effective_text
+
+__all__ = ["Reports"]
+
+
+class Reports:
+    """The DiagnosticReports read, and the linking of their results once everything is in."""
+
+    def __init__(self, labs: LabResults, problems: Problems) -> None:
+        self.labs = labs
+        self.problems = problems
+        self.reports: list[tuple[DiagnosticReport, str, Origin]] = []
+
+    def add(self, report: DiagnosticReport, key: str, origin: Origin) -> None:
+        self.reports.append((report, key, origin))
+        for raw in report.contained:
+            self.add_contained(raw, key, origin)
+
+    def add_contained(self, raw: bytes, container: str, origin: Origin) -> None:
+        try:
+            inner = decode_resource(raw)
+        except MalformedResourceError as exc:
+            self.problems.report(origin, container, f"contained resource {exc.label}: {exc.reason}")
+            return
+        if isinstance(inner, Observation) and inner.id:
+            self.labs.add(inner, f"{container}#{inner.id}", origin)
+
+    def link(self) -> None:
+        """Pass each report's and panel's subject, time and group to the results it lists."""
+        for report, key, _origin in sorted(self.reports, key=lambda item: item[1]):
+            effective = effective_text(
+                report.effectiveDateTime, report.effectivePeriod, report.issued
+            )
+            subject = report.subject.reference if report.subject else None
+            self.link_members(report.result, key, subject, effective, key, {key})
+        for panel in sorted(self.labs.panels.values(), key=lambda p: p.key):
+            self.link_members(
+                panel.members,
+                panel.key,
+                panel.subject,
+                panel.effective_text,
+                panel.key,
+                {panel.key},
+            )
+        # Nothing resolves a DiagnosticReport after this: let them go before the results are built.
+        self.reports.clear()
+
+    def link_members(
+        self,
+        members: list[Reference],
+        container: str,
+        subject: str | None,
+        effective_text: str | None,
+        group: str,
+        seen: set[str],
+    ) -> None:
+        results = self.labs.results
+        find = self.labs.find
+        for member in members:
+            reference = member.reference
+            if not reference:
+                continue
+            # Usually the reference is the key of a result already built: the group is all it
+            # needs from its report (a million times for a million Observations).
+            target = results.get(reference) or find(reference, container)
+            if target is None:
+                continue
+            if isinstance(target, Panel):
+                if target.key in seen:
+                    continue  # hasMember cycles exist in the wild; follow each panel once
+                seen.add(target.key)
+                self.link_members(
+                    target.members,
+                    target.key,
+                    target.subject or subject,
+                    target.effective_text or effective_text,
+                    group,
+                    seen,
+                )
+                continue
+            if isinstance(target, Pending):
+                if target.subject is None:
+                    target.subject = subject
+                if target.effective_text is None:
+                    target.effective_text = effective_text
+            if not target.group:
+                target.group = group

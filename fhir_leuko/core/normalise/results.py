@@ -1,0 +1,380 @@
+"""Lab Observations into lab results: the hot path of normalising.
+
+Each mapped Observation (LOINC code -> analyte, knowledge/loinc.toml) is checked and built into a
+:class:`~fhir_leuko.core.model.LabResult` as it is read: status (R4 ObservationStatus), value
+(``dataAbsentReason``, comparator), unit (the UCUM ``code`` first, then the ``unit`` text; count
+codes need count units, fraction codes fraction units), plausibility for the declared unit, and the
+low end of the normal reference range. Only the newest version of an Observation read twice is
+kept. An Observation still missing its subject or time waits (:class:`Pending`) for the
+DiagnosticReport or panel that lists it (:mod:`.reports`); a panel Observation (``hasMember``,
+no mapped code) is kept as a :class:`Panel` for the same reason.
+
+:meth:`LabResults.add` and :meth:`LabResults.make_result` run once per Observation of a bulk
+export (millions of times): they stay lean, and what they need is on ``self``, not looked up.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from ..fhirjson import CodedOnly, Observation, Origin, Period, Quantity, Reference
+from ..fhirtime import parse_fhir_datetime
+from ..knowledge import LOINC_SYSTEM, CodeInfo, Knowledge
+from ..model import LabResult, Measure
+from .dataset import Dataset, Problems, Where
+
+__all__ = [
+    "OBSERVATION_STATUSES",
+    "LabResults",
+    "Panel",
+    "Pending",
+    "effective_text",
+    "format_number",
+]
+
+# R4 ObservationStatus (required binding): https://hl7.org/fhir/R4/valueset-observation-status.html
+OBSERVATION_STATUSES = frozenset(
+    {
+        "registered",
+        "preliminary",
+        "final",
+        "amended",
+        "corrected",
+        "cancelled",
+        "entered-in-error",
+        "unknown",
+    }
+)
+_KEPT_STATUSES = frozenset({"final", "amended", "corrected", "preliminary"})
+_COMPARATORS = frozenset({"<", "<=", ">=", ">"})
+
+
+class Pending:
+    """A mapped lab Observation still missing its subject or its time.
+
+    The DiagnosticReport that lists it (``result``) or its panel (``hasMember``) may supply them
+    once everything is read, as in the HL7 R4 CBC example (Bundle 101). Most results carry both and
+    are built at once, without this detour.
+    """
+
+    __slots__ = ("effective_text", "group", "info", "key", "obs", "origin", "subject")
+
+    def __init__(
+        self,
+        obs: Observation,
+        key: str,
+        info: CodeInfo,
+        origin: Origin,
+        subject: str | None,
+        effective_text: str | None,
+    ) -> None:
+        self.obs = obs
+        self.key = key
+        self.info = info
+        self.origin = origin
+        self.subject = subject
+        self.effective_text = effective_text
+        self.group = ""
+
+
+class Panel:
+    """A panel Observation (no mapped code, ``hasMember``): what it passes to its members."""
+
+    __slots__ = ("effective_text", "key", "members", "subject")
+
+    def __init__(
+        self, key: str, subject: str | None, effective_text: str | None, members: list[Reference]
+    ) -> None:
+        self.key = key
+        self.subject = subject
+        self.effective_text = effective_text
+        self.members = members
+
+
+def effective_text(
+    date_time: str | None, period: Period | None, instant: str | None = None
+) -> str | None:
+    """The time a result describes: effective[x] (a period's start), else ``issued``."""
+    if date_time:
+        return date_time
+    if period is not None and (period.start or period.end):
+        return period.start or period.end
+    return instant
+
+
+def _loinc_info(code: CodedOnly | None, table: dict[str, CodeInfo]) -> CodeInfo | None:
+    if code is None:
+        return None
+    for coding in code.coding:
+        if coding.system == LOINC_SYSTEM and coding.code:
+            info = table.get(coding.code)
+            if info is not None:
+                return info
+    return None
+
+
+def format_number(value: float) -> str:
+    """A value as a lab reports it: at most 6 decimals, no trailing zeros, no exponent."""
+    # Fast path (once per result): repr is the shortest round-trip text, the same as the rounding
+    # below whenever it has at most 6 decimals and no exponent.
+    text = repr(value)
+    if "e" not in text and "n" not in text and len(text) - text.find(".") <= 7:
+        text = text.removesuffix(".0")
+        return text if text != "-0" else "0"
+    text = f"{value:.6f}".rstrip("0").rstrip(".")
+    return text if text not in ("", "-0") else "0"
+
+
+def _reported(quantity: Quantity) -> str:
+    unit = quantity.code or quantity.unit or ""
+    comparator = f"{quantity.comparator} " if quantity.comparator else ""
+    value = format_number(quantity.value) if quantity.value is not None else "?"
+    return f"{comparator}{value} {unit}".strip()
+
+
+def _unit_problem(quantity: Quantity, info: CodeInfo) -> str:
+    kind = "count" if info.measure is Measure.COUNT else "fraction"
+    shown = quantity.code or quantity.unit
+    if shown:
+        return f"unit {shown!r} is not a known {kind} unit for LOINC {info.code}"
+    return f"no unit for LOINC {info.code} (a {kind}); the unit is never guessed"
+
+
+class LabResults:
+    """The lab Observations read so far, by key: results built, results waiting, panels."""
+
+    def __init__(self, knowledge: Knowledge, data: Dataset, problems: Problems) -> None:
+        self.loinc = knowledge.loinc
+        self.count_units = knowledge.count_units
+        self.fraction_units = knowledge.fraction_units
+        self.limits = {a: (p.max, p.min_nonzero) for a, p in knowledge.plausible.items()}
+        self.counts = data.counts
+        self.problems = problems
+        self.results: dict[str, LabResult] = {}
+        """Results by key, built as they are read; ``patient`` holds the subject reference and
+        ``group`` the specimen (or "") until :meth:`Normaliser.run` resolves both."""
+        self.pending: dict[str, Pending] = {}
+        self.versions: dict[str, str] = {}
+        """``meta.lastUpdated`` of the version kept of each mapped Observation (``""`` if none)."""
+        self.panels: dict[str, Panel] = {}
+        self.observation_urls: dict[str, str] = {}
+        """Observation keys by the fullUrl a DiagnosticReport may use to point at them."""
+        self.reported_texts: dict[tuple[str | None, str | None], dict[float, str]] = {}
+        self.times: dict[str, tuple[str, datetime | None]] = {}
+
+    def add(self, obs: Observation, key: str, origin: Where) -> None:
+        info = _loinc_info(obs.code, self.loinc)
+        if info is None:
+            if obs.hasMember:
+                self.panels[key] = Panel(
+                    key,
+                    obs.subject.reference if obs.subject else None,
+                    effective_text(
+                        obs.effectiveDateTime, obs.effectivePeriod, obs.effectiveInstant
+                    ),
+                    obs.hasMember,
+                )
+            return
+        meta = obs.meta
+        updated = (meta.lastUpdated or "") if meta is not None else ""
+        versions = self.versions
+        kept = versions.get(key)
+        if kept is not None:
+            if kept > updated:
+                return  # the same Observation read twice: keep the newest version
+            self.results.pop(key, None)
+            self.pending.pop(key, None)
+        versions[key] = updated
+        subject = obs.subject.reference if obs.subject is not None else None
+        text = obs.effectiveDateTime or effective_text(
+            None, obs.effectivePeriod, obs.effectiveInstant
+        )
+        if subject is None or text is None:
+            self.pending[key] = Pending(
+                obs, key, info, self.problems.origin_of(origin), subject, text
+            )
+            return
+        result = self.make_result(obs, key, info, origin, subject, text)
+        if result is not None:
+            self.results[key] = result
+
+    def find(self, reference: str, container: str) -> LabResult | Pending | Panel | None:
+        """The mapped lab or panel Observation a ``result``/``hasMember`` reference points at."""
+        if reference.startswith("#"):
+            key = f"{container}{reference}"
+        else:
+            key = self.observation_urls.get(reference, reference)
+            if key not in self.versions and key not in self.panels:
+                parts = reference.split("/_history/")[0].rstrip("/").split("/")
+                if len(parts) < 2 or parts[-2] != "Observation":
+                    return None
+                key = f"Observation/{parts[-1]}"
+        return self.results.get(key) or self.pending.get(key) or self.panels.get(key)
+
+    def reported(self, quantity: Quantity) -> str:
+        """``_reported`` for a result that is kept: lab values repeat (two decimals, one unit),
+        so the text is built once per distinct value and shared."""
+        if quantity.comparator is not None:
+            return _reported(quantity)
+        by_value = self.reported_texts.get((quantity.code, quantity.unit))
+        if by_value is None:
+            by_value = self.reported_texts[(quantity.code, quantity.unit)] = {}
+        value = quantity.value or 0.0
+        text = by_value.get(value)
+        if text is None:
+            text = _reported(quantity)
+            if len(by_value) < 1 << 14:
+                by_value[value] = text
+        return text
+
+    def make_result(
+        self,
+        obs: Observation,
+        key: str,
+        info: CodeInfo,
+        origin: Where,
+        subject: str,
+        effective_text: str,
+    ) -> LabResult | None:
+        """Check one mapped Observation and build its result, or report why it cannot count.
+
+        This runs once per lab Observation of a bulk export (millions of times): keep it lean.
+        """
+        status = obs.status
+        if status not in _KEPT_STATUSES:
+            self.status_dropped(obs, key, origin)
+            return None
+        timed = self.times.get(effective_text)
+        if timed is None:
+            # The results of one CBC share their time: parse each distinct text once, and keep
+            # one copy of it for all of them.
+            timed = self.times[effective_text] = (
+                effective_text,
+                parse_fhir_datetime(effective_text),
+            )
+        effective_text, effective = timed
+        if effective is None:
+            self.problems.report(origin, key, f"invalid effective time {effective_text!r}")
+            return None
+        quantity = obs.valueQuantity
+        if obs.dataAbsentReason is not None:
+            absent = obs.dataAbsentReason
+            reason = next((c.code for c in absent.coding if c.code), absent.text or "?")
+            self.problems.report(origin, key, f"no value: dataAbsentReason {reason!r}", "value")
+            return None
+        if quantity is None or quantity.value is None:
+            detail = f" (valueString {obs.valueString!r})" if obs.valueString else ""
+            self.problems.report(origin, key, f"no numeric valueQuantity{detail}", "value")
+            return None
+        comparator = quantity.comparator
+        if comparator is not None and comparator not in _COMPARATORS:
+            self.problems.report(origin, key, f"invalid comparator {comparator!r}", "value")
+            return None
+        is_count = info.measure is Measure.COUNT
+        table = self.count_units if is_count else self.fraction_units
+        factor = table.factor(quantity.code, quantity.unit)
+        if factor is None:
+            if not is_count and info.unitless and not quantity.code and not quantity.unit:
+                factor = 1.0
+            else:
+                self.problems.report(origin, key, _unit_problem(quantity, info), "unit")
+                return None
+        # Rounded to 9 decimals so a unit conversion never moves a value across a band edge by
+        # float noise (1100 /uL is 1.1, not 1.1000000000000001); factor 1 needs no rounding.
+        converted = quantity.value if factor == 1.0 else round(quantity.value * factor, 9)
+        if is_count:
+            limit_max, limit_min = self.limits[info.analyte]
+            if converted < 0 or converted > limit_max or 0 < converted < limit_min:
+                self.problems.report(
+                    origin,
+                    key,
+                    f"implausible {info.analyte.value} count {_reported(quantity)} for its "
+                    "declared unit (not graded; check the unit)",
+                    "implausible",
+                )
+                return None
+        elif not 0 <= converted <= 1:
+            self.problems.report(
+                origin,
+                key,
+                f"implausible fraction {_reported(quantity)} for LOINC {info.code} (not graded)",
+                "implausible",
+            )
+            return None
+        ref_low = None
+        for entry in obs.referenceRange:
+            # The low end of the first normal range (a range without a type is a normal one).
+            low = entry.low
+            if low is None or low.value is None:
+                continue
+            if entry.type is not None and not any(c.code == "normal" for c in entry.type.coding):
+                continue
+            if (low.code == quantity.code and low.unit == quantity.unit) or not (
+                low.code or low.unit
+            ):
+                low_factor: float | None = factor
+            else:
+                low_factor = table.factor(low.code, low.unit)
+            if low_factor is not None:
+                ref_low = low.value if low_factor == 1.0 else round(low.value * low_factor, 9)
+            break
+        specimen = obs.specimen
+        return LabResult(
+            key,
+            subject,
+            info.analyte,
+            info.measure,
+            info.form,
+            info.code,
+            converted,
+            comparator,
+            self.reported(quantity),
+            effective,
+            effective_text,
+            status,
+            f"specimen:{specimen.reference}" if specimen is not None and specimen.reference else "",
+            ref_low,
+            info.corrected,
+        )
+
+    def status_dropped(self, obs: Observation, key: str, origin: Where) -> None:
+        """Count an Observation whose status does not count, or report an invalid status."""
+        status = obs.status
+        if status in OBSERVATION_STATUSES:
+            self.counts[f"results:ignored-{status}"] += 1
+        else:
+            self.problems.report(origin, key, f"invalid Observation.status {status!r}", "status")
+
+    def finish_pending(self) -> None:
+        """Build the results that waited for their report's subject or time (after linking)."""
+        for pending in self.pending.values():
+            if pending.obs.status not in _KEPT_STATUSES:
+                self.status_dropped(pending.obs, pending.key, pending.origin)
+                continue
+            if pending.subject is None:
+                self.problems.report(
+                    pending.origin,
+                    pending.key,
+                    "no subject (and no DiagnosticReport that names one)",
+                )
+                continue
+            if pending.effective_text is None:
+                self.problems.report(
+                    pending.origin,
+                    pending.key,
+                    "no effective time (nor one from its DiagnosticReport)",
+                )
+                continue
+            result = self.make_result(
+                pending.obs,
+                pending.key,
+                pending.info,
+                pending.origin,
+                pending.subject,
+                pending.effective_text,
+            )
+            if result is not None:
+                if not result.group:
+                    result.group = pending.group
+                self.results[pending.key] = result
+        self.pending.clear()
