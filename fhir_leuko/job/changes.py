@@ -1,0 +1,191 @@
+"""Which patients a pass looks at: change detection and the patients of a full pass.
+
+Incremental (the default): ``Observation`` (the mapped LOINC codes), ``DiagnosticReport``,
+``MedicationRequest`` and ``MedicationStatement`` with ``_lastUpdated=gt<watermark - overlap>``,
+sorted by ``_lastUpdated``; resource versions already handled inside the overlap (``seen``) are
+skipped, so an unchanged server costs one request per resource type. A :class:`Batch` groups the
+changes by patient and says where the watermark may move once the patients before it are handled.
+A full pass takes every patient with a lab result (or a lab report) in the lookback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from ..core.fhirjson import DiagnosticReport as DiagnosticReportStruct
+from ..core.fhirjson import MedicationRequest, MedicationStatement, Observation, iter_document
+from ..core.fhirtime import format_instant, parse_fhir_datetime
+from ..core.model import Problem
+from .patients import patient_key
+
+if TYPE_CHECKING:
+    from .runner import Job, PassReport
+
+__all__ = ["CHANGE_TYPES", "Batch", "Change", "find_changes", "full_patients"]
+
+CHANGE_TYPES = ("Observation", "DiagnosticReport", "MedicationRequest", "MedicationStatement")
+"""Resource types whose changes make a patient's evaluation stale."""
+
+_FLOOR = datetime.min.replace(tzinfo=UTC)
+
+Checkpoint = Callable[[list[str], list[tuple[str, str]], list[str]], None]
+"""Called after each group with the patients done, failed, and not yet handled."""
+Commit = Callable[
+    [list[str], list[tuple[str, str]], str | None, Iterable[tuple[str, str | None]]], None
+]
+"""Records done and failed patients, the watermark and the resource versions handled."""
+
+
+@dataclass
+class Change:
+    resource: str
+    last_updated: str | None
+    patient: str
+
+
+@dataclass
+class Batch:
+    """The changes of one batch, by patient, and where the watermark may move."""
+
+    by_patient: dict[str, list[Change]]
+    earliest: dict[str, tuple[datetime, str]]
+    """Each patient's earliest change: (time, the server's text of it)."""
+    end: str | None
+    """The watermark once every patient of the batch is handled."""
+
+    @classmethod
+    def of(cls, changes: list[Change], capped: list[str], server_start: str | None) -> Batch:
+        by_patient: dict[str, list[Change]] = {}
+        earliest: dict[str, tuple[datetime, str]] = {}
+        latest: tuple[datetime, str] | None = None
+        for change in changes:
+            by_patient.setdefault(change.patient, []).append(change)
+            moment = parse_fhir_datetime(change.last_updated)
+            if moment is None or not change.last_updated:
+                continue
+            mark = (moment, change.last_updated)
+            if change.patient not in earliest or mark < earliest[change.patient]:
+                earliest[change.patient] = mark
+            if latest is None or mark > latest:
+                latest = mark
+        if capped:
+            # A type stopped at max_changes: its later changes are not seen yet.
+            end: str | None = min(capped, key=lambda t: parse_fhir_datetime(t) or _FLOOR)
+        else:
+            start = parse_fhir_datetime(server_start)
+            marks = [m for m in (latest, (start, server_start) if start else None) if m]
+            end = max(marks)[1] if marks else None
+        return cls(by_patient, {p: m for p, m in earliest.items()}, end)
+
+    def order(self, pending: list[str]) -> list[str]:
+        """The patients to handle: those pending from an earlier pass first, then by change."""
+        return sorted(
+            set(self.by_patient) | set(pending),
+            key=lambda p: (_FLOOR if p in pending else self.earliest.get(p, _FLOOR), p),
+        )
+
+    def checkpointer(self, commit: Commit) -> Checkpoint:
+        def checkpoint(done: list[str], failed: list[tuple[str, str]], rest: list[str]) -> None:
+            # Every change before the earliest change of a patient not yet handled is handled.
+            waiting = [self.earliest[p] for p in rest if p in self.earliest]
+            mark = min(waiting)[1] if waiting else self.end
+            handled = [
+                (c.resource, c.last_updated)
+                for p in [*done, *(f for f, _ in failed)]
+                for c in self.by_patient.get(p, [])
+            ]
+            commit(done, failed, mark, handled)
+
+        return checkpoint
+
+
+def full_patients(job: Job, report: PassReport, as_of: datetime) -> list[str]:
+    """Every patient with a mapped lab result (or a lab report) in the lookback."""
+    start = format_instant(as_of - job.lookback)
+    end = format_instant(as_of)
+    page_size = str(job.options.page_size)
+    found: dict[str, None] = {}
+    searches: list[tuple[str, list[tuple[str, str]]]] = [
+        (
+            "Observation",
+            [
+                ("code", job.codes),
+                ("date", f"ge{start}"),
+                ("date", f"le{end}"),
+                ("_elements", "subject"),
+                ("_count", page_size),
+            ],
+        ),
+        (
+            "DiagnosticReport",
+            [
+                ("date", f"ge{start}"),
+                ("date", f"le{end}"),
+                ("_elements", "subject"),
+                ("_count", page_size),
+            ],
+        ),
+    ]
+    for rtype, params in searches:
+        for page in job.search(rtype, params):
+            for item in iter_document(page, f"{rtype} search"):
+                if isinstance(item, Problem):
+                    continue
+                resource = item[0]
+                subject = getattr(resource, "subject", None)
+                key = patient_key(subject.reference if subject else None)
+                if key:
+                    found[key] = None
+                    report.changes[rtype] += 1
+    return sorted(found)
+
+
+def find_changes(
+    job: Job, report: PassReport, since: str, seen: set[tuple[str, str]]
+) -> tuple[list[Change], list[str]]:
+    """Changed lab/medication resources since ``since - overlap`` not yet handled, and the
+    last ``lastUpdated`` of each type whose collection stopped at ``max_changes``."""
+    opts = job.options
+    moment = parse_fhir_datetime(since)
+    assert moment is not None
+    start = format_instant(moment - opts.overlap)
+    out: list[Change] = []
+    capped: list[str] = []
+    for rtype in CHANGE_TYPES:
+        params = [("_lastUpdated", f"gt{start}"), ("_sort", "_lastUpdated")]
+        if rtype == "Observation":
+            params.insert(0, ("code", job.codes))
+        params.append(("_count", str(opts.page_size)))
+        count = 0
+        last: str | None = None
+        for page in job.search(rtype, params):
+            for item in iter_document(page, f"{rtype} changes"):
+                if isinstance(item, Problem):
+                    report.problems.append(item)
+                    continue
+                resource = item[0]
+                if not isinstance(
+                    resource,
+                    Observation | DiagnosticReportStruct | MedicationRequest | MedicationStatement,
+                ):
+                    continue
+                count += 1
+                updated = resource.meta.lastUpdated if resource.meta else None
+                last = updated or last
+                key = f"{rtype}/{resource.id}"
+                if updated and (key, updated) in seen:
+                    continue
+                subject = resource.subject.reference if resource.subject else None
+                patient = patient_key(subject)
+                if patient is None:
+                    continue  # no Patient subject (e.g. a result listed by its report)
+                report.changes[rtype] += 1
+                out.append(Change(key, updated, patient))
+            if count >= opts.max_changes:
+                if last:
+                    capped.append(last)
+                break
+    return out, capped
