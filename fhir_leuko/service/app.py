@@ -184,14 +184,7 @@ def create_app(
             profiles = profiles.select(settings.profile_ids)
     _check_card_urls(profiles)
     _check_key_files(settings)
-    fixed = settings.testing.as_of
-    if clock is not None:
-        now = clock
-    elif fixed is not None:
-        logger.warning("every call is evaluated as of %s ([service.testing] as_of)", fixed)
-        now = lambda: fixed  # noqa: E731
-    else:
-        now = lambda: datetime.now(UTC)  # noqa: E731
+    now = clock or _clock(settings)
     days = settings.issued_card_retention_days
     store = FeedbackStore(
         settings.feedback_database, retention=timedelta(days=days) if days else None
@@ -265,6 +258,21 @@ def create_app(
             allow_headers=["Authorization", "Content-Type"],
             max_age=600,
         )
+    _install_openapi(app)
+    return app
+
+
+def _clock(settings: ServiceSettings) -> Callable[[], datetime]:
+    """The time each call is evaluated as of: now (UTC), or the fixed ``[service.testing] as_of``."""
+    fixed = settings.testing.as_of
+    if fixed is not None:
+        logger.warning("every call is evaluated as of %s ([service.testing] as_of)", fixed)
+        return lambda: fixed
+    return lambda: datetime.now(UTC)
+
+
+def _install_openapi(app: FastAPI) -> None:
+    """The OpenAPI document with the request-body schemas the routes refer to (they read raw bytes)."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -285,4 +293,3 @@ def create_app(
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    return app
