@@ -1,4 +1,4 @@
-"""Patients as the job names them: the ``Patient/<id>`` key of a reference, and a pseudonym for logs.
+"""Patients as the job names them: the ``Patient/<id>`` key of a reference, a pseudonym for logs.
 
 The job keys everything it does by ``Patient/<id>`` (a server's references may be relative, absolute
 or versioned); logs and reports name a patient only by a stable, non-reversible pseudonym.

@@ -263,7 +263,7 @@ def create_app(
 
 
 def _clock(settings: ServiceSettings) -> Callable[[], datetime]:
-    """The time each call is evaluated as of: now (UTC), or the fixed ``[service.testing] as_of``."""
+    """The time each call is evaluated as of: now (UTC), or ``[service.testing] as_of``."""
     fixed = settings.testing.as_of
     if fixed is not None:
         logger.warning("every call is evaluated as of %s ([service.testing] as_of)", fixed)
@@ -272,7 +272,7 @@ def _clock(settings: ServiceSettings) -> Callable[[], datetime]:
 
 
 def _install_openapi(app: FastAPI) -> None:
-    """The OpenAPI document with the request-body schemas the routes refer to (they read raw bytes)."""
+    """The OpenAPI document, with the request-body schemas the routes refer to (they read bytes)."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

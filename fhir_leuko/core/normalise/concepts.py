@@ -1,4 +1,4 @@
-"""The codings and texts of CodeableConcepts, as the knowledge's drug and cause matchers take them."""
+"""Codings and texts of CodeableConcepts, as the knowledge's drug and cause matchers want them."""
 
 from __future__ import annotations
 

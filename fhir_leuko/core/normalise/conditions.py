@@ -3,8 +3,8 @@
 A Condition that is not refuted or in error (nor over without an abatement date) names the
 contributing causes its codes and texts match (knowledge/conditions.toml: HIV, cancers, …), with
 its onset and abatement; a coding the knowledge lists as a flag (e.g. benign ethnic neutropenia)
-sets that flag on the patient while the Condition is not resolved or inactive. An active Flag with such a coding sets it too. Each flag keeps the resource that set
-it, for the explanation.
+sets that flag on the patient while the Condition is not resolved or inactive. An active Flag with
+such a coding sets it too. Each flag keeps the resource that set it, for the explanation.
 """
 
 from __future__ import annotations

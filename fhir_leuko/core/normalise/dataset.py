@@ -1,4 +1,4 @@
-"""What normalising builds (:class:`Dataset`) and how its rooms report a problem (:class:`Problems`)."""
+"""The :class:`Dataset` normalising builds, and :class:`Problems`, where its rooms report problems."""
 
 from __future__ import annotations
 

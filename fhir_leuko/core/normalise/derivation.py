@@ -5,6 +5,8 @@ same specimen or time). Where a group has a fraction but no absolute count of an
 is WBC x the total fraction, or x the segmented fraction plus bands; neutrophils also from segmented
 plus band counts (clozapine prescribing information §5.1). A lower bound (``>``) derives nothing;
 an upper bound (``<``) derives an upper bound. The derivation is written out for the explanation.
+Which results form a group is decided when they are placed (:meth:`Normaliser.place`); derivation
+across reports starts there.
 """
 
 from __future__ import annotations

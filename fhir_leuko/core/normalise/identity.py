@@ -4,7 +4,8 @@ The input's resources other than Observations are indexed by fullUrl and by ``Ty
 resolves by fullUrl, ``Type/id``, or the last two segments of an absolute or versioned URL
 (``…/Patient/1/_history/2``). A subject resolves to the key of its patient's record: ``Patient/id``
 when the Patient (or the reference) says so, otherwise the reference as given (a ``urn:uuid`` of a
-transaction Bundle). Patient resources give the record its birth date.
+transaction Bundle). Patient resources give the record its birth date. Contained patients,
+``Patient.link`` and source-qualified ids belong here.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ codes need count units, fraction codes fraction units), plausibility for the dec
 low end of the normal reference range. Only the newest version of an Observation read twice is
 kept. An Observation still missing its subject or time waits (:class:`Pending`) for the
 DiagnosticReport or panel that lists it (:mod:`.reports`); a panel Observation (``hasMember``,
-no mapped code) is kept as a :class:`Panel` for the same reason.
+no mapped code) is kept as a :class:`Panel` for the same reason. Component Observations, choosing
+among reference ranges and which version of an Observation supersedes another belong here.
 
 :meth:`LabResults.add` and :meth:`LabResults.make_result` run once per Observation of a bulk
 export (millions of times): they stay lean, and what they need is on ``self``, not looked up.
