@@ -47,19 +47,18 @@ def parse_instant(flag: str, text: str) -> datetime:
     """An ``--as-of``/``--since`` value (a bare date is the end of that day, UTC).
 
     Raises:
-        UsageError: naming the flag, when the text is not an ISO 8601 date or date-time.
+        UsageError: naming the flag, when the text is empty, not an ISO 8601 date or date-time, or
+            outside the supported range (``fhirtime.AS_OF_RANGE``).
     """
     try:
         return parse_as_of(text)
-    except ValueError:
-        raise UsageError(
-            f"{flag} {text!r}: not an ISO 8601 date or date-time (e.g. 2024-05-01 or "
-            "2024-05-01T08:00:00Z)"
-        ) from None
+    except ValueError as exc:
+        raise UsageError(f"{flag} {text!r}: {exc}") from None
 
 
 def as_of_from(args: argparse.Namespace) -> datetime:
-    if not args.as_of:
+    # Only an absent option means "now": an empty one (--as-of "") is a mistake, said so.
+    if args.as_of is None:
         return datetime.now(UTC).replace(microsecond=0)
     return parse_instant("--as-of", args.as_of)
 

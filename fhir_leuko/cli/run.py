@@ -271,7 +271,7 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _instant(flag: str, text: str | None) -> datetime | None:
-    return parse_instant(flag, text) if text else None
+    return None if text is None else parse_instant(flag, text)
 
 
 def _options(config: JobConfig, args: argparse.Namespace) -> JobOptions:

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import date, datetime, timedelta
 
-from .fhirtime import age_reached, parse_duration
+from .fhirtime import age_reached, parse_duration, shift
 from .model import (
     FINDING_ANALYTE,
     Analyte,
@@ -93,7 +93,7 @@ def latest_result(
     ``results`` narrows the search to these of the record's results (e.g. those of the analyte).
     """
     analyte = FINDING_ANALYTE[kind]
-    earliest = as_of - lookback
+    earliest = shift(as_of, -lookback)
     best: LabResult | None = None
     best_key: tuple[datetime, bool, bool, str] | None = None
     for result in record.results if results is None else results:
@@ -241,7 +241,7 @@ def _decide(
         if rule.implicate_drugs
         else []
     )
-    trend_from = result.effective - timedelta(days=settings.trend_days)
+    trend_from = shift(result.effective, -timedelta(days=settings.trend_days))
     trend = [
         r
         for r in record.results

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .model import Finding, LabResult
+from .model import QUOTE_LIMIT, Finding, LabResult, quoted
 
 __all__ = ["Explanation", "explain", "format_count", "reference_of"]
 
@@ -33,6 +33,11 @@ def _value(result: LabResult) -> str:
 def reference_of(key: str) -> str:
     """The FHIR reference for an internal key (a contained Observation is cited by its container)."""
     return key.split("#", 1)[0]
+
+
+def _cited(key: str) -> str:
+    """A resource as a sentence cites it (its reference, capped like any quoted input)."""
+    return quoted(reference_of(key))
 
 
 @dataclass(frozen=True)
@@ -78,14 +83,17 @@ def explain(finding: Finding) -> Explanation:
     result = finding.result
     what = finding.term[:1].upper() + finding.term[1:]
     headline = f"{what}: {finding.grade_label}, {finding.severity} severity."
-    source = "derived" if result.derived else reference_of(result.key)
+    # Everything taken from the input (texts, ids, units as reported) is quoted(): capped.
+    source = "derived" if result.derived else _cited(result.key)
     value = (
-        f"Latest {result.analyte.label}: {_value(result)} (reported {result.reported}) "
-        f"on {result.effective_text} [{source}, status {result.status}]."
+        f"Latest {result.analyte.label}: {_value(result)} (reported {quoted(result.reported)}) "
+        f"on {quoted(result.effective_text)} [{source}, status {quoted(result.status)}]."
     )
     derivation = ""
     if result.derived:
-        derivation = f"Derived from the same specimen: {result.derivation}."
+        # Built from two or three cited results: room for each of them.
+        how = quoted(result.derivation, 3 * QUOTE_LIMIT)
+        derivation = f"Derived from the same specimen: {how}."
     limit = finding.lower_limit
     if limit.value is not None:
         limit_text = f"Lower limit used: {format_count(limit.value)} {UNIT}, from {limit.source}."
@@ -98,15 +106,16 @@ def explain(finding: Finding) -> Explanation:
     if len(finding.trend) > 1:
         trend = (
             "Recent values: "
-            + ", ".join(f"{_value(r)} ({r.effective_text[:10]})" for r in finding.trend)
+            + ", ".join(f"{_value(r)} ({quoted(r.effective_text[:10])})" for r in finding.trend)
             + "."
         )
     drugs = [
-        f"{', '.join(d.drug_labels)} ({reference_of(d.exposure.key)}: "
-        f"{d.exposure.names[0] if d.exposure.names else d.drug_labels[0]}; {d.relation})"
+        f"{', '.join(d.drug_labels)} ({_cited(d.exposure.key)}: "
+        f"{quoted(d.exposure.names[0]) if d.exposure.names else d.drug_labels[0]}; "
+        f"{quoted(d.relation)})"
         for d in finding.implicated
     ]
-    conditions = [f"{c.label} ({c.text}, {c.key})" for c in finding.conditions]
+    conditions = [f"{c.label} ({quoted(c.text)}, {_cited(c.key)})" for c in finding.conditions]
     rule = (
         f"Rule: {finding.profile_title} [{finding.profile_id} {finding.profile_version}]; "
         f"grading: {finding.grading_name} ({finding.grading_version})."

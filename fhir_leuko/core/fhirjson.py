@@ -19,9 +19,10 @@ response, a CDS Hooks prefetch); nothing here does I/O.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import msgspec
 import orjson
@@ -29,6 +30,7 @@ import orjson
 from .model import Problem
 
 __all__ = [
+    "TOO_DEEP",
     "Bundle",
     "CodeableConcept",
     "Coding",
@@ -50,8 +52,10 @@ __all__ = [
     "Sourced",
     "bundle_entries",
     "convert_resource",
+    "decode_json",
     "decode_resource",
     "iter_document",
+    "malformed_document",
 ]
 
 
@@ -264,6 +268,31 @@ Resource = (
 _DECODER: msgspec.json.Decoder[Resource] = msgspec.json.Decoder(Resource)
 _UNKNOWN_TYPE = re.compile(r"^Invalid value '[^']*' - at `\$\.resourceType`$")
 
+TOO_DEEP = "JSON nested too deeply"
+"""The reason given for JSON nested deeper than can be decoded (see :func:`decode_json`)."""
+
+_T = TypeVar("_T")
+
+
+def decode_json(decoder: msgspec.json.Decoder[_T], data: bytes | msgspec.Raw) -> _T:
+    """``decoder.decode(data)``: the one place where JSON bytes become typed values.
+
+    msgspec decodes (and skips unknown members) recursively and raises ``RecursionError`` for JSON
+    nested about 1,000 levels deep, wherever it is (even in an ``extension`` nobody reads), and at
+    a depth that depends on the caller's own stack. (orjson stops at 1,024 levels with its own
+    ``JSONDecodeError``.) Here that becomes a :class:`msgspec.DecodeError` like any other invalid
+    JSON, so every caller's handling of malformed input covers it: FHIR resources and Bundles, server
+    pages, CDS Hooks requests.
+
+    Raises:
+        msgspec.DecodeError: invalid JSON, or nested too deeply (``TOO_DEEP``).
+        msgspec.ValidationError: valid JSON of the wrong shape.
+    """
+    try:
+        return decoder.decode(data)
+    except RecursionError:
+        raise msgspec.DecodeError(TOO_DEEP) from None
+
 
 class MalformedResourceError(ValueError):
     """A resource could not be decoded. ``label`` names it as well as it can be named."""
@@ -274,6 +303,44 @@ class MalformedResourceError(ValueError):
         super().__init__(f"{label}: {reason}" if label else reason)
 
 
+# JSON tokens that matter for finding a document's top-level members: strings and punctuation.
+_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[{}\[\]:,]')
+_LABEL_SCAN = 1 << 16
+"""How far into a document too deep to parse the label is looked for (an error path only)."""
+
+
+def _scan_label(data: bytes) -> str:
+    """``Type/id`` from the top-level members of a document too deep to parse, by scanning its
+    first bytes (FHIR JSON puts ``resourceType`` and ``id`` first) without recursion."""
+    depth = 0
+    key: bytes | None = None
+    member = False
+    found: dict[bytes, str] = {}
+    for match in _TOKEN.finditer(data, 0, _LABEL_SCAN):
+        token = match.group()
+        if token in (b"{", b"["):
+            depth += 1
+        elif token in (b"}", b"]"):
+            depth -= 1
+        elif depth != 1:
+            continue
+        elif token == b":":
+            member = True
+        elif token == b",":
+            key, member = None, False
+        elif not member:
+            key = token
+        elif key in (b'"resourceType"', b'"id"'):
+            with contextlib.suppress(orjson.JSONDecodeError):
+                found[key] = orjson.loads(token)
+            if len(found) == 2:
+                break
+    rtype, rid = found.get(b'"resourceType"'), found.get(b'"id"')
+    if rtype and rid:
+        return f"{rtype}/{rid}"
+    return rtype or ""
+
+
 def _label_of(data: bytes | Any) -> str:
     """Best-effort ``Type/id`` of a resource that failed typed decoding, for the problem report."""
     obj: Any = data
@@ -281,7 +348,7 @@ def _label_of(data: bytes | Any) -> str:
         try:
             obj = orjson.loads(data)
         except orjson.JSONDecodeError:
-            return ""
+            return _scan_label(bytes(data))
     if not isinstance(obj, dict):
         return ""
     rtype = obj.get("resourceType")
@@ -293,6 +360,8 @@ def _label_of(data: bytes | Any) -> str:
 
 def _reason(exc: Exception) -> str:
     text = str(exc)
+    if text == TOO_DEEP:
+        return f"{TOO_DEEP} to read (about 1,000 levels or more)"
     # msgspec.ValidationError subclasses DecodeError: valid JSON with a wrongly typed element is
     # "malformed", not "not valid JSON".
     if isinstance(exc, msgspec.DecodeError) and not isinstance(exc, msgspec.ValidationError):
@@ -308,16 +377,18 @@ def decode_resource(data: bytes | msgspec.Raw) -> Resource | None:
     Returns ``None`` for resource types fhir-leuko does not read.
 
     Raises:
-        MalformedResourceError: invalid JSON, or an element fhir-leuko uses has the wrong type.
+        MalformedResourceError: invalid JSON (nested too deeply included), or an element
+            fhir-leuko uses has the wrong type.
     """
     try:
-        return _DECODER.decode(data)
+        return decode_json(_DECODER, data)
     except msgspec.ValidationError as exc:
         if _UNKNOWN_TYPE.match(str(exc)):
             return None
         raise MalformedResourceError(_label_of(bytes(data)), _reason(exc)) from None
     except msgspec.DecodeError as exc:
-        raise MalformedResourceError("", _reason(exc)) from None
+        label = _label_of(bytes(data)) if str(exc) == TOO_DEEP else ""
+        raise MalformedResourceError(label, _reason(exc)) from None
 
 
 def convert_resource(obj: Any) -> Resource | None:
@@ -326,7 +397,11 @@ def convert_resource(obj: Any) -> Resource | None:
     It goes through JSON bytes on purpose: one decoding path, including the raw ``contained``
     and Bundle entries, whatever the source (a file, a server response, a CDS Hooks prefetch).
     """
-    return decode_resource(orjson.dumps(obj))
+    try:
+        data = orjson.dumps(obj)
+    except orjson.JSONEncodeError as exc:  # nested deeper than orjson's 1,024 levels, or not JSON
+        raise MalformedResourceError(_label_of(obj), f"not valid JSON ({exc})") from None
+    return decode_resource(data)
 
 
 class Origin(NamedTuple):
@@ -350,7 +425,7 @@ def iter_document(data: bytes, source: str, position: str = "") -> Iterator[Sour
     try:
         resource = decode_resource(data)
     except MalformedResourceError as exc:
-        yield Problem(source, exc.reason, exc.label, position)
+        yield from malformed_document(exc, data, source, position)
         return
     if resource is None:
         return
@@ -360,23 +435,98 @@ def iter_document(data: bytes, source: str, position: str = "") -> Iterator[Sour
         yield resource, Origin(source, position)
 
 
+def malformed_document(
+    exc: MalformedResourceError, data: bytes, source: str, position: str
+) -> Iterator[Sourced | Problem]:
+    """What a document that failed to decode still gives: a problem, or, for a Bundle that is
+    too deep only because of some of its entries (a Bundle is as deep as its deepest entry), the
+    other entries and a problem for each deep one."""
+    if TOO_DEEP not in exc.reason or exc.label.split("/", 1)[0] != "Bundle":
+        yield Problem(source, exc.reason, exc.label, position)
+        return
+    entries = _child(data, b'"entry"')
+    if entries is None:
+        yield Problem(source, exc.reason, exc.label, position)
+        return
+    prefix = f"{position} " if position else ""
+    for index, raw in enumerate(_children(entries)):
+        where = f"{prefix}entry[{index}]"
+        try:
+            entry = decode_json(_ENTRY, raw)
+        except msgspec.DecodeError as entry_exc:
+            resource = _child(raw, b'"resource"') if str(entry_exc) == TOO_DEEP else None
+            if resource is None:
+                yield Problem(source, _reason(entry_exc), "", where)
+                continue
+            try:
+                decode_resource(resource)
+            except MalformedResourceError as inner:
+                yield from malformed_document(inner, resource, source, where)
+            continue
+        yield from _entry_items(entry, source, where)
+
+
+_ENTRY: msgspec.json.Decoder[BundleEntry] = msgspec.json.Decoder(BundleEntry)
+
+
+def _children(data: bytes) -> Iterator[bytes]:
+    """The object and array values directly inside a JSON object or array, found by scanning its
+    tokens without recursion (any depth): used only for documents too deep to decode."""
+    yield from (raw for _, raw in _scan_children(data))
+
+
+def _child(data: bytes, key: bytes) -> bytes | None:
+    """The raw object or array value of the member ``key`` (quoted) of a JSON object."""
+    return next((raw for name, raw in _scan_children(data) if name == key), None)
+
+
+def _scan_children(data: bytes) -> Iterator[tuple[bytes | None, bytes]]:
+    depth = 0
+    key: bytes | None = None
+    member = False
+    start = 0
+    for match in _TOKEN.finditer(data):
+        token = match.group()
+        if token in (b"{", b"["):
+            depth += 1
+            if depth == 2:
+                start = match.start()
+        elif token in (b"}", b"]"):
+            depth -= 1
+            if depth == 1:
+                yield (key if member else None), data[start : match.end()]
+            if depth == 0:
+                return
+        elif depth != 1:
+            continue
+        elif token == b":":
+            member = True
+        elif token == b",":
+            key, member = None, False
+        elif not member:
+            key = token
+
+
 def bundle_entries(bundle: Bundle, source: str, position: str) -> Iterator[Sourced | Problem]:
     """The resources of a Bundle's entries (nested Bundles flattened), each decoded on its own so
     one malformed entry loses only itself."""
     prefix = f"{position} " if position else ""
     for index, entry in enumerate(bundle.entry):
-        where = f"{prefix}entry[{index}]"
-        if not entry.resource:
-            # Transaction responses and deletes carry no resource: nothing to read.
-            continue
-        try:
-            resource = decode_resource(entry.resource)
-        except MalformedResourceError as exc:
-            yield Problem(source, exc.reason, exc.label or (entry.fullUrl or ""), where)
-            continue
-        if resource is None:
-            continue
-        if isinstance(resource, Bundle):
-            yield from bundle_entries(resource, source, where)
-        else:
-            yield resource, Origin(source, where, entry.fullUrl)
+        yield from _entry_items(entry, source, f"{prefix}entry[{index}]")
+
+
+def _entry_items(entry: BundleEntry, source: str, where: str) -> Iterator[Sourced | Problem]:
+    if not entry.resource:
+        # Transaction responses and deletes carry no resource: nothing to read.
+        return
+    try:
+        resource = decode_resource(entry.resource)
+    except MalformedResourceError as exc:
+        yield Problem(source, exc.reason, exc.label or (entry.fullUrl or ""), where)
+        return
+    if resource is None:
+        return
+    if isinstance(resource, Bundle):
+        yield from bundle_entries(resource, source, where)
+    else:
+        yield resource, Origin(source, where, entry.fullUrl)

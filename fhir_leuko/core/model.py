@@ -13,6 +13,7 @@ from datetime import date, datetime
 
 __all__ = [
     "FINDING_ANALYTE",
+    "QUOTE_LIMIT",
     "Analyte",
     "ConditionMatch",
     "DrugExposure",
@@ -26,7 +27,20 @@ __all__ = [
     "Measure",
     "PatientRecord",
     "Problem",
+    "quoted",
 ]
+
+QUOTE_LIMIT = 200
+"""The most characters of one piece of input text (a medication's or condition's text, an id, a
+unit) that any output text quotes: DetectedIssue.detail, card markdown, problem lines."""
+
+
+def quoted(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """Input text as output text may quote it: whole when short, else its first ``limit``
+    characters and a note that it was cut (a 50 MB medication text stays in the input)."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… [cut: {len(text):,} characters in the input]"
 
 
 class Analyte(enum.StrEnum):
@@ -101,9 +115,10 @@ class Problem:
     kind: str = "input"
 
     def __str__(self) -> str:
+        # Reasons quote the input (a valueString, a unit, an id): each part is capped.
         where = f"{self.source}:{self.position}" if self.position else self.source
-        what = f" {self.resource}:" if self.resource else ""
-        return f"{where}:{what} {self.reason}"
+        what = f" {quoted(self.resource)}:" if self.resource else ""
+        return f"{quoted(where)}:{what} {quoted(self.reason, 2 * QUOTE_LIMIT)}"
 
 
 @dataclass(slots=True)

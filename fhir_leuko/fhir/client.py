@@ -59,6 +59,7 @@ import orjson
 import requests
 
 from .._version import __version__
+from ..core.fhirjson import decode_json
 from ..errors import AuthError, FhirConflictError, FhirError, FhirFatalError, FhirTemporaryError
 
 __all__ = [
@@ -435,7 +436,7 @@ class FhirClient:
             pages += 1
             data = response.content
             try:
-                page = _PAGE.decode(data)
+                page = decode_json(_PAGE, data)
             except (msgspec.DecodeError, msgspec.ValidationError):
                 raise FhirFatalError(f"{what}: page {pages} is not a FHIR Bundle") from None
             if page.resourceType != "Bundle" or page.type not in ("searchset", None):

@@ -18,7 +18,15 @@ from pathlib import Path
 from ..core.knowledge import Knowledge
 from ..core.model import Problem
 from ..core.normalise import Dataset, Normaliser
-from .reader import Progress, expand_paths, is_ndjson, open_input, read_file
+from .reader import (
+    READ_ERRORS,
+    Progress,
+    expand_paths,
+    is_ndjson,
+    open_input,
+    read_failure,
+    read_file,
+)
 
 __all__ = ["normalise_paths"]
 
@@ -48,6 +56,6 @@ def normalise_paths(
                 with open_input(path) as stream:
                     lines = stream if progress is None else _counted(stream, progress)
                     normaliser.feed_lines(lines, str(path))
-            except (OSError, EOFError) as exc:
-                normaliser.data.problems.append(Problem(str(path), f"cannot read file: {exc}"))
+            except READ_ERRORS as exc:
+                normaliser.data.problems.append(Problem(str(path), read_failure(exc)))
         return normaliser.run()

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, cast
 
 from ..core.fhirjson import (
+    TOO_DEEP,
     Bundle,
     MalformedResourceError,
     Origin,
@@ -21,20 +23,28 @@ from ..core.fhirjson import (
     bundle_entries,
     decode_resource,
     iter_document,
+    malformed_document,
 )
 from ..core.model import Problem
 from ..errors import InputError
 
 __all__ = [
     "INPUT_SUFFIXES",
+    "READ_ERRORS",
     "expand_paths",
     "is_ndjson",
     "open_input",
+    "read_failure",
     "read_file",
     "read_paths",
 ]
 
 INPUT_SUFFIXES = (".json", ".ndjson", ".jsonl", ".json.gz", ".ndjson.gz", ".jsonl.gz")
+
+READ_ERRORS = (OSError, EOFError, zlib.error)
+"""What reading a file may raise: OSError (including gzip.BadGzipFile, a bad header), EOFError (a
+.gz cut short) and zlib.error (a .gz whose compressed body is corrupt, which is not an OSError).
+Each becomes a problem naming the file; what was read before it is kept."""
 
 
 Progress = Callable[[int], object]
@@ -85,7 +95,7 @@ def _iter_lines(
         try:
             resource = decode_resource(line)
         except MalformedResourceError as exc:
-            yield Problem(source, exc.reason, exc.label, f"line {number}")
+            yield from malformed_document(exc, line, source, f"line {number}")
             continue
         if resource is None:
             continue
@@ -102,6 +112,29 @@ def open_input(path: Path) -> IO[bytes]:
     return path.open("rb")
 
 
+def read_failure(exc: BaseException) -> str:
+    """The problem reason for one of :data:`READ_ERRORS`."""
+    if isinstance(exc, zlib.error | EOFError | gzip.BadGzipFile):
+        return f"cannot read file: corrupt or truncated gzip data ({exc or type(exc).__name__})"
+    return f"cannot read file: {exc}"
+
+
+def _holds_ndjson(data: bytes, reason: str) -> bool:
+    """Whether a .json file that is not one JSON document holds NDJSON: JSON follows the first
+    value, or the first value is nested too deeply to read and more lines start a resource (a
+    pretty-printed document starts only one line with '{')."""
+    if "trailing characters" in reason:
+        return True
+    if TOO_DEEP not in reason:
+        return False
+    starts = 0
+    for line in data.splitlines():
+        starts += line.startswith(b"{")
+        if starts > 1:
+            return True
+    return False
+
+
 def read_file(path: Path, progress: Progress | None = None) -> Iterator[Sourced | Problem]:
     """Resources of one input file, and its problems."""
     source = str(path)
@@ -113,8 +146,8 @@ def read_file(path: Path, progress: Progress | None = None) -> Iterator[Sourced 
             return
         with open_input(path) as stream:
             data = stream.read()
-    except (OSError, EOFError) as exc:
-        yield Problem(source, f"cannot read file: {exc}")
+    except READ_ERRORS as exc:
+        yield Problem(source, read_failure(exc))
         return
     if progress is not None:
         progress(len(data))
@@ -126,7 +159,7 @@ def read_file(path: Path, progress: Progress | None = None) -> Iterator[Sourced 
         else:
             found = True
             yield item
-    if not found and problems and "trailing characters" in problems[0].reason:
+    if not found and problems and _holds_ndjson(data, problems[0].reason):
         # A .json file holding NDJSON (one resource per line) is common in exports.
         yield from _iter_lines(data.splitlines(), source, None)
         return

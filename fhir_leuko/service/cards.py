@@ -24,7 +24,7 @@ from typing import Any
 from ..core.detectedissue import FINDING_SYSTEM, build_detected_issue
 from ..core.explain import UNIT, explain, format_count, reference_of
 from ..core.fhir_models import check_resource
-from ..core.model import DrugHit, Finding, FindingKind, LabResult
+from ..core.model import DrugHit, Finding, FindingKind, LabResult, quoted
 from ..core.profiles import Monitoring, Profile, ProfileSet
 from .feedback import IssuedCard
 from .settings import CodingSettings
@@ -290,9 +290,10 @@ def _gap_markdown(gap: MonitoringGap, as_of: datetime) -> list[str]:
         last = f"No {m.analyte.label} on record in the last {gap.profile.settings.trend_days} days."
     else:
         days = (as_of.date() - gap.last.effective.date()).days
-        source = "derived" if gap.last.derived else reference_of(gap.last.key)
+        source = "derived" if gap.last.derived else quoted(reference_of(gap.last.key))
         last = (
-            f"Latest {m.analyte.label}: {_value(gap.last)} on {gap.last.effective_text} [{source}], "
+            f"Latest {m.analyte.label}: {_value(gap.last)} on {quoted(gap.last.effective_text)} "
+            f"[{source}], "
             f"{days} days before now; the {gap.profile.id} profile asks for one within "
             f"{m.max_age_days} days."
         )
@@ -338,8 +339,8 @@ def order_card(
     summary = _fit([f"{drug} order: {p}" for p in problem] + problem)
 
     effects = ", ".join(sorted(order.effects))
-    what = order.reference or "the draft order"
-    names = f": {order.names[0]}" if order.names else ""
+    what = quoted(order.reference) if order.reference else "the draft order"
+    names = f": {quoted(order.names[0])}" if order.names else ""
     detail = [
         f"**{md_escape(drug)}** is being ordered ({md_escape(what + names)}); it is known to cause "
         f"{md_escape(effects)}.",

@@ -23,6 +23,7 @@ import msgspec
 import requests
 import requests.auth
 
+from ..core.fhirjson import decode_json
 from ..errors import FhirError, FhirFetchError, FhirTemporaryError
 from ..fhir.client import FhirClient, RetryPolicy
 
@@ -72,7 +73,7 @@ _LINKS = msgspec.json.Decoder(_Links)
 def next_link(page: bytes) -> str | None:
     """The ``next`` link of a searchset page (``None`` at the last page)."""
     try:
-        links = _LINKS.decode(page).link
+        links = decode_json(_LINKS, page).link
     except msgspec.MsgspecError:
         return None
     return next((link.url for link in links if link.relation == "next" and link.url), None)

@@ -29,7 +29,7 @@ from typing import Any
 import msgspec
 
 from ..core.evaluate import evaluate, latest_result, profile_applies
-from ..core.fhirjson import MedicationRequest, Sourced, iter_document
+from ..core.fhirjson import MedicationRequest, Sourced, decode_json, iter_document
 from ..core.knowledge import Knowledge
 from ..core.model import FINDING_ANALYTE, Analyte, FindingKind, PatientRecord, Problem
 from ..core.normalise import drugs_of, normalise
@@ -96,11 +96,13 @@ _FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _KIND_OF: dict[Analyte, FindingKind] = {a: k for k, a in FINDING_ANALYTE.items()}
 _NOT_A_DRAFT = frozenset({"entered-in-error", "cancelled"})
 _PROBLEMS_SHOWN = 3
+_REQUEST = msgspec.json.Decoder(WireRequest)
+_CONTEXT = msgspec.json.Decoder(WireContext)
 
 
 def _decode_request(body: bytes) -> tuple[WireRequest, WireContext]:
     try:
-        request = msgspec.json.decode(body, type=WireRequest)
+        request = decode_json(_REQUEST, body)
     except msgspec.ValidationError as exc:
         raise MalformedRequestError(f"invalid CDS Hooks request: {exc}") from None
     except msgspec.DecodeError:
@@ -110,9 +112,11 @@ def _decode_request(body: bytes) -> tuple[WireRequest, WireContext]:
     if len(request.hookInstance) > 256:
         raise MalformedRequestError("hookInstance is too long")
     try:
-        context = msgspec.json.decode(request.context, type=WireContext)
+        context = decode_json(_CONTEXT, request.context)
     except msgspec.ValidationError as exc:
         raise MalformedRequestError(f"invalid context: {exc}") from None
+    except msgspec.DecodeError:
+        raise MalformedRequestError("the context is not valid JSON") from None
     return request, context
 
 

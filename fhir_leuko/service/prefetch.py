@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from ..core.fhirjson import Sourced, iter_document
+from ..core.fhirjson import Sourced, decode_json, iter_document
 from ..core.knowledge import LOINC_SYSTEM, Knowledge
 from ..core.model import Problem
 from ..errors import FhirFetchError, PrefetchUnavailableError
@@ -182,7 +182,7 @@ def _classify(raw: bytes) -> _Value:
     if raw.strip() == b"null":
         return _Value([])
     try:
-        top = _TOP.decode(raw)
+        top = decode_json(_TOP, raw)
     except msgspec.MsgspecError:
         return _Value([], missing="the client sent something that is not a FHIR resource")
     if top.resourceType == "OperationOutcome":
@@ -190,7 +190,7 @@ def _classify(raw: bytes) -> _Value:
     if top.resourceType == "Bundle":
         # Entries are looked at only when an OperationOutcome is in there at all (hot path).
         if b"OperationOutcome" in raw and any(
-            _is_error_outcome(e.resource) for e in _ENTRIES.decode(raw).entry
+            _is_error_outcome(e.resource) for e in decode_json(_ENTRIES, raw).entry
         ):
             return _Value([], missing="the client's Bundle carries an error OperationOutcome")
         following = next((k.url for k in top.link if k.relation == "next" and k.url), None)
