@@ -68,6 +68,15 @@ def _ndjson(*lines: bytes) -> bytes:
     return b"\n".join(lines) + b"\n"
 
 
+def _bundle(*entries: bytes) -> bytes:
+    head = b'{"resourceType": "Bundle", "id": "b", "type": "collection", "entry": ['
+    return head + b", ".join(entries) + b'], "link": [{"relation": "self", "url": "x"}]}'
+
+
+def _entry(n: int, resource: bytes) -> bytes:
+    return b'{"fullUrl": "urn:uuid:%d", "resource": %s}' % (n, resource)
+
+
 # -- deeply nested JSON ------------------------------------------------------------------------
 
 
@@ -97,16 +106,22 @@ def test_deep_line_in_ndjson_loses_only_itself(
     tmp_path: Path, knowledge: Knowledge, profiles: ProfileSet
 ) -> None:
     path = tmp_path / "Observation.ndjson"
+    bundle = _bundle(_entry(1, _deep(_wbc("in-bundle"))), _entry(2, json.dumps(_wbc("bundled")).encode()))
     path.write_bytes(
         _ndjson(
-            json.dumps(_wbc("before")).encode(), _deep(_wbc("deep")), json.dumps(_wbc("after")).encode()
+            json.dumps(_wbc("before")).encode(),
+            _deep(_wbc("deep")),
+            json.dumps(_wbc("after")).encode(),
+            bundle,
         )
     )
     problems, found = _read_both(path, knowledge, profiles)
+    reason = f"{TOO_DEEP} to read (about 1,000 levels or more)"
     assert [str(p) for p in problems] == [
-        f"{path}:line 2: Observation/deep-wbc: {TOO_DEEP} to read (about 1,000 levels or more)"
+        f"{path}:line 2: Observation/deep-wbc: {reason}",
+        f"{path}:line 4 entry[0]: Observation/in-bundle-wbc: {reason}",
     ]
-    assert found == {"before", "after"}
+    assert found == {"before", "after", "bundled"}
 
 
 def _read_both(
@@ -120,15 +135,6 @@ def _read_both(
     assert sorted(map(str, slow.problems)) == sorted(map(str, fast.problems))
     assert {k.removeprefix("Patient/") for k, r in fast.patients.items() if r.results} == slow_found
     return slow.problems, slow_found
-
-
-def _bundle(*entries: bytes) -> bytes:
-    head = b'{"resourceType": "Bundle", "id": "b", "type": "collection", "entry": ['
-    return head + b", ".join(entries) + b'], "link": [{"relation": "self", "url": "x"}]}'
-
-
-def _entry(n: int, resource: bytes) -> bytes:
-    return b'{"fullUrl": "urn:uuid:%d", "resource": %s}' % (n, resource)
 
 
 @pytest.mark.parametrize("depth", [DEPTH, 50_000])

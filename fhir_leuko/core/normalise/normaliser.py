@@ -33,6 +33,7 @@ from ..fhirjson import (
     Sourced,
     bundle_entries,
     decode_resource,
+    malformed_document,
 )
 from ..knowledge import Knowledge
 from ..model import LabResult, Problem
@@ -98,7 +99,6 @@ class Normaliser:
         this runs once per line of a bulk export.
         """
         self.problems.lines_source = source
-        problems = self.data.problems
         add_observation = self.add_observation
         number = first - 1
         for line in lines:
@@ -108,7 +108,8 @@ class Normaliser:
             try:
                 resource = decode_resource(line)
             except MalformedResourceError as exc:
-                problems.append(Problem(source, exc.reason, exc.label, f"line {number}"))
+                # (a Bundle too deep because of some entries still gives the others)
+                self.feed(malformed_document(exc, line, source, f"line {number}"))
                 continue
             if resource is None:
                 continue
