@@ -1,24 +1,63 @@
 """The one exception tree of fhir-leuko, and the exit codes the CLI maps it to.
 
-Library code raises these; only the edges translate them: ``cli.py`` into exit codes, the CDS
-service into HTTP statuses. Exit code numbers are part of the command-line contract (other tools
-script against them), so a number is never reused for a different meaning.
+Library code raises these; only the edges translate them: ``fhir_leuko.cli`` into exit codes, the
+CDS service into HTTP statuses. Exit code numbers are part of the command-line contract (schedulers
+and scripts act on them), so they are stable: a number keeps its meaning, and a code that is no
+longer used is listed in :data:`RETIRED_EXIT_CODES` so that its number is never given another
+meaning (the rule cumulus-etl's ``errors.py`` follows).
 """
 
 from __future__ import annotations
 
 import enum
+import textwrap
 
 
 class ExitCode(enum.IntEnum):
-    """Documented process exit codes."""
+    """Documented process exit codes (``fhir-leuko --help``, README, docs/scheduled-job.md); what
+    each means is :attr:`meaning`.
+
+    ``evaluate`` and ``profiles`` use 0, 1, 2 and 70; ``run`` all of them. A process stopped by
+    signal N exits 128 + N, as shells report it (130 Ctrl-C, 143 SIGTERM).
+    """
 
     OK = 0
-    """All input was read cleanly (and, for ``run``, every patient was written)."""
     INPUT_PROBLEMS = 1
-    """Some input had problems (or some patients failed); everything valid was still processed."""
     USAGE = 2
-    """A usage or configuration error: nothing was processed."""
+    INCOMPLETE = 3
+    LOCKED = 4
+    INTERNAL = 70  # EX_SOFTWARE of sysexits.h
+
+    @property
+    def meaning(self) -> str:
+        return _MEANINGS[self]
+
+
+_MEANINGS = {
+    ExitCode.OK: "clean: all input was read (run: every patient evaluated and written)",
+    ExitCode.INPUT_PROBLEMS: "input problems only, each reported; everything valid was evaluated "
+    "(run: and written)",
+    ExitCode.USAGE: "usage or configuration error (bad option, missing file, invalid profile, "
+    "refused credentials); nothing was evaluated",
+    ExitCode.INCOMPLETE: "run: some patients failed or the pass stopped early (server "
+    "unavailable); the rest was written and the failed patients are retried next pass",
+    ExitCode.LOCKED: "run: another run holds this server's lock; nothing was done",
+    ExitCode.INTERNAL: "an unexpected error (a bug): one line names it, -vv shows the traceback",
+}
+
+RETIRED_EXIT_CODES: dict[int, str] = {}
+"""Numbers no longer used, with what they meant: never given another meaning."""
+
+
+def exit_code_table(codes: tuple[ExitCode, ...], signals: str) -> str:
+    """The ``exit codes:`` section of a command's ``--help``: ``codes`` and what a signal does."""
+    lines = ["exit codes:"]
+    rows = [(str(int(code)), code.meaning) for code in codes] + [("128+N", signals)]
+    for number, meaning in rows:
+        lines.extend(
+            textwrap.wrap(meaning, 96, initial_indent=f"  {number:<6} ", subsequent_indent=" " * 9)
+        )
+    return "\n".join(lines) + "\n"
 
 
 class FhirLeukoError(Exception):
@@ -61,17 +100,17 @@ class StateError(FhirLeukoError):
 class LockError(FhirLeukoError):
     """Another run holds the single-writer lock for this server (and it is not stale)."""
 
-    exit_code = ExitCode.INPUT_PROBLEMS
+    exit_code = ExitCode.LOCKED
 
 
 class FhirError(FhirLeukoError):
     """A FHIR server request failed. The message carries the OperationOutcome text, if any.
 
     ``status`` is the HTTP status (``None`` for connection errors and timeouts); ``url`` has no
-    query string (search parameters may name patients).
+    query string (search parameters may name patients). One that ends a pass is exit code 3.
     """
 
-    exit_code = ExitCode.INPUT_PROBLEMS
+    exit_code = ExitCode.INCOMPLETE
 
     def __init__(
         self, message: str, *, status: int | None = None, url: str = "", outcome: str = ""

@@ -9,12 +9,16 @@ it needs the ``service`` extra). Nothing else imports it but ``python -m fhir_le
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 from .._version import __version__
-from ..errors import ExitCode, FhirLeukoError
+from ..core.model import quoted
+from ..errors import ExitCode, FhirLeukoError, exit_code_table
 from . import evaluate, profiles, serve
 from . import run as run_job  # `run` is also the console-script function below
 
@@ -26,14 +30,13 @@ subtypes) in FHIR R4 lab data, links them to drugs known to cause them, and writ
 explainable DetectedIssue per patient and finding.
 """
 
-_EPILOG = """\
-exit codes:
-  0  all input was read cleanly
-  1  some input had problems; everything valid was still evaluated and written
-  2  a usage or configuration error; nothing was evaluated
-
-Run 'fhir-leuko COMMAND --help' for the options and examples of each command.
+_EPILOG = (
+    exit_code_table(tuple(ExitCode), "stopped by signal N (130 Ctrl-C, 143 SIGTERM)")
+    + """
+The numbers are stable: a code keeps its meaning, and a retired number is never reused.
+Run 'fhir-leuko COMMAND --help' for the options, examples and exit codes of each command.
 """
+)
 
 # Each module adds one subcommand with `register(subparsers)`; its handler returns an exit code.
 _COMMANDS = [evaluate, profiles, run_job, serve]
@@ -53,11 +56,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in _COMMANDS:
         module.register(sub)
+    for command in sub.choices.values():
+        # Also after the command (fhir-leuko run -vv): given there, it counts instead.
+        command.add_argument(
+            "-v",
+            "--verbose",
+            action="count",
+            default=argparse.SUPPRESS,
+            help="more log output on stderr (-vv: debug, and the traceback of an unexpected error)",
+        )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the process exit code."""
+    """Run the command line; returns the process exit code.
+
+    This is the command's edge: every error becomes one line on stderr and an exit code here, and
+    nowhere else (fhir_leuko.errors.ExitCode).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
@@ -71,8 +87,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("fhir-leuko: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
+        _quiet_stdout()
         return int(ExitCode.OK)
+    except Exception as exc:  # the one catch-all: no traceback reaches a user unless asked for
+        return _unexpected(args, exc)
     return code
+
+
+def _unexpected(args: argparse.Namespace, exc: Exception) -> int:
+    """An error nobody planned for (a bug): one line naming the command and the error; the
+    traceback with -vv. The text is capped (it may quote input) and, for the job and the service,
+    goes through the same log scrubbing as their logs."""
+    what = " ".join(str(x) for x in (args.command, getattr(args, "action", None)) if x)
+    if args.verbose >= 2:
+        traceback.print_exception(exc, file=sys.stderr)
+    detail = quoted(str(exc).replace("\n", " "))
+    message = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+    print(
+        f"fhir-leuko: error: {what}: unexpected error ({message}); this is a bug: "
+        "run again with -vv for the traceback and report it",
+        file=sys.stderr,
+    )
+    return int(ExitCode.INTERNAL)
+
+
+def _quiet_stdout() -> None:
+    """The reader of stdout went away (``| head``): point stdout at /dev/null so that Python's
+    final flush does not print a BrokenPipeError of its own."""
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def run() -> None:

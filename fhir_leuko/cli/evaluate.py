@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from ..core.detectedissue import to_ndjson, to_transaction_bundle
 from ..core.pipeline import Evaluation, evaluate_dataset
-from ..errors import ExitCode, UsageError
+from ..errors import ExitCode, UsageError, exit_code_table
 from ..files.bulkread import normalise_paths
 from ..files.reader import expand_paths
 from .options import add_as_of, add_profile_options, as_of_from, profiles_from
@@ -45,11 +45,10 @@ examples:
   fhir-leuko evaluate bundle.json --format bundle --output tx.json
   fhir-leuko evaluate data/ --profile clozapine --profiles /etc/fhir-leuko/profiles
 
-exit codes:
-  0  all input was read cleanly
-  1  some input had problems (each printed on stderr); everything valid was still evaluated
-  2  a usage or configuration error (bad option, missing path, invalid profile)
-"""
+""" + exit_code_table(
+    (ExitCode.OK, ExitCode.INPUT_PROBLEMS, ExitCode.USAGE, ExitCode.INTERNAL),
+    "stopped by signal N (130 Ctrl-C)",
+)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -6,8 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..errors import ExitCode
-from ..files.documents import load_knowledge, load_profiles, validate_profile_dir
+from ..errors import ExitCode, UsageError, exit_code_table
+from ..files.documents import (
+    DOCUMENT_SUFFIXES,
+    load_knowledge,
+    load_profiles,
+    validate_profile_dir,
+)
 
 __all__ = ["register"]
 
@@ -20,7 +25,12 @@ examples:
 Profiles are TOML or YAML files; their grammar is documented in profiles/README.md (shipped in the
 package as fhir_leuko/profiles/README.md). A site directory adds profiles, or replaces a shipped one
 by using its id; a site profile may 'extends' a shipped one and change only what differs.
-"""
+
+validate exits 2 when a file is invalid, or when DIR is missing or holds no profile file.
+
+""" + exit_code_table(
+    (ExitCode.OK, ExitCode.USAGE, ExitCode.INTERNAL), "stopped by signal N (130 Ctrl-C)"
+)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -75,8 +85,17 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    directory: Path = args.directory
+    if not directory.is_dir():
+        raise UsageError(f"profiles validate {directory}: not a directory")
+    if not any(p.suffix in DOCUMENT_SUFFIXES for p in directory.iterdir()):
+        # Validating nothing must not look like "all valid" (a typo in a CI script).
+        raise UsageError(
+            f"profiles validate {directory}: no profile files "
+            f"({', '.join('*' + s for s in DOCUMENT_SUFFIXES)}) in it"
+        )
     knowledge = load_knowledge()
-    profiles, errors = validate_profile_dir(args.directory, knowledge)
+    profiles, errors = validate_profile_dir(directory, knowledge)
     for error in errors:
         print(f"error: {error}", file=sys.stderr)
     for profile in profiles:

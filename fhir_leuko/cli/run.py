@@ -21,7 +21,8 @@ from typing import Any
 import orjson
 from cronsim import CronSim, CronSimError
 
-from ..errors import AuthError, ExitCode, FhirError, LockError, UsageError
+from ..core.model import quoted
+from ..errors import AuthError, ExitCode, FhirError, LockError, UsageError, exit_code_table
 from ..fhir.client import FhirClient, RetryPolicy
 from ..files.documents import load_knowledge, load_profiles
 from ..job.config import JobConfig, build_auth, load_job_config, parse_interval
@@ -29,7 +30,7 @@ from ..job.runner import Job, JobOptions, Mode, PassReport
 from ..job.state import State, default_state_path
 from .options import parse_instant
 
-__all__ = ["register", "schedule_from"]
+__all__ = ["pass_exit_code", "register", "schedule_from"]
 
 log = logging.getLogger("fhir_leuko.run")
 
@@ -71,22 +72,25 @@ examples:
   fhir-leuko run --server URL --patient 123 --patient 456 --as-of 2026-11-20
   fhir-leuko run --server URL --full           # every patient with labs in the lookback
 
-exit codes:
-  0  every patient was evaluated and written, and the input had no problems
-  1  some patients failed or had input problems (the run went on with the others), the
-     server stayed unavailable, or another run holds the lock
-  2  a usage or configuration error (bad option, missing credential, refused credentials)
-
+{exit_code_table(tuple(ExitCode), "stopped by signal N after the current patient (130 Ctrl-C, 143 SIGTERM)")}
 {_CONFIG_EPILOG}"""
 
 _WATCH_EPILOG = f"""\
 The first pass starts at once, the next ones on the schedule (cron expressions are in UTC).
-A pass that fails (server down, token refused) is logged and the next one runs on schedule.
-SIGTERM or Ctrl-C stops after the current patient (a second Ctrl-C stops at once).
+A pass that fails (server down, token refused, an unexpected error) is logged and the next one
+runs on schedule. SIGTERM or Ctrl-C stops after the current patient (a second Ctrl-C stops at once).
+Each pass's "pass finished" log line carries the exit code 'run' would have given for it
+("exit_code" with --log-format json; see 'fhir-leuko run --help').
 
 examples:
   fhir-leuko watch --server https://ehr.example.org/fhir --every 15m
   fhir-leuko watch --config /etc/fhir-leuko/job.toml --cron "*/15 * * * *" --log-format json
+
+exit codes (of the watch process):
+  0      stopped as asked (SIGTERM, Ctrl-C, --max-passes)
+  2      usage or configuration error at start; no pass ran
+  70     an unexpected error outside a pass (a bug): one line names it, -vv shows the traceback
+  130    a second Ctrl-C stopped it at once
 
 {_CONFIG_EPILOG}"""
 
@@ -347,14 +351,17 @@ def _setup_logging(fmt: str, verbose: int) -> None:
 
 
 def _print_report(report: PassReport, fmt: str) -> None:
+    code = pass_exit_code(report)
     if fmt == "json":
         for problem in report.problems[:50]:
             fields = {"event": "input.problem", "problem": str(problem)}
             log.warning("input problem", extra={"fields": fields})
-        log.info("pass finished", extra={"fields": {"event": "pass.finished", **report.as_dict()}})
+        finished = {"event": "pass.finished", **report.as_dict(), "exit_code": code}
+        log.info("pass finished", extra={"fields": finished})
         return
     for line in report.summary_lines():
         print(f"fhir-leuko: {line}", file=sys.stderr)
+    print(f"fhir-leuko: pass finished: {report.status} (exit code {code})", file=sys.stderr)
     for alias, reason in report.failed[:20]:
         print(f"fhir-leuko: failed: patient {alias}: {reason}", file=sys.stderr)
     for problem in report.problems[:50]:
@@ -442,6 +449,18 @@ def _setup(args: argparse.Namespace) -> tuple[JobConfig, Job, State | None]:
     return config, job, state
 
 
+def pass_exit_code(report: PassReport, signum: int | None = None) -> int:
+    """A pass's exit code (fhir_leuko.errors.ExitCode; the one mapping from a report): what
+    failed outranks what was only noted. A pass stopped by signal N exits 128 + N."""
+    if report.interrupted and signum is not None:
+        return 128 + signum
+    if report.failed or report.aborted is not None or report.interrupted:
+        return int(ExitCode.INCOMPLETE)
+    if report.problems:
+        return int(ExitCode.INPUT_PROBLEMS)
+    return int(ExitCode.OK)
+
+
 def run_command(args: argparse.Namespace) -> int:
     config, job, state = _setup(args)
     fmt = config.run.log_format
@@ -449,9 +468,7 @@ def run_command(args: argparse.Namespace) -> int:
         with _stop_on_signals(job.stop) as received:
             report = job.run()
         _print_report(report, fmt)
-        if report.interrupted and received:
-            return 128 + received[0]
-        return int(ExitCode.OK if report.ok else ExitCode.INPUT_PROBLEMS)
+        return pass_exit_code(report, received[0] if received else None)
     finally:
         job.client.close()
         if state is not None:
@@ -493,6 +510,14 @@ def watch_command(args: argparse.Namespace) -> int:
                     log.error("pass failed: authentication: %s", exc)
                 except FhirError as exc:
                     log.error("pass failed (the next pass runs on schedule): %s", exc)
+                except Exception as exc:  # a bug in one pass must not end the watcher
+                    log.error(
+                        "pass failed (the next pass runs on schedule): unexpected error "
+                        "(%s: %s); this is a bug: -vv shows the traceback",
+                        type(exc).__name__,
+                        quoted(str(exc).replace("\n", " ")),
+                        exc_info=exc if args.verbose >= 2 else None,
+                    )
                 passes += 1
                 if args.max_passes and passes >= args.max_passes:
                     break
