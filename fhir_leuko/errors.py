@@ -134,6 +134,12 @@ class FhirConflictError(FhirFatalError):
     conditional create matched more than one resource."""
 
 
+class PagingError(FhirFatalError):
+    """A paged search could not be walked completely and stably: the server ignores ``_sort``,
+    refuses to page past resources that share one ``meta.lastUpdated``, or returned fewer
+    resources than it counts. The pass fails: never a silent success."""
+
+
 class AuthError(FhirError):
     """Authentication failed for good (token endpoint refused, 401 after a token refresh).
 

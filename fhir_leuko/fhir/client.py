@@ -21,6 +21,7 @@ Public API (stable)::
     client.transaction(bundle) -> dict          # the transaction-response Bundle
     client.capabilities() -> dict               # GET metadata (cached)
     client.supports("transaction") -> bool      # a system interaction listed in metadata
+    client.search_params("Observation")         # search parameters metadata lists (or None)
     client.requests_sent                        # HTTP requests sent, retries included
 
 Behaviour, from what real servers do (``../shared/knowledge/fhir-servers.md``):
@@ -412,6 +413,23 @@ class FhirClient:
                     if isinstance(item, dict) and item.get("code") == interaction:
                         return True
         return False
+
+    def search_params(self, resource_type: str) -> frozenset[str] | None:
+        """The search parameters ``metadata`` lists for a resource type (with those it lists for
+        all types), or ``None`` when it lists none for that type (nothing can be concluded)."""
+        names: set[str] = set()
+        listed = False
+        for rest in self.capabilities().get("rest") or []:
+            if not isinstance(rest, dict) or rest.get("mode", "server") != "server":
+                continue
+            common = [p for p in rest.get("searchParam") or [] if isinstance(p, dict)]
+            names.update(str(p.get("name")) for p in common)
+            for resource in rest.get("resource") or []:
+                if isinstance(resource, dict) and resource.get("type") == resource_type:
+                    params = [p for p in resource.get("searchParam") or [] if isinstance(p, dict)]
+                    listed = listed or bool(params)
+                    names.update(str(p.get("name")) for p in params)
+        return frozenset(names) if listed else None
 
     def search(
         self,

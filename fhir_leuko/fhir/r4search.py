@@ -113,11 +113,19 @@ _MODIFIERS = frozenset(
 )
 
 
+_RESULT_VALUES: dict[str, frozenset[str]] = {
+    # https://hl7.org/fhir/R4/search.html#total and #summary
+    "_total": frozenset({"none", "estimate", "accurate"}),
+    "_summary": frozenset({"true", "text", "data", "count", "false"}),
+}
+
+
 def check_search_params(
     resource_type: str,
     params: Mapping[str, str | Sequence[str]] | Iterable[tuple[str, str]],
 ) -> None:
-    """Raise ``ValueError`` for a parameter (or ``_include``) that R4 does not define for the type."""
+    """Raise ``ValueError`` for a parameter (or ``_include``, or a ``_sort`` key, or a ``_total`` or
+    ``_summary`` value) that R4 does not define for the type."""
     known = R4_SEARCH_PARAMS.get(resource_type)
     if known is None:
         raise ValueError(f"no R4 search parameter table for {resource_type}")
@@ -135,3 +143,11 @@ def check_search_params(
             for include in values:
                 if include not in _INCLUDES.get(resource_type, frozenset()):
                     raise ValueError(f"{resource_type}?_include={include}: not an R4 include")
+        if base == "_sort":
+            # comma-separated search parameters of the type, each optionally with "-" (descending)
+            for key in str(value).split(","):
+                name = key.strip().removeprefix("-")
+                if name not in known and name not in ("_id", "_lastUpdated"):
+                    raise ValueError(f"{resource_type}?_sort={value}: {name!r} is not an R4 sort")
+        if base in _RESULT_VALUES and str(value) not in _RESULT_VALUES[base]:
+            raise ValueError(f"{resource_type}?{base}={value}: not an R4 value of {base}")

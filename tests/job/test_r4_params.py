@@ -60,6 +60,9 @@ def test_every_parameter_the_job_sends_is_an_r4_search_parameter(
         ("Flag", "code"),  # not in R4
         ("Observation", "foo"),
         ("MedicationRequest", "_include=MedicationRequest:requester"),
+        ("Observation", "_sort=_lastUpdated,foo"),
+        ("Observation", "_total=exact"),
+        ("Observation", "_summary=counts"),
     ],
 )
 def test_non_r4_parameters_are_refused(rtype: str, param: str) -> None:
@@ -75,3 +78,8 @@ def test_the_table_covers_every_type_the_job_searches() -> None:
     }
     check_search_params("Observation", {"patient": "Patient/1", "code": "x", "date": ["ge1", "le2"]})
     check_search_params("DetectedIssue", {"identifier": "s|v", "patient": "Patient/1"})
+    check_search_params(
+        "Observation",
+        [("_sort", "_lastUpdated,_id"), ("_sort", "-date"), ("_total", "accurate")],
+    )
+    check_search_params("Patient", [("_summary", "count"), ("_lastUpdated", "ge2026-11-20")])
