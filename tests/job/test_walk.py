@@ -12,8 +12,10 @@ from typing import Any
 
 import orjson
 import pytest
+import responses
 
 from fhir_leuko.errors import FhirFatalError, PagingError
+from fhir_leuko.fhir.client import FhirClient
 from fhir_leuko.job.walk import Stopped, Walker, interruptible_sleep
 
 
@@ -137,3 +139,25 @@ def test_stop_is_checked_between_requests() -> None:
     sleep = interruptible_sleep(stop)
     with pytest.raises(Stopped):
         sleep(30)
+
+
+@responses.activate
+def test_search_params_come_from_the_capability_statement() -> None:
+    statement = {
+        "resourceType": "CapabilityStatement",
+        "rest": [
+            {
+                "mode": "server",
+                "searchParam": [{"name": "_lastUpdated", "type": "date"}],
+                "resource": [
+                    {"type": "Observation", "searchParam": [{"name": "_id", "type": "token"}]},
+                    {"type": "Flag"},
+                ],
+            }
+        ],
+    }
+    responses.get("https://ehr.example.org/fhir/metadata", json=statement)
+    client = FhirClient("https://ehr.example.org/fhir")
+    assert client.search_params("Observation") == {"_id", "_lastUpdated"}
+    assert client.search_params("Flag") is None  # lists none: nothing can be concluded
+    assert client.search_params("Patient") is None
