@@ -28,6 +28,7 @@ from ..files.documents import load_knowledge, load_profiles
 from ..job.config import JobConfig, build_auth, load_job_config, parse_interval
 from ..job.runner import Job, JobOptions, Mode, PassReport
 from ..job.state import State, default_state_path
+from ..job.walk import interruptible_sleep
 from .options import parse_instant
 
 __all__ = ["pass_exit_code", "register", "schedule_from"]
@@ -78,7 +79,8 @@ examples:
 _WATCH_EPILOG = f"""\
 The first pass starts at once, the next ones on the schedule (cron expressions are in UTC).
 A pass that fails (server down, token refused, an unexpected error) is logged and the next one
-runs on schedule. SIGTERM or Ctrl-C stops after the current patient (a second Ctrl-C stops at once).
+runs on schedule. SIGTERM or Ctrl-C stops within seconds, between two requests, keeping the
+progress made (a second Ctrl-C stops at once).
 Each pass's "pass finished" log line carries the exit code 'run' would have given for it
 ("exit_code" with --log-format json; see 'fhir-leuko run --help').
 
@@ -297,7 +299,7 @@ def _options(config: JobConfig, args: argparse.Namespace) -> JobOptions:
     )
 
 
-def _client(config: JobConfig) -> FhirClient:
+def _client(config: JobConfig, stop: threading.Event) -> FhirClient:
     fhir = config.fhir
     if not fhir.server:
         raise UsageError(
@@ -315,6 +317,7 @@ def _client(config: JobConfig) -> FhirClient:
         verify=verify,
         retry=RetryPolicy(max_attempts=fhir.retry_attempts, max_total=fhir.retry_total),
         headers=fhir.headers,
+        sleep=interruptible_sleep(stop),  # a retry wait ends at SIGTERM/SIGINT
     )
 
 
@@ -375,7 +378,8 @@ def _print_report(report: PassReport, fmt: str) -> None:
 
 @contextmanager
 def _stop_on_signals(stop: threading.Event) -> Iterator[list[int]]:
-    """SIGTERM/SIGINT set ``stop`` (finish the current patient); a second SIGINT interrupts."""
+    """SIGTERM/SIGINT set ``stop`` (the pass stops before its next request); a second SIGINT
+    interrupts."""
     received: list[int] = []
 
     def handle(signum: int, frame: FrameType | None) -> None:
@@ -383,7 +387,7 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[list[int]]:
             raise KeyboardInterrupt
         received.append(signum)
         stop.set()
-        log.warning("%s received: stopping after the current patient", signal.Signals(signum).name)
+        log.warning("%s received: stopping before the next request", signal.Signals(signum).name)
 
     previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -426,7 +430,8 @@ def _setup(args: argparse.Namespace) -> tuple[JobConfig, Job, State | None]:
     profiles = load_profiles(knowledge, config.run.profiles)
     if config.run.profile:
         profiles = profiles.select(config.run.profile)
-    client = _client(config)
+    stop = threading.Event()
+    client = _client(config, stop)
     state_path = config.state.path or default_state_path()
     # A dry run changes nothing, the state file included: with no file yet it runs as a first pass.
     state = None if options.dry_run and not state_path.exists() else State(state_path)
@@ -443,6 +448,7 @@ def _setup(args: argparse.Namespace) -> tuple[JobConfig, Job, State | None]:
         profiles,
         options,
         state=state,
+        stop=stop,
         emit=emit,
         checkpoint_hook=_test_pause_hook(),
     )

@@ -2,15 +2,17 @@
 
 Incremental (the default): ``Observation`` (the mapped LOINC codes), ``DiagnosticReport``,
 ``MedicationRequest`` and ``MedicationStatement`` with ``_lastUpdated=gt<watermark - overlap>``,
-sorted by ``_lastUpdated``; resource versions already handled inside the overlap (``seen``) are
-skipped, so an unchanged server costs one request per resource type. A :class:`Batch` groups the
-changes by patient and says where the watermark may move once the patients before it are handled.
-A full pass takes every patient with a lab result (or a lab report) in the lookback.
+sorted by ``_lastUpdated`` (and ``_id``), walked in windows at a (lastUpdated, id) cursor
+(:class:`ChangeWalk`, :mod:`fhir_leuko.job.walk`); resource versions already handled inside the
+overlap (``seen``) are skipped, so an unchanged server costs one request per resource type. A
+:class:`Batch` groups the changes by patient and says where the watermark may move once the
+patients before it are handled. A full pass takes every patient with a lab result (or a lab
+report) in the lookback, checked against the server's count.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -24,7 +26,7 @@ from .patients import patient_key
 if TYPE_CHECKING:
     from .runner import Job, PassReport
 
-__all__ = ["CHANGE_TYPES", "Batch", "Change", "find_changes", "full_patients"]
+__all__ = ["CHANGE_TYPES", "Batch", "Change", "ChangeWalk", "full_patients"]
 
 CHANGE_TYPES = ("Observation", "DiagnosticReport", "MedicationRequest", "MedicationStatement")
 """Resource types whose changes make a patient's evaluation stale."""
@@ -103,7 +105,11 @@ class Batch:
 
 
 def full_patients(job: Job, report: PassReport, as_of: datetime) -> list[str]:
-    """Every patient with a mapped lab result (or a lab report) in the lookback."""
+    """Every patient with a mapped lab result (or a lab report) in the lookback.
+
+    Each search is walked in windows sorted by ``_lastUpdated`` (never by deep offsets) and checked
+    against the server's count (:class:`~fhir_leuko.job.walk.Walker`): a scan that cannot be
+    complete is a :class:`~fhir_leuko.errors.PagingError`, never a silent success."""
     start = format_instant(as_of - job.lookback)
     end = format_instant(as_of)
     page_size = str(job.options.page_size)
@@ -115,7 +121,7 @@ def full_patients(job: Job, report: PassReport, as_of: datetime) -> list[str]:
                 ("code", job.codes),
                 ("date", f"ge{start}"),
                 ("date", f"le{end}"),
-                ("_elements", "subject"),
+                ("_elements", "subject,meta"),
                 ("_count", page_size),
             ],
         ),
@@ -124,13 +130,13 @@ def full_patients(job: Job, report: PassReport, as_of: datetime) -> list[str]:
             [
                 ("date", f"ge{start}"),
                 ("date", f"le{end}"),
-                ("_elements", "subject"),
+                ("_elements", "subject,meta"),
                 ("_count", page_size),
             ],
         ),
     ]
     for rtype, params in searches:
-        for page in job.search(rtype, params):
+        for page in job.walker.pages(rtype, params, count=True):
             for item in iter_document(page, f"{rtype} search"):
                 if isinstance(item, Problem):
                     continue
@@ -143,49 +149,80 @@ def full_patients(job: Job, report: PassReport, as_of: datetime) -> list[str]:
     return sorted(found)
 
 
-def find_changes(
-    job: Job, report: PassReport, since: str, seen: set[tuple[str, str]]
-) -> tuple[list[Change], list[str]]:
-    """Changed lab/medication resources since ``since - overlap`` not yet handled, and the
-    last ``lastUpdated`` of each type whose collection stopped at ``max_changes``."""
-    opts = job.options
-    moment = parse_fhir_datetime(since)
-    assert moment is not None
-    start = format_instant(moment - opts.overlap)
-    out: list[Change] = []
-    capped: list[str] = []
-    for rtype in CHANGE_TYPES:
-        params = [("_lastUpdated", f"gt{start}"), ("_sort", "_lastUpdated")]
-        if rtype == "Observation":
-            params.insert(0, ("code", job.codes))
-        params.append(("_count", str(opts.page_size)))
-        count = 0
-        last: str | None = None
-        for page in job.search(rtype, params):
-            for item in iter_document(page, f"{rtype} changes"):
-                if isinstance(item, Problem):
-                    report.problems.append(item)
-                    continue
-                resource = item[0]
-                if not isinstance(
-                    resource,
-                    Observation | DiagnosticReportStruct | MedicationRequest | MedicationStatement,
-                ):
-                    continue
-                count += 1
-                updated = resource.meta.lastUpdated if resource.meta else None
-                last = updated or last
-                key = f"{rtype}/{resource.id}"
-                if updated and (key, updated) in seen:
-                    continue
-                subject = resource.subject.reference if resource.subject else None
-                patient = patient_key(subject)
-                if patient is None:
-                    continue  # no Patient subject (e.g. a result listed by its report)
-                report.changes[rtype] += 1
-                out.append(Change(key, updated, patient))
-            if count >= opts.max_changes:
-                if last:
-                    capped.append(last)
-                break
-    return out, capped
+class ChangeWalk:
+    """The changed lab/medication resources since ``since - overlap`` not yet handled (``seen``),
+    in batches.
+
+    Each change type is one walk (:class:`~fhir_leuko.job.walk.Walker`, sorted by
+    ``_lastUpdated``, in windows at its cursor); a batch takes up to about ``max_changes``
+    resources of each type and the next batch continues the same walks where they stopped, so the
+    walk always advances, however many changes share one instant or one overlap window.
+    """
+
+    def __init__(self, job: Job, report: PassReport, since: str, seen: set[tuple[str, str]]):
+        self.job = job
+        self.report = report
+        self.seen = seen
+        moment = parse_fhir_datetime(since)
+        assert moment is not None
+        start = format_instant(moment - job.options.overlap)
+        self.walks: dict[str, Iterator[bytes]] = {}
+        for rtype in CHANGE_TYPES:
+            params = [("code", job.codes)] if rtype == "Observation" else []
+            params.append(("_count", str(job.options.page_size)))
+            self.walks[rtype] = job.walker.pages(rtype, params, after=start)
+
+    def batch(self) -> tuple[list[Change], list[str]]:
+        """The next batch of changes, and the last ``lastUpdated`` read of each type whose walk
+        is not finished (its later changes come in the next batch)."""
+        out: list[Change] = []
+        capped: list[str] = []
+        for rtype, pages in list(self.walks.items()):
+            count = 0
+            last: str | None = None
+            finished = True
+            for page in pages:
+                for item in iter_document(page, f"{rtype} changes"):
+                    if isinstance(item, Problem):
+                        self.report.problems.append(item)
+                        continue
+                    resource = item[0]
+                    if not isinstance(
+                        resource,
+                        Observation
+                        | DiagnosticReportStruct
+                        | MedicationRequest
+                        | MedicationStatement,
+                    ):
+                        continue
+                    count += 1
+                    updated = resource.meta.lastUpdated if resource.meta else None
+                    last = updated or last
+                    key = f"{rtype}/{resource.id}"
+                    if updated and (key, updated) in self.seen:
+                        continue
+                    subject = resource.subject.reference if resource.subject else None
+                    patient = patient_key(subject)
+                    if patient is None:
+                        continue  # no Patient subject (e.g. a result listed by its report)
+                    self.report.changes[rtype] += 1
+                    out.append(Change(key, updated, patient))
+                if count >= self.job.options.max_changes:
+                    finished = False  # the walk waits, suspended, for the next batch
+                    break
+            if finished:
+                del self.walks[rtype]
+            elif last:
+                capped.append(last)
+        return out, capped
+
+    @property
+    def finished(self) -> bool:
+        return not self.walks
+
+    def all(self) -> list[Change]:
+        """Every change (all batches at once)."""
+        out: list[Change] = []
+        while not self.finished:
+            out.extend(self.batch()[0])
+        return out

@@ -6,7 +6,10 @@ LOINC codes, ``date`` = the longest lookback plus trend window), their Diagnosti
 ``_include=DiagnosticReport:result`` (results without their own subject or time),
 MedicationRequests and MedicationStatements with ``_include=...:medication``, Conditions, Flags,
 and fhir-leuko's own DetectedIssues (``patient`` + ``code`` of fhir-leuko's finding CodeSystem).
-Eight searches for the whole group: well under one request per patient.
+Eight searches for the whole group: well under one request per patient. Each is sorted by
+``_lastUpdated`` (and ``_id``) and walked like every paged search of the job
+(:mod:`fhir_leuko.job.walk`): a server that ignores ``_sort`` fails the group rather than lose a
+result between pages.
 """
 
 from __future__ import annotations
@@ -77,11 +80,11 @@ def fetch(job: Job, group: list[str], as_of: datetime) -> tuple[list[Sourced | P
     ]
     items: list[Sourced | Problem] = []
     for rtype, params in searches:
-        for number, page in enumerate(job.search(rtype, params), start=1):
+        for number, page in enumerate(job.walker.pages(rtype, params), start=1):
             items.extend(iter_document(page, f"{rtype} search", f"page {number}"))
     existing: Existing = {}
     issue_params = [("patient", refs), ("code", job.finding_codes), count]
-    for page in job.search("DetectedIssue", issue_params):
+    for page in job.walker.pages("DetectedIssue", issue_params):
         bundle = orjson.loads(page)
         for entry in bundle.get("entry") or []:
             resource = entry.get("resource") or {}

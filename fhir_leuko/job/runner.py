@@ -36,6 +36,8 @@ from tqdm import tqdm
 
 from ..core.detectedissue import FINDING_SYSTEM
 from ..core.evaluate import evaluate
+from ..core.fhirjson import DiagnosticReport as DiagnosticReportStruct
+from ..core.fhirjson import MedicationRequest, MedicationStatement, Observation, Sourced
 from ..core.fhirtime import format_instant, parse_fhir_datetime
 from ..core.knowledge import LOINC_SYSTEM, Knowledge
 from ..core.model import FindingKind, PatientRecord, Problem
@@ -44,11 +46,12 @@ from ..core.profiles import ProfileSet
 from ..errors import AuthError, FhirError, FhirLeukoError, FhirTemporaryError, LockError
 from ..fhir.client import FhirClient
 from ..fhir.r4search import check_search_params
-from .changes import CHANGE_TYPES, Batch, Change, Checkpoint, find_changes, full_patients
+from .changes import CHANGE_TYPES, Batch, Change, ChangeWalk, Checkpoint, full_patients
 from .fetch import fetch
 from .patients import as_patient, pseudonym, scrub
 from .plan import MITIGATION_SYSTEM, RECOVERED_CODE, Planner, Write
 from .state import LockInfo, State, server_key
+from .walk import Stopped, Walker
 from .write import Writer
 
 __all__ = [
@@ -83,6 +86,10 @@ class JobOptions:
     page_size: int = 500
     overlap: timedelta = timedelta(minutes=5)
     max_changes: int = 10_000
+    """Changed resources of one type per batch (the next batch continues the same walk)."""
+    window_size: int = 5_000
+    """Resources read in one search before the next window starts at the cursor, so that no
+    walk depends on deep pages (``next`` links are followed only within a window)."""
     stale_lock_after: timedelta = timedelta(minutes=30)
     progress: bool = False
 
@@ -211,6 +218,8 @@ class Job:
             days=max((p.settings.trend_days for p in active), default=180)
         )
         self._hook_counts: Counter[str] = Counter()
+        self._sorts: dict[str, str] = {}
+        self.walker = Walker(self.search, self.stop, self.sort, window_size=options.window_size)
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -224,6 +233,21 @@ class Job:
     def search(self, rtype: str, params: list[tuple[str, str]]) -> Iterator[bytes]:
         check_search_params(rtype, params)  # only R4 parameters reach a server
         return self.client.search(rtype, params)
+
+    def sort(self, rtype: str) -> str:
+        """The ``_sort`` of every paged search of a type: ``_lastUpdated``, with ``_id`` as the
+        tie-breaker when the CapabilityStatement lists ``_id`` for the type."""
+        if rtype not in self._sorts:
+            listed = self.client.search_params(rtype)
+            if listed is not None and "_lastUpdated" not in listed:
+                log.warning(
+                    "the server's CapabilityStatement does not list _lastUpdated for %s: sorting "
+                    "by it all the same (paging is checked for a stable order)",
+                    rtype,
+                )
+            tie = listed is not None and "_id" in listed
+            self._sorts[rtype] = "_lastUpdated,_id" if tie else "_lastUpdated"
+        return self._sorts[rtype]
 
     # -- the pass -------------------------------------------------------------------------------
 
@@ -269,7 +293,7 @@ class Job:
                 if stored is None:
                     # First run: also the changes just before the server's start time, which the
                     # next run's overlap re-reads; they are remembered as handled.
-                    recent, _capped = find_changes(self, report, server_start, set())
+                    recent = ChangeWalk(self, report, server_start, set()).all()
                     keys = sorted(set(keys) | {c.patient for c in recent})
                 passer.process(keys, checkpoint=None)
                 if stored is None and not report.interrupted and report.aborted is None:
@@ -279,6 +303,9 @@ class Job:
                 since = format_instant(opts.since) if opts.since else stored
                 assert since is not None
                 passer.incremental(since, server_start)
+        except Stopped:
+            # SIGTERM/SIGINT between two requests: what was committed stays, the rest is redone.
+            report.interrupted = True
         except FhirLeukoError as exc:
             report.aborted = str(exc)
             raise
@@ -326,6 +353,11 @@ class _Pass:
         are not recorded as pending; the watermark stays before their changes instead."""
         self.bar: tqdm[Any] | None = None
         self.planner = Planner(job, report.actions, as_of)
+        self.fetched: set[tuple[str, str]] | None = None
+        """Versions of changeable resources fetched in this pass, kept while more batches of
+        changes follow (:meth:`not_yet_evaluated`)."""
+        self.evaluated: set[str] = set()
+        """Patients evaluated and written in this pass."""
         self.writer = Writer(job, report.actions, run_id, use_tx, self.deferred, self.outage)
 
     def incremental(self, since: str, server_start: str) -> None:
@@ -335,18 +367,40 @@ class _Pass:
         returned is handled, the watermark may move there (the overlap covers late commits), so a
         quiet server costs one search per change type."""
         state = self.job.state
-        first_batch = True
+        seen = state.seen(self.server) if state is not None else set()
+        walk = ChangeWalk(self.job, self.report, since, seen)
+        pending = list(state.pending(self.server)) if state is not None else []
         while True:
-            seen = state.seen(self.server) if state is not None else set()
-            changes, capped = find_changes(self.job, self.report, since, seen)
-            pending = list(state.pending(self.server)) if state is not None and first_batch else []
-            first_batch = False
+            changes, capped = walk.batch()
+            changes = self.not_yet_evaluated(changes)
             batch = Batch.of(changes, capped, server_start)
+            # A later batch follows: remember what this one's patients were evaluated with.
+            self.fetched = set() if capped and self.fetched is None else self.fetched
             self.process(batch.order(pending), checkpoint=batch.checkpointer(self.commit))
+            pending = []
             if self.report.interrupted or self.report.aborted or not capped:
                 return
-            since = batch.end or since
-            log.info("more changes than one batch holds: next batch from %s", since)
+            log.info("more changes than one batch holds: the next batch continues the walk")
+
+    def not_yet_evaluated(self, changes: list[Change]) -> list[Change]:
+        """The changes whose patient this pass has not evaluated with that very version yet.
+
+        A patient whose changes straddle two batches is evaluated once: its later change was
+        already in what the earlier batch fetched for it. (A change that was not, e.g. one
+        committed after that fetch, makes the patient evaluated again.) The versions skipped are
+        recorded as handled at once."""
+        if not self.fetched:
+            return changes
+        skip = [
+            c
+            for c in changes
+            if c.patient in self.evaluated and (c.resource, c.last_updated) in self.fetched
+        ]
+        if not skip:
+            return changes
+        self.commit([], [], None, [(c.resource, c.last_updated) for c in skip])
+        skipped = {id(c) for c in skip}
+        return [c for c in changes if id(c) not in skipped]
 
     def process(
         self,
@@ -440,6 +494,8 @@ class _Pass:
             return self.split(group)
         self.outages = 0
         self.job.point("fetched")
+        if self.fetched is not None:
+            self.fetched.update(_versions(items))
         dataset = normalise(items, self.job.knowledge)
         self.report.problems.extend(dataset.problems)
         planned: dict[str, list[Write]] = {}
@@ -462,6 +518,7 @@ class _Pass:
             if self.bar is not None:
                 self.bar.update(1)
         ok, bad = self.writer.write(planned)
+        self.evaluated.update(ok)
         done.extend(ok)
         failed.extend(bad)
         return done, failed
@@ -484,3 +541,23 @@ class _Pass:
         self.outages += 1
         if self.outages >= _MAX_CONSECUTIVE_OUTAGES:
             raise _Outage(f"the server stayed unavailable ({exc})")
+
+
+_CHANGEABLE = {
+    Observation: "Observation",
+    DiagnosticReportStruct: "DiagnosticReport",
+    MedicationRequest: "MedicationRequest",
+    MedicationStatement: "MedicationStatement",
+}
+
+
+def _versions(items: Iterable[Sourced | Problem]) -> Iterator[tuple[str, str]]:
+    """(``Type/id``, ``meta.lastUpdated``) of the fetched resources a change walk reports."""
+    for item in items:
+        if isinstance(item, Problem):
+            continue
+        resource = item[0]
+        rtype = _CHANGEABLE.get(type(resource))
+        meta = getattr(resource, "meta", None)
+        if rtype and meta is not None and meta.lastUpdated:
+            yield f"{rtype}/{resource.id}", meta.lastUpdated
