@@ -73,7 +73,7 @@ examples:
   fhir-leuko run --server URL --patient 123 --patient 456 --as-of 2026-11-20
   fhir-leuko run --server URL --full           # every patient with labs in the lookback
 
-{exit_code_table(tuple(ExitCode), "stopped by signal N after the current patient (130 Ctrl-C, 143 SIGTERM)")}
+{exit_code_table(tuple(ExitCode), "stopped by signal N within seconds, before the next request (130 Ctrl-C, 143 SIGTERM)")}
 {_CONFIG_EPILOG}"""
 
 _WATCH_EPILOG = f"""\
