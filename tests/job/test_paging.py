@@ -82,15 +82,15 @@ def assert_no_deep_offsets(proxy: StrictProxy) -> None:
 
 
 @pytest.mark.parametrize(
-    "setting",
+    ("mode", "setting"),
     [
-        {},  # sorted searches page by cursor (the production server)
-        {"sorted_paging": "offset"},  # ... or by offset, capped: windows restart at the cursor
-        {"count_cap": 7, "offset_cap": 20},
+        ("incremental", {}),  # the first pass; sorted searches page by cursor (production)
+        ("full", {}),
+        ("incremental", {"sorted_paging": "offset"}),  # capped offsets: windows at the cursor
+        ("full", {"count_cap": 10, "offset_cap": 20}),
     ],
-    ids=["cursor", "offset-capped", "small-pages"],
+    ids=["first-pass", "full", "first-pass-offset-capped", "full-small-pages"],
 )
-@pytest.mark.parametrize("mode", ["incremental", "full"])
 def test_full_scan_over_more_observations_than_the_offset_cap(
     strict: StrictProxy,
     state_path: Path,
@@ -249,6 +249,7 @@ def _wait_for(proc: subprocess.Popen[bytes], ready: Callable[[], bool]) -> None:
         time.sleep(0.01)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 @pytest.mark.parametrize("where", ["scan", "groups"])
 def test_a_signal_stops_the_pass_within_seconds(
@@ -256,7 +257,8 @@ def test_a_signal_stops_the_pass_within_seconds(
 ) -> None:
     ward(strict.upstream)
     state = tmp_path / "state.sqlite3"
-    strict.configure(delay=0.1, count_cap=10)  # a slow server: the scan alone takes seconds
+    # A slow server: the scan takes seconds (small pages), and so does each group.
+    strict.configure(delay=0.1, count_cap=10 if where == "scan" else 50)
     ready = {
         "scan": lambda: len(strict.searches("Observation")) >= 3,
         "groups": lambda: len(strict.searches("Patient")) >= 1,
