@@ -18,7 +18,7 @@ import pytest
 
 from fhir_leuko.core.knowledge import Knowledge
 from fhir_leuko.core.profiles import ProfileSet
-from fhir_leuko.errors import PagingError
+from fhir_leuko.errors import ExitCode, PagingError
 from fhir_leuko.fhir.client import FhirClient
 from fhir_leuko.fhir.r4search import check_search_params
 from fhir_leuko.job.state import State
@@ -174,7 +174,7 @@ def test_a_scan_that_cannot_be_complete_fails_the_pass(
             client=FhirClient(strict.base_url, headers=STRICT),
         )
     done = cli(*job_args(strict, tmp_path / "b.sqlite3", "--full"))
-    assert done.returncode == 1, done.stderr
+    assert done.returncode == ExitCode.INCOMPLETE, done.stderr
     assert message in done.stderr and "Traceback" not in done.stderr
     assert issues(strict.upstream) == []  # nothing written from half a scan
     with State(tmp_path / "b.sqlite3") as st:
