@@ -21,7 +21,9 @@ from .model import Analyte, DrugHit, Form, Measure
 __all__ = [
     "ATC_SYSTEMS",
     "KNOWLEDGE_FILES",
+    "LOINC_OID",
     "LOINC_SYSTEM",
+    "LOINC_SYSTEMS",
     "RXNORM_SYSTEMS",
     "SNOMED_SYSTEM",
     "CodeInfo",
@@ -32,9 +34,14 @@ __all__ = [
     "LoincFile",
     "UnitsFile",
     "compile_knowledge",
+    "normalise_system",
 ]
 
 LOINC_SYSTEM = "http://loinc.org"
+# LOINC's OID, which older HL7 v2-to-FHIR feeds send as the system: HL7 terminology (UTG)
+# CodeSystem v3-loinc, url http://loinc.org, identifier urn:oid:2.16.840.1.113883.6.1.
+LOINC_OID = "urn:oid:2.16.840.1.113883.6.1"
+LOINC_SYSTEMS = frozenset({LOINC_SYSTEM, LOINC_OID})
 SNOMED_SYSTEM = "http://snomed.info/sct"
 RXNORM_SYSTEMS = frozenset({"http://www.nlm.nih.gov/research/umls/rxnorm"})
 # The FHIR-registered ATC system is http://www.whocc.no/atc; some feeds send the https form.
@@ -46,6 +53,26 @@ KNOWLEDGE_FILES = ("loinc", "units", "drugs", "conditions")
 _EFFECT = Literal[
     "leukopenia", "neutropenia", "lymphopenia", "monocytopenia", "eosinopenia", "basopenia"
 ]
+
+
+def normalise_system(system: str) -> str:
+    """A code system URI with what is safe to normalise normalised: surrounding whitespace, and
+    the case of the parts URIs define as case-insensitive (RFC 3986 §6.2.2.1: the scheme and the
+    host; RFC 8141 §3.1: the ``urn:`` scheme and the ``oid`` namespace), so ``http://LOINC.org``
+    is ``http://loinc.org``. The path is case-sensitive and left as written: ``http://loinc.org/``
+    or ``loinc`` are other systems (issue 13 §6)."""
+    text = system.strip()
+    scheme, sep, rest = text.partition(":")
+    if not sep:
+        return text
+    scheme = scheme.lower()
+    if scheme in ("http", "https") and rest.startswith("//"):
+        host, slash, path = rest[2:].partition("/")
+        return f"{scheme}://{host.lower()}{slash}{path}"
+    if scheme == "urn":
+        nid, sep2, nss = rest.partition(":")
+        return f"urn:{nid.lower()}{sep2}{nss}"
+    return f"{scheme}:{rest}"
 
 
 class _Strict(pydantic.BaseModel):
@@ -125,10 +152,18 @@ class UnitsFile(_Strict):
     plausible: PlausibleTable
 
 
+_E_NOTATION = re.compile(r"10(?:e|\((?=\d+\)))(\d+)\)?")
+
+
 def fold_unit(text: str) -> str:
-    """Fold a free-text unit for lenient matching (see the header of units.toml)."""
+    """Fold a free-text unit for lenient matching (see the header of units.toml): case, spaces,
+    "µ"/"μ"/"mc"/"micro" for micro, "^"/"E"/"(n)" for powers of ten ("x10E3/uL", "10(9)/L"), a
+    leading "x", and "cmm" (cubic millimetre) for "mm3"."""
     folded = text.strip().lower().replace(" ", "").replace("µ", "u").replace("μ", "u")
     folded = folded.replace("^", "*").replace("×", "x")
+    folded = folded.replace("microl", "ul").replace("mcl", "ul").replace("cmm", "mm3")
+    if "10" in folded:
+        folded = _E_NOTATION.sub(r"10*\1", folded)
     if folded.startswith("x") and len(folded) > 1 and folded[1].isdigit():
         folded = folded[1:]
     return folded
@@ -291,6 +326,9 @@ class _DrugMatcher:
         for system, code in codings:
             if not code or not system:
                 continue
+            if system not in RXNORM_SYSTEMS and system not in ATC_SYSTEMS:
+                system = normalise_system(system)  # " http://WWW.whocc.no/atc" is ATC
+            code = code.strip()
             if system in RXNORM_SYSTEMS:
                 hit = self._by_rxnorm.get(code)
                 if hit:
