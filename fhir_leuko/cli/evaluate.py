@@ -16,8 +16,8 @@ from tqdm import tqdm
 from ..core.detectedissue import to_ndjson, to_transaction_bundle
 from ..core.pipeline import Evaluation, evaluate_dataset
 from ..errors import ExitCode, UsageError, exit_code_table
-from ..files.bulkread import normalise_paths
-from ..files.reader import expand_paths
+from ..files.bulkread import normalise_files
+from ..files.reader import input_files
 from .options import add_as_of, add_profile_options, as_of_from, profiles_from
 
 __all__ = ["register"]
@@ -31,6 +31,13 @@ input:
   Observations (LOINC-coded WBC and differential), Patients (age), MedicationStatements and
   MedicationRequests with their Medications, DiagnosticReports (result, hasMember) and Conditions
   are read; references resolve within the input (relative, urn:uuid fullUrl, contained #id).
+
+sources:
+  Each PATH is a source of its own (a directory, or a file; the NDJSON files of one Bulk Data
+  export given one by one are that export), and a Bundle entry whose fullUrl is a server's URL
+  belongs to that server: Patient/1 of two sources are two people, and references resolve within
+  their source. --same-source reads everything as one source (overlapping exports of one server).
+  The order of the PATHs never changes the output.
 
 output:
   One DetectedIssue per patient and finding kind, as NDJSON (default) or as a transaction Bundle of
@@ -70,6 +77,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         choices=("ndjson", "bundle"),
         default="ndjson",
         help="ndjson (default): one DetectedIssue per line; bundle: a transaction Bundle",
+    )
+    parser.add_argument(
+        "--same-source",
+        action="store_true",
+        help="read all PATHs as one source (the same Type/id anywhere is the same resource)",
     )
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress bar even on a terminal"
@@ -135,14 +147,14 @@ def run(args: argparse.Namespace) -> int:
     gc.disable()
     as_of = as_of_from(args)
     knowledge, profiles = profiles_from(args)
-    files = expand_paths(args.paths)
+    files = input_files(args.paths, same_source=args.same_source)
     show = sys.stderr.isatty() and not args.no_progress
-    total = sum(f.stat().st_size for f in files)
+    total = sum(f.stat().st_size for f, _input in files)
     with tqdm(
         total=total, unit="B", unit_scale=True, disable=not show, desc="reading", leave=False
     ) as bar:
         # Progress counts decompressed bytes for .gz input, so the bar may run past its total.
-        dataset = normalise_paths(files, knowledge, progress=bar.update if show else None)
+        dataset = normalise_files(files, knowledge, progress=bar.update if show else None)
     result = evaluate_dataset(dataset, profiles, as_of=as_of)
     if args.format == "bundle":
         data = (

@@ -23,7 +23,7 @@ from .._version import __version__
 from .explain import explain, reference_of
 from .fhir_models import check_resource
 from .fhirtime import format_instant
-from .model import Finding, FindingKind
+from .model import Finding, FindingKind, local_key, source_reference
 
 __all__ = [
     "FINDING_SYSTEM",
@@ -55,7 +55,11 @@ _FINDING_DISPLAY = {
 
 
 def issue_id(patient: str, kind: FindingKind) -> str:
-    """The deterministic id (a UUID v5, accepted by servers that allow client ids) of a finding."""
+    """The deterministic id (a UUID v5, accepted by servers that allow client ids) of a finding.
+
+    ``patient`` is the patient's key: ``Patient/1`` when the input is one source, so the id of a
+    source's finding never depends on where it was read; ``<source>|Patient/1`` when the input
+    holds several (``normalise/sources.py``), so two sources' ``Patient/1`` never share an id."""
     return str(uuid.uuid5(_NAMESPACE, f"{patient}|{kind.value}"))
 
 
@@ -64,11 +68,12 @@ def build_detected_issue(
 ) -> dict[str, Any]:
     """The FHIR R4 DetectedIssue of a finding, checked with fhir.resources before it is returned."""
     ident = issue_id(finding.patient, finding.kind)
+    source = finding.source
     # A resource read without id or fullUrl has an internal key ("Observation@file:line 3") that
     # is no FHIR reference: the detail text names it, the evidence cannot point at it.
     evidence_refs = list(
         dict.fromkeys(
-            reference_of(k)
+            source_reference(source, reference_of(k))
             for k in finding.result.evidence
             if not k.startswith("derived:") and "@" not in k.split("#", 1)[0]
         )
@@ -107,11 +112,15 @@ def build_detected_issue(
             "text": finding.term,
         },
         "severity": finding.severity,
-        "patient": {"reference": finding.patient},
+        "patient": {"reference": source_reference(source, local_key(finding.patient, source))},
         "identifiedDateTime": format_instant(identified),
         "author": {"reference": "#fhir-leuko", "display": f"fhir-leuko {version}"},
     }
-    implicated = list(dict.fromkeys(reference_of(d.exposure.key) for d in finding.implicated))
+    implicated = list(
+        dict.fromkeys(
+            source_reference(source, reference_of(d.exposure.key)) for d in finding.implicated
+        )
+    )
     if implicated:
         resource["implicated"] = [{"reference": ref} for ref in implicated]
     if evidence:

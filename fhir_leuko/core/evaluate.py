@@ -280,6 +280,7 @@ def _decide(
         conditions=_conditions(record, result.effective),
         trend=tuple(recent),
         flags=tuple(sorted(f for f in record.flags if f in set(rule.when_flags))),
+        source=record.source,
     )
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .model import QUOTE_LIMIT, Finding, LabResult, quoted
+from .model import QUOTE_LIMIT, Finding, LabResult, local_key, quoted
 
 __all__ = ["Explanation", "explain", "format_count", "reference_of"]
 
@@ -43,6 +43,7 @@ def _cited(key: str) -> str:
 @dataclass(frozen=True)
 class Explanation:
     headline: str
+    source: str
     value: str
     derivation: str
     limit: str
@@ -55,7 +56,8 @@ class Explanation:
     def body(self) -> list[str]:
         """The sentences between the headline and the recommendation: value, derivation, limit,
         trend, drugs, other causes."""
-        out = [self.value]
+        out = [self.source] if self.source else []
+        out.append(self.value)
         if self.derivation:
             out.append(self.derivation)
         out.append(self.limit)
@@ -83,6 +85,12 @@ def explain(finding: Finding) -> Explanation:
     result = finding.result
     what = finding.term[:1].upper() + finding.term[1:]
     headline = f"{what}: {finding.grade_label}, {finding.severity} severity."
+    # Only when the input held several sources: which one this patient's records come from.
+    read_from = (
+        f"Source: {quoted(finding.source)} ({_cited(local_key(finding.patient, finding.source))})."
+        if finding.source
+        else ""
+    )
     # Everything taken from the input (texts, ids, units as reported) is quoted(): capped.
     source = "derived" if result.derived else _cited(result.key)
     value = (
@@ -122,6 +130,7 @@ def explain(finding: Finding) -> Explanation:
     )
     return Explanation(
         headline=headline,
+        source=read_from,
         value=value,
         derivation=derivation,
         limit=limit_text,

@@ -42,6 +42,7 @@ __all__ = [
     "Medication",
     "MedicationRequest",
     "MedicationStatement",
+    "Meta",
     "Observation",
     "Origin",
     "Patient",
@@ -56,6 +57,7 @@ __all__ = [
     "decode_resource",
     "iter_document",
     "malformed_document",
+    "server_base",
 ]
 
 
@@ -414,29 +416,55 @@ class Origin(NamedTuple):
     source: str
     position: str = ""
     full_url: str | None = None
+    input: str | None = None
+    """The input this was read from when the edge reads several sources (files: the directory,
+    or the file given alone, as the user named it): a resource's identity includes its source
+    (``normalise/sources.py``). ``None`` when everything read is one source (a FHIR server's
+    searches, a CDS Hooks prefetch, ``evaluate --same-source``)."""
 
 
 Sourced = tuple[Resource, Origin]
 
+# A RESTful fullUrl: [base]/[type]/[id], optionally versioned (https://hl7.org/fhir/R4/bundle.html
+# #bundle-unique, https://hl7.org/fhir/R4/references.html#literal). Ids: [A-Za-z0-9\-\.]{1,64}.
+_RESTFUL_URL = re.compile(
+    r"^(https?://[^\s]+?)/[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}(?:/_history/[A-Za-z0-9\-.]{1,64})?$"
+)
 
-def iter_document(data: bytes, source: str, position: str = "") -> Iterator[Sourced | Problem]:
+
+def server_base(full_url: str | None) -> str | None:
+    """The server base of a RESTful fullUrl (``https://ehr.example.org/fhir`` of
+    ``https://ehr.example.org/fhir/Observation/1``); ``None`` for ``urn:uuid:`` and other URIs."""
+    if not full_url or not full_url.startswith(("http://", "https://")):
+        return None
+    found = _RESTFUL_URL.match(full_url)
+    return found.group(1) if found else None
+
+
+def iter_document(
+    data: bytes, source: str, position: str = "", input: str | None = None
+) -> Iterator[Sourced | Problem]:
     """Resources in one JSON document: a single resource, or a Bundle flattened (nested ones
-    too)."""
+    too). ``input`` goes into each :class:`Origin` (see :attr:`Origin.input`)."""
     try:
         resource = decode_resource(data)
     except MalformedResourceError as exc:
-        yield from malformed_document(exc, data, source, position)
+        yield from malformed_document(exc, data, source, position, input)
         return
     if resource is None:
         return
     if isinstance(resource, Bundle):
-        yield from bundle_entries(resource, source, position)
+        yield from bundle_entries(resource, source, position, input)
     else:
-        yield resource, Origin(source, position)
+        yield resource, Origin(source, position, None, input)
 
 
 def malformed_document(
-    exc: MalformedResourceError, data: bytes, source: str, position: str
+    exc: MalformedResourceError,
+    data: bytes,
+    source: str,
+    position: str,
+    input: str | None = None,
 ) -> Iterator[Sourced | Problem]:
     """What a document that failed to decode still gives: a problem, or, for a Bundle that is
     too deep only because of some of its entries (a Bundle is as deep as its deepest entry), the
@@ -461,9 +489,9 @@ def malformed_document(
             try:
                 decode_resource(resource)
             except MalformedResourceError as inner:
-                yield from malformed_document(inner, resource, source, where)
+                yield from malformed_document(inner, resource, source, where, input)
             continue
-        yield from _entry_items(entry, source, where)
+        yield from _entry_items(entry, source, where, input)
 
 
 _ENTRY: msgspec.json.Decoder[BundleEntry] = msgspec.json.Decoder(BundleEntry)
@@ -507,15 +535,19 @@ def _scan_children(data: bytes) -> Iterator[tuple[bytes | None, bytes]]:
             key = token
 
 
-def bundle_entries(bundle: Bundle, source: str, position: str) -> Iterator[Sourced | Problem]:
+def bundle_entries(
+    bundle: Bundle, source: str, position: str, input: str | None = None
+) -> Iterator[Sourced | Problem]:
     """The resources of a Bundle's entries (nested Bundles flattened), each decoded on its own so
     one malformed entry loses only itself."""
     prefix = f"{position} " if position else ""
     for index, entry in enumerate(bundle.entry):
-        yield from _entry_items(entry, source, f"{prefix}entry[{index}]")
+        yield from _entry_items(entry, source, f"{prefix}entry[{index}]", input)
 
 
-def _entry_items(entry: BundleEntry, source: str, where: str) -> Iterator[Sourced | Problem]:
+def _entry_items(
+    entry: BundleEntry, source: str, where: str, input: str | None
+) -> Iterator[Sourced | Problem]:
     if not entry.resource:
         # Transaction responses and deletes carry no resource: nothing to read.
         return
@@ -527,6 +559,6 @@ def _entry_items(entry: BundleEntry, source: str, where: str) -> Iterator[Source
     if resource is None:
         return
     if isinstance(resource, Bundle):
-        yield from bundle_entries(resource, source, where)
+        yield from bundle_entries(resource, source, where, input)
     else:
-        yield resource, Origin(source, where, entry.fullUrl)
+        yield resource, Origin(source, where, entry.fullUrl, input)

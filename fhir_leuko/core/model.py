@@ -27,7 +27,9 @@ __all__ = [
     "Measure",
     "PatientRecord",
     "Problem",
+    "local_key",
     "quoted",
+    "source_reference",
 ]
 
 QUOTE_LIMIT = 200
@@ -214,13 +216,22 @@ class PatientRecord:
     """Everything the rule core knows about one patient."""
 
     key: str
-    """``Patient/id`` when known, otherwise the subject reference as given."""
+    """``Patient/id`` when known, otherwise the subject reference as given; qualified by its
+    source (``<source>|Patient/id``) when the input holds several sources."""
     birth_date: date | None = None
     results: list[LabResult] = field(default_factory=list)
     exposures: list[DrugExposure] = field(default_factory=list)
     conditions: list[ConditionMatch] = field(default_factory=list)
     flags: set[str] = field(default_factory=set)
     flag_sources: dict[str, str] = field(default_factory=dict)
+    source: str = ""
+    """The source of this patient's resources when the input holds several (a server base, or the
+    directory or file read), else ``""``: see :func:`source_reference`."""
+
+    @property
+    def reference(self) -> str:
+        """The patient's reference as its source writes it (``key`` without the source)."""
+        return local_key(self.key, self.source)
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,3 +277,24 @@ class Finding:
     trend: tuple[LabResult, ...]
     """Recent values of the same analyte, oldest first, including ``result``."""
     flags: tuple[str, ...] = ()
+    source: str = ""
+    """The patient's source when the input holds several (:attr:`PatientRecord.source`)."""
+
+
+def local_key(key: str, source: str) -> str:
+    """A key as its source wrote it: without the ``<source>|`` that qualifies the keys of a
+    patient read from one of several sources."""
+    return key[len(source) + 1 :] if source and key.startswith(f"{source}|") else key
+
+
+def source_reference(source: str, reference: str) -> str:
+    """A reference to a resource of ``source`` for someone reading output made from several
+    sources: absolute (``https://ehr.example.org/fhir/Patient/1``) when the source is a server,
+    as the source wrote it otherwise (a file's ``Patient/1``: the explanation names the file)."""
+    if (
+        source.startswith(("http://", "https://"))
+        and reference.count("/") == 1
+        and not reference.startswith(("urn:", "#"))
+    ):
+        return f"{source}/{reference}"
+    return reference

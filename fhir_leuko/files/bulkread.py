@@ -21,14 +21,14 @@ from ..core.normalise import Dataset, Normaliser
 from .reader import (
     READ_ERRORS,
     Progress,
-    expand_paths,
+    input_files,
     is_ndjson,
     open_input,
     read_failure,
     read_file,
 )
 
-__all__ = ["normalise_paths"]
+__all__ = ["normalise_files", "normalise_paths"]
 
 
 def _counted(lines: Iterable[bytes], progress: Progress) -> Iterator[bytes]:
@@ -38,24 +38,40 @@ def _counted(lines: Iterable[bytes], progress: Progress) -> Iterator[bytes]:
 
 
 def normalise_paths(
-    paths: Sequence[Path], knowledge: Knowledge, *, progress: Progress | None = None
+    paths: Sequence[Path],
+    knowledge: Knowledge,
+    *,
+    progress: Progress | None = None,
+    same_source: bool = False,
 ) -> Dataset:
-    """What :func:`fhir_leuko.core.normalise.normalise` gives for these files and directories.
+    """What :func:`fhir_leuko.core.normalise.normalise` gives for these files and directories
+    (read as :func:`fhir_leuko.files.reader.read_paths` reads them: each path given a source).
 
     Raises:
         InputError: a path does not exist (before anything is read).
     """
-    files = expand_paths(paths)
+    return normalise_files(
+        input_files(paths, same_source=same_source), knowledge, progress=progress
+    )
+
+
+def normalise_files(
+    files: Sequence[tuple[Path, str | None]],
+    knowledge: Knowledge,
+    *,
+    progress: Progress | None = None,
+) -> Dataset:
+    """:func:`normalise_paths` for the files :func:`~fhir_leuko.files.reader.input_files` listed."""
     normaliser = Normaliser(knowledge)
     with normaliser.collecting():
-        for path in files:
+        for path, input in files:
             if not is_ndjson(path):
-                normaliser.feed(read_file(path, progress))
+                normaliser.feed(read_file(path, progress, input))
                 continue
             try:
                 with open_input(path) as stream:
                     lines = stream if progress is None else _counted(stream, progress)
-                    normaliser.feed_lines(lines, str(path))
+                    normaliser.feed_lines(lines, str(path), input=input)
             except READ_ERRORS as exc:
                 normaliser.data.problems.append(Problem(str(path), read_failure(exc)))
         return normaliser.run()

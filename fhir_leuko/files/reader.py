@@ -3,12 +3,19 @@
 This is an edge: it does file I/O and hands the rule core decoded resources with their origin.
 Every problem (unreadable file, invalid JSON line, malformed entry) becomes a :class:`Problem`
 naming the file, the position and the resource where known; reading always goes on.
+
+Each path given is an *input* (a directory, or a file given alone), and each resource's
+:attr:`~fhir_leuko.core.fhirjson.Origin.input` names it: the rule core keeps the resources of
+different sources apart (``core/normalise/sources.py``). Inputs are read in a fixed order (by
+name, whatever the order they were given in) and each file once, as part of the outermost input
+that holds it.
 """
 
 from __future__ import annotations
 
 import gzip
 import os
+import re
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -32,6 +39,8 @@ __all__ = [
     "INPUT_SUFFIXES",
     "READ_ERRORS",
     "expand_paths",
+    "input_files",
+    "input_label",
     "is_ndjson",
     "open_input",
     "read_failure",
@@ -82,8 +91,61 @@ def expand_paths(paths: Iterable[Path]) -> list[Path]:
     return files
 
 
+# A file of a FHIR Bulk Data export: one NDJSON file per resource type, possibly in parts
+# (https://hl7.org/fhir/uv/bulkdata/export.html: "Observation.ndjson", "Observation.2.ndjson").
+_EXPORT_FILE = re.compile(r"^[A-Z][A-Za-z]+(?:\.[0-9]+)?\.(?:ndjson|jsonl)(?:\.gz)?$")
+
+
+def input_label(path: Path) -> str:
+    """How an input is named as a source: the path as given, normalised (``./export/`` is
+    ``export``), not the absolute path, so output does not depend on where it runs. A file of a
+    Bulk Data export (``export/Patient.ndjson``) given on its own is part of its export: its input
+    is the directory (so ``export/Observation.ndjson export/Patient.ndjson`` is one source)."""
+    if _EXPORT_FILE.match(path.name) and not path.is_dir():
+        return os.path.normpath(str(path.parent))
+    return os.path.normpath(str(path))
+
+
+def input_files(
+    paths: Iterable[Path], *, same_source: bool = False
+) -> list[tuple[Path, str | None]]:
+    """Files to read, each with the input it belongs to (``None`` for every file with
+    ``same_source``: everything is one source, as one server's export split in several places).
+
+    Inputs are taken in order of their name and each file once: a file inside a directory that is
+    given too belongs to that directory (the outermost input holding it), and a path given twice
+    is one input.
+
+    Raises:
+        InputError: a path does not exist (before anything is read).
+    """
+    given: dict[str, list[Path]] = {}
+    for path in paths:
+        given.setdefault(input_label(path), []).append(path)
+    # Outermost first: a directory claims its files before an input inside it can.
+    depth = {label: len(Path(label).resolve().parts) for label in given}
+    owner: set[Path] = set()
+    files_of: dict[str, list[Path]] = {}
+    for label in sorted(given, key=lambda label: (depth[label], label)):
+        mine = files_of[label] = []
+        for file in expand_paths(sorted(set(given[label]))):
+            key = file.resolve()
+            if key not in owner:
+                owner.add(key)
+                mine.append(file)
+    return [
+        (file, None if same_source else label)
+        for label in sorted(given)
+        for file in files_of[label]
+    ]
+
+
 def _iter_lines(
-    lines: Iterable[bytes], source: str, progress: Progress | None, first: int = 1
+    lines: Iterable[bytes],
+    source: str,
+    progress: Progress | None,
+    first: int = 1,
+    input: str | None = None,
 ) -> Iterator[Sourced | Problem]:
     # iter_document inlined: this loop runs once per line of a bulk export (millions of times),
     # where a nested generator per line costs as much as the rest of the reading.
@@ -95,14 +157,14 @@ def _iter_lines(
         try:
             resource = decode_resource(line)
         except MalformedResourceError as exc:
-            yield from malformed_document(exc, line, source, f"line {number}")
+            yield from malformed_document(exc, line, source, f"line {number}", input)
             continue
         if resource is None:
             continue
         if isinstance(resource, Bundle):
-            yield from bundle_entries(resource, source, f"line {number}")
+            yield from bundle_entries(resource, source, f"line {number}", input)
         else:
-            yield resource, Origin(source, f"line {number}")
+            yield resource, Origin(source, f"line {number}", None, input)
 
 
 def open_input(path: Path) -> IO[bytes]:
@@ -135,14 +197,16 @@ def _holds_ndjson(data: bytes, reason: str) -> bool:
     return False
 
 
-def read_file(path: Path, progress: Progress | None = None) -> Iterator[Sourced | Problem]:
-    """Resources of one input file, and its problems."""
+def read_file(
+    path: Path, progress: Progress | None = None, input: str | None = None
+) -> Iterator[Sourced | Problem]:
+    """Resources of one file, and its problems; ``input`` names the input it belongs to."""
     source = str(path)
     name = path.name.lower().removesuffix(".gz")
     try:
         if name.endswith((".ndjson", ".jsonl")):
             with open_input(path) as stream:
-                yield from _iter_lines(stream, source, progress)
+                yield from _iter_lines(stream, source, progress, 1, input)
             return
         with open_input(path) as stream:
             data = stream.read()
@@ -153,7 +217,7 @@ def read_file(path: Path, progress: Progress | None = None) -> Iterator[Sourced 
         progress(len(data))
     problems: list[Problem] = []
     found = False
-    for item in iter_document(data, source):
+    for item in iter_document(data, source, "", input):
         if isinstance(item, Problem):
             problems.append(item)
         else:
@@ -161,18 +225,19 @@ def read_file(path: Path, progress: Progress | None = None) -> Iterator[Sourced 
             yield item
     if not found and problems and _holds_ndjson(data, problems[0].reason):
         # A .json file holding NDJSON (one resource per line) is common in exports.
-        yield from _iter_lines(data.splitlines(), source, None)
+        yield from _iter_lines(data.splitlines(), source, None, 1, input)
         return
     yield from problems
 
 
 def read_paths(
-    paths: Iterable[Path], progress: Progress | None = None
+    paths: Iterable[Path], progress: Progress | None = None, *, same_source: bool = False
 ) -> Iterator[Sourced | Problem]:
-    """Every resource fhir-leuko reads from these files and directories, and every problem.
+    """Every resource fhir-leuko reads from these files and directories, and every problem; each
+    path given is a source of its own unless ``same_source`` (see :func:`input_files`).
 
     Raises:
         InputError: a path does not exist (before anything is read).
     """
-    for path in expand_paths(paths):
-        yield from read_file(path, progress)
+    for path, input in input_files(paths, same_source=same_source):
+        yield from read_file(path, progress, input)

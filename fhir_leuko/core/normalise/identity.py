@@ -4,8 +4,9 @@ The input's resources other than Observations are indexed by fullUrl and by ``Ty
 resolves by fullUrl, ``Type/id``, or the last two segments of an absolute or versioned URL
 (``…/Patient/1/_history/2``). A subject resolves to the key of its patient's record: ``Patient/id``
 when the Patient (or the reference) says so, otherwise the reference as given (a ``urn:uuid`` of a
-transaction Bundle). Patient resources give the record its birth date. Contained patients,
-``Patient.link`` and source-qualified ids belong here.
+transaction Bundle), qualified by its source when the run reads several (:mod:`.sources`).
+Patient resources give the record its birth date. Contained patients and ``Patient.link`` belong
+here.
 """
 
 from __future__ import annotations
@@ -18,13 +19,21 @@ __all__ = ["Identity"]
 
 
 class Identity:
-    """The resource index and the patient keys of one normalising run."""
+    """The resource index and the patient keys of one source (:mod:`.sources`)."""
 
     def __init__(self) -> None:
         self.index: dict[str, Resource] = {}
         """Resources other than Observations, by ``Type/id`` and by fullUrl."""
         self.patient_keys: dict[str, str] = {}
         self.patients: list[tuple[Patient, str]] = []
+        self.prefix = ""
+        """Put before every patient key when the run reads several sources (``<source>|``)."""
+
+    def absorb(self, other: Identity) -> None:
+        """Take in the resources read into another part of the same source."""
+        for key, resource in other.index.items():
+            self.index.setdefault(key, resource)
+        self.patients.extend(other.patients)
 
     def resolve(self, reference: str | None) -> Resource | None:
         """A (non-Observation) resource of the input by reference: fullUrl, ``Type/id``, or the
@@ -55,11 +64,11 @@ class Identity:
     def _patient_key(self, reference: str) -> str:
         target = self.resolve(reference)
         if isinstance(target, Patient) and target.id:
-            return f"Patient/{target.id}"
+            return f"{self.prefix}Patient/{target.id}"
         parts = reference.split("/_history/")[0].rstrip("/").split("/")
         if len(parts) >= 2 and parts[-2] == "Patient":
-            return f"Patient/{parts[-1]}"
-        return reference
+            return f"{self.prefix}Patient/{parts[-1]}"
+        return f"{self.prefix}{reference}"
 
     def forget_reports(self) -> None:
         """Drop the DiagnosticReports once linked: nothing resolves one after that."""
@@ -70,5 +79,5 @@ class Identity:
             # A Patient without id is known by its fullUrl (urn:uuid in transaction Bundles), which
             # is also the key of the results that reference it (see patient_key).
             if patient.id or not key.startswith("Patient@"):
-                record = data.patient(key)
+                record = data.patient(f"{self.prefix}{key}")
                 record.birth_date = parse_fhir_date(patient.birthDate) or record.birth_date

@@ -4,10 +4,11 @@
 room as it is read: lab Observations to :class:`~.results.LabResults` (built at once: the hot path),
 DiagnosticReports to :class:`~.reports.Reports`, medication records to
 :class:`~.medications.Medications`, Conditions and Flags to :class:`~.conditions.Conditions`, every
-other resource to the :class:`~.identity.Identity` index. :meth:`Normaliser.run` then links reports
-to their results, places each result in its patient's record and group, derives missing absolute
-counts, and makes exposures, causes and flags, now that every reference can be resolved. Nothing is
-read twice, and no room adds a call per Observation to the loop.
+other resource to the :class:`~.identity.Identity` index; each room of the resource's source
+(:mod:`.sources`: references resolve within their source). :meth:`Normaliser.run` then, source by
+source, links reports to their results, places each result in its patient's record and group,
+derives missing absolute counts, and makes exposures, causes and flags, now that every reference
+can be resolved. Nothing is read twice, and no room adds a call per Observation to the loop.
 """
 
 from __future__ import annotations
@@ -37,13 +38,9 @@ from ..fhirjson import (
 )
 from ..knowledge import Knowledge
 from ..model import LabResult, Problem
-from .conditions import Conditions
 from .dataset import Dataset, Problems
 from .derivation import derive
-from .identity import Identity
-from .medications import Medications
-from .reports import Reports
-from .results import LabResults
+from .sources import Source, Sources
 
 __all__ = ["Normaliser", "normalise"]
 
@@ -57,16 +54,7 @@ class Normaliser:
         self.knowledge = knowledge
         self.data = Dataset()
         self.problems = Problems(self.data.problems)
-        self.identity = Identity()
-        self.labs = LabResults(knowledge, self.data, self.problems)
-        self.reports = Reports(self.labs, self.problems)
-        self.medications = Medications(knowledge, self.identity, self.problems)
-        self.conditions = Conditions(knowledge, self.identity, self.problems)
-        # Bound once: these run once per Observation.
-        self.add_observation = self.labs.add
-        self.observation_urls = self.labs.observation_urls
-        self.observations = 0
-        """Observations with an id (counted apart from ``data.counts``: see :meth:`add`)."""
+        self.sources = Sources(knowledge, self.data, self.problems)
 
     # -- one pass: every resource to its room, as it is read -------------------------------------
 
@@ -92,14 +80,21 @@ class Normaliser:
             else:
                 add(*item)  # type: ignore[misc]
 
-    def feed_lines(self, lines: Iterable[bytes], source: str, first: int = 1) -> None:
-        """Decode and add the resources of NDJSON lines numbered from ``first``, from ``source``.
+    def feed_lines(
+        self, lines: Iterable[bytes], source: str, first: int = 1, *, input: str | None = None
+    ) -> None:
+        """Decode and add the resources of NDJSON lines numbered from ``first``, from ``source``
+        (a file of ``input``, see :attr:`~fhir_leuko.core.fhirjson.Origin.input`).
 
         What :func:`fhir_leuko.files.reader.read_file` and :meth:`feed` do for NDJSON, in one loop:
         this runs once per line of a bulk export.
         """
         self.problems.lines_source = source
-        add_observation = self.add_observation
+        # Bound once: these run once per Observation. NDJSON lines carry no fullUrl, so all of
+        # them go to the input's own part of its source.
+        into = self.sources.shard(input, None)
+        add_observation = into.labs.add
+        observations = 0
         number = first - 1
         for line in lines:
             number += 1
@@ -109,28 +104,30 @@ class Normaliser:
                 resource = decode_resource(line)
             except MalformedResourceError as exc:
                 # (a Bundle too deep because of some entries still gives the others)
-                self.feed(malformed_document(exc, line, source, f"line {number}"))
+                self.feed(malformed_document(exc, line, source, f"line {number}", input))
                 continue
             if resource is None:
                 continue
             rid = resource.id
             if type(resource) is Observation and rid:
-                self.observations += 1
+                observations += 1
                 add_observation(resource, f"Observation/{rid}", number)
             elif type(resource) is Bundle:
-                self.feed(bundle_entries(resource, source, f"line {number}"))
+                self.feed(bundle_entries(resource, source, f"line {number}", input))
             else:
-                self.add(resource, Origin(source, f"line {number}"))
+                self.add(resource, Origin(source, f"line {number}", None, input))
+        into.observations += observations
 
     def add(self, resource: Resource, origin: Origin) -> None:
+        into = self.sources.of(origin)
         rid = resource.id
         if type(resource) is Observation and rid:
             # The common case of a bulk export, kept short: it runs once per Observation.
-            self.observations += 1
+            into.observations += 1
             key = f"Observation/{rid}"
             if origin.full_url and origin.full_url != key:
-                self.observation_urls[origin.full_url] = key
-            self.add_observation(resource, key, origin)
+                into.labs.observation_urls[origin.full_url] = key
+            into.labs.add(resource, key, origin)
             return
         rtype = type(resource).__name__
         self.data.counts[rtype] += 1
@@ -144,46 +141,41 @@ class Normaliser:
             # Observations are not kept in the index (a million of them would be): only their key,
             # under the fullUrl a DiagnosticReport may use to point at them.
             if origin.full_url and origin.full_url != key:
-                self.observation_urls[origin.full_url] = key
-            self.add_observation(resource, key, origin)
+                into.labs.observation_urls[origin.full_url] = key
+            into.labs.add(resource, key, origin)
             return
-        index = self.identity.index
+        index = into.identity.index
         if origin.full_url:
             index[origin.full_url] = resource
         if rid:
             index[key] = resource
         if isinstance(resource, DiagnosticReport):
-            self.reports.add(resource, key, origin)
+            into.reports.add(resource, key, origin)
         elif isinstance(resource, MedicationRequest | MedicationStatement):
-            self.medications.add(resource, key, origin)
+            into.medications.add(resource, key, origin)
         elif isinstance(resource, Patient):
-            self.identity.patients.append((resource, key))
+            into.identity.patients.append((resource, key))
         elif isinstance(resource, Condition):
-            self.conditions.add_condition(resource, key, origin)
+            into.conditions.add_condition(resource, key, origin)
         elif isinstance(resource, Flag):
-            self.conditions.add_flag(resource, key, origin)
+            into.conditions.add_flag(resource, key, origin)
 
-    # -- then each room finishes, in order --------------------------------------------------------
+    # -- then each room finishes, in order, source by source --------------------------------------
 
     def run(self) -> Dataset:
-        self.reports.link()
-        self.identity.forget_reports()
         data = self.data
-        data.counts["Observation"] += self.observations
-        self.observations = 0
-        self.labs.finish_pending()
-        results = list(self.labs.results.values())
-        self.labs.results.clear()
-        self.labs.versions.clear()
-        data.counts["results:used"] += len(results)
-        self.place(results)
-        del results
-        for record in data.patients.values():
-            if record.results:
-                record.results.extend(derive(record.results, data.counts))
-        self.identity.birth_dates(data)
-        self.medications.finish(data)
-        self.conditions.finish(data)
+        for name in ("Observation", "results:used"):
+            data.counts.setdefault(name, 0)  # present even when nothing was read
+        sources = self.sources.resolved()
+        several = len(sources) > 1
+        for label, source in sources.items():
+            if several:
+                source.identity.prefix = f"{label}|"
+            first = len(data.patients)
+            self.finish(source)
+            if several:
+                for record in list(data.patients.values())[first:]:
+                    record.source = label
         # By time; results of one time keep the order they were read in (evaluate never depends
         # on that order: its ties are broken explicitly).
         by_time = attrgetter("effective")
@@ -193,13 +185,35 @@ class Normaliser:
             record.conditions.sort(key=lambda c: (c.key, c.cause_id))
         return data
 
-    def place(self, results: list[LabResult]) -> None:
+    def finish(self, source: Source) -> None:
+        """The rooms of one source finish, in order, into the dataset."""
+        data = self.data
+        source.reports.link()
+        source.identity.forget_reports()
+        data.counts["Observation"] += source.observations
+        labs = source.labs
+        labs.finish_pending()
+        results = list(labs.results.values())
+        labs.results.clear()
+        labs.versions.clear()
+        data.counts["results:used"] += len(results)
+        first = len(data.patients)
+        self.place(source, results)
+        del results
+        for record in list(data.patients.values())[first:]:
+            if record.results:
+                record.results.extend(derive(record.results, data.counts))
+        source.identity.birth_dates(data)
+        source.medications.finish(data)
+        source.conditions.finish(data)
+
+    def place(self, source: Source, results: list[LabResult]) -> None:
         """Each result into its patient's record, and into a group.
 
         Now that every Patient is read, subjects resolve to patient keys; results without a
         specimen or report are grouped by time (clinical.md §4.5: same specimen or time).
         """
-        patient_key = self.identity.patient_key
+        patient_key = source.identity.patient_key
         patient_of = self.data.patient
         time_groups: dict[datetime, str] = {}
         for result in results:

@@ -4,11 +4,14 @@ Each mapped Observation (LOINC code -> analyte, knowledge/loinc.toml) is checked
 :class:`~fhir_leuko.core.model.LabResult` as it is read: status (R4 ObservationStatus), value
 (``dataAbsentReason``, comparator), unit (the UCUM ``code`` first, then the ``unit`` text; count
 codes need count units, fraction codes fraction units), plausibility for the declared unit, and the
-low end of the normal reference range. Only the newest version of an Observation read twice is
-kept. An Observation still missing its subject or time waits (:class:`Pending`) for the
-DiagnosticReport or panel that lists it (:mod:`.reports`); a panel Observation (``hasMember``,
-no mapped code) is kept as a :class:`Panel` for the same reason. Component Observations, choosing
-among reference ranges and which version of an Observation supersedes another belong here.
+low end of the normal reference range. Of an Observation read twice in one source only one
+version counts, whatever the reading order (:func:`supersedes`): the higher numeric
+``meta.versionId``, else the later ``meta.lastUpdated``, else the status that replaces the other
+(``amended``/``corrected`` replace ``final``, which replaces ``preliminary``; ``entered-in-error``
+withdraws any); on a full tie the first read is kept. An Observation still missing its subject or
+time waits (:class:`Pending`) for the DiagnosticReport or panel that lists it (:mod:`.reports`); a
+panel Observation (``hasMember``, no mapped code) is kept as a :class:`Panel` for the same reason.
+Component Observations and choosing among reference ranges belong here.
 
 :meth:`LabResults.add` and :meth:`LabResults.make_result` run once per Observation of a bulk
 export (millions of times): they stay lean, and what they need is on ``self``, not looked up.
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from ..fhirjson import CodedOnly, Observation, Origin, Period, Quantity, Reference
+from ..fhirjson import CodedOnly, Meta, Observation, Origin, Period, Quantity, Reference
 from ..fhirtime import parse_fhir_datetime
 from ..knowledge import LOINC_SYSTEM, CodeInfo, Knowledge
 from ..model import LabResult, Measure
@@ -31,6 +34,8 @@ __all__ = [
     "Pending",
     "effective_text",
     "format_number",
+    "supersedes",
+    "version_of",
 ]
 
 # R4 ObservationStatus (required binding): https://hl7.org/fhir/R4/valueset-observation-status.html
@@ -48,6 +53,44 @@ OBSERVATION_STATUSES = frozenset(
 )
 _KEPT_STATUSES = frozenset({"final", "amended", "corrected", "preliminary"})
 _COMPARATORS = frozenset({"<", "<=", ">=", ">"})
+# Which status replaces which when two versions of one Observation carry no version metadata that
+# tells them apart: R4 Observation.status definitions (amended/corrected: "Subsequent to being
+# final, the observation has been modified"; entered-in-error: "should not have existed").
+_STATUS_RANK = {
+    "registered": 0,
+    "preliminary": 1,
+    "final": 2,
+    "amended": 3,
+    "corrected": 3,
+    "cancelled": 3,
+    "entered-in-error": 4,
+}
+
+
+def version_of(meta: Meta | None) -> str:
+    """What :func:`supersedes` compares of a version, kept small (one per Observation read): a
+    numeric ``versionId`` as it is, else ``@`` + ``lastUpdated``, else ``""``."""
+    if meta is None:
+        return ""
+    version = meta.versionId
+    if version and version.isdigit():
+        return version
+    return f"@{meta.lastUpdated}" if meta.lastUpdated else ""
+
+
+def supersedes(new: str, new_status: str | None, old: str, old_status: str | None) -> bool:
+    """Whether a version of an Observation (:func:`version_of`) replaces the version kept of it:
+    the higher numeric ``versionId``, else the later ``lastUpdated`` (as instants), else the
+    status that replaces the other. A full tie keeps the version already kept, so the choice never
+    depends on which of two equal versions happens to be read last."""
+    if new and old and new != old:
+        if new[0] != "@" and old[0] != "@":
+            return int(new) > int(old)
+        if new[0] == "@" and old[0] == "@":
+            new_time, old_time = parse_fhir_datetime(new[1:]), parse_fhir_datetime(old[1:])
+            if new_time is not None and old_time is not None and new_time != old_time:
+                return new_time > old_time
+    return _STATUS_RANK.get(new_status or "", 0) > _STATUS_RANK.get(old_status or "", 0)
 
 
 class Pending:
@@ -156,7 +199,10 @@ class LabResults:
         ``group`` the specimen (or "") until :meth:`Normaliser.run` resolves both."""
         self.pending: dict[str, Pending] = {}
         self.versions: dict[str, str] = {}
-        """``meta.lastUpdated`` of the version kept of each mapped Observation (``""`` if none)."""
+        """The version kept of each mapped Observation (:func:`version_of`)."""
+        self.dropped: dict[str, str | None] = {}
+        """The status of a version kept that gave no result (reported, or a status that does not
+        count), for :func:`supersedes` when another version turns up."""
         self.panels: dict[str, Panel] = {}
         self.observation_urls: dict[str, str] = {}
         """Observation keys by the fullUrl a DiagnosticReport may use to point at them."""
@@ -177,15 +223,19 @@ class LabResults:
                 )
             return
         meta = obs.meta
-        updated = (meta.lastUpdated or "") if meta is not None else ""
+        if meta is None:  # version_of(meta), inlined: this runs once per Observation
+            version = ""
+        else:
+            version = meta.versionId or ""
+            if not version.isdigit():
+                version = f"@{meta.lastUpdated}" if meta.lastUpdated else ""
         versions = self.versions
-        kept = versions.get(key)
-        if kept is not None:
-            if kept > updated:
-                return  # the same Observation read twice: keep the newest version
-            self.results.pop(key, None)
-            self.pending.pop(key, None)
-        versions[key] = updated
+        if key in versions:
+            # The same Observation read twice: one version counts (supersedes).
+            if not supersedes(version, obs.status, versions[key], self.kept_status(key)):
+                return
+            self.forget(key)
+        versions[key] = version
         subject = obs.subject.reference if obs.subject is not None else None
         text = obs.effectiveDateTime or effective_text(
             None, obs.effectivePeriod, obs.effectiveInstant
@@ -198,6 +248,43 @@ class LabResults:
         result = self.make_result(obs, key, info, origin, subject, text)
         if result is not None:
             self.results[key] = result
+        else:
+            self.dropped[key] = obs.status
+
+    def kept_status(self, key: str) -> str | None:
+        """The status of the version kept of an Observation."""
+        result = self.results.get(key)
+        if result is not None:
+            return result.status
+        pending = self.pending.get(key)
+        return pending.obs.status if pending is not None else self.dropped.get(key)
+
+    def forget(self, key: str) -> None:
+        """Drop the version kept of an Observation (a newer one replaces it)."""
+        self.results.pop(key, None)
+        self.pending.pop(key, None)
+        self.dropped.pop(key, None)
+
+    def absorb(self, other: LabResults) -> None:
+        """Take in the Observations read into another part of the same source (:mod:`.sources`);
+        an Observation read in both counts once, as if both were read here (:func:`supersedes`)."""
+        for key, version in other.versions.items():
+            if key in self.versions and not supersedes(
+                version, other.kept_status(key), self.versions[key], self.kept_status(key)
+            ):
+                continue
+            self.forget(key)
+            self.versions[key] = version
+            if key in other.results:
+                self.results[key] = other.results[key]
+            elif key in other.pending:
+                self.pending[key] = other.pending[key]
+            else:
+                self.dropped[key] = other.dropped.get(key)
+        for key, panel in other.panels.items():
+            self.panels.setdefault(key, panel)
+        for url, key in other.observation_urls.items():
+            self.observation_urls.setdefault(url, key)
 
     def find(self, reference: str, container: str) -> LabResult | Pending | Panel | None:
         """The mapped lab or panel Observation a ``result``/``hasMember`` reference points at."""
