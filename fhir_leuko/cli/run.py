@@ -31,7 +31,14 @@ from ..job.state import State, default_state_path
 from ..job.walk import interruptible_sleep
 from .options import parse_instant
 
-__all__ = ["pass_exit_code", "register", "schedule_from"]
+__all__ = [
+    "add_connection_options",
+    "build_client",
+    "connection_flags",
+    "pass_exit_code",
+    "register",
+    "schedule_from",
+]
 
 log = logging.getLogger("fhir_leuko.run")
 
@@ -97,7 +104,8 @@ exit codes (of the watch process):
 {_CONFIG_EPILOG}"""
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
+def add_connection_options(parser: argparse.ArgumentParser) -> None:
+    """The server, TLS and authentication flags (``run``, ``watch`` and ``export``)."""
     conn = parser.add_argument_group("server and authentication")
     conn.add_argument("--server", metavar="URL", help="FHIR R4 base URL, e.g. https://host/fhir")
     conn.add_argument("--config", metavar="FILE", type=Path, help="a TOML configuration file")
@@ -134,6 +142,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     )
     conn.add_argument("--scope", metavar="SCOPES", help="scopes to request (space-separated)")
 
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    add_connection_options(parser)
     what = parser.add_argument_group("what to evaluate")
     select = what.add_mutually_exclusive_group()
     select.add_argument(
@@ -230,8 +241,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 # -- configuration ---------------------------------------------------------------------------
 
 
-def _flags(args: argparse.Namespace) -> dict[str, Any]:
-    """The flags actually given, as a nested dict in the TOML layout."""
+def connection_flags(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The ``[fhir]`` and ``[auth]`` flags of :func:`add_connection_options`, in the TOML layout."""
     headers: dict[str, str] = {}
     for text in args.header:
         name, sep, value = text.partition(":")
@@ -257,6 +268,17 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
             "token_url": args.token_url,
             "scope": args.scope,
         },
+    }
+    return {
+        table: {k: v for k, v in values.items() if v is not None}
+        for table, values in tables.items()
+    }
+
+
+def _flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags actually given, as a nested dict in the TOML layout."""
+    tables: dict[str, dict[str, Any]] = {
+        **connection_flags(args),
         "run": {
             "write_mode": args.write_mode,
             "transactions": args.transactions,
@@ -299,7 +321,9 @@ def _options(config: JobConfig, args: argparse.Namespace) -> JobOptions:
     )
 
 
-def _client(config: JobConfig, stop: threading.Event) -> FhirClient:
+def build_client(config: JobConfig, stop: threading.Event | None = None) -> FhirClient:
+    """The FHIR client of the ``[fhir]`` and ``[auth]`` configuration; its retry waits end when
+    ``stop`` is set (SIGTERM/SIGINT)."""
     fhir = config.fhir
     if not fhir.server:
         raise UsageError(
@@ -317,7 +341,7 @@ def _client(config: JobConfig, stop: threading.Event) -> FhirClient:
         verify=verify,
         retry=RetryPolicy(max_attempts=fhir.retry_attempts, max_total=fhir.retry_total),
         headers=fhir.headers,
-        sleep=interruptible_sleep(stop),  # a retry wait ends at SIGTERM/SIGINT
+        sleep=interruptible_sleep(stop) if stop else time.sleep,  # ends at SIGTERM/SIGINT
     )
 
 
@@ -431,7 +455,7 @@ def _setup(args: argparse.Namespace) -> tuple[JobConfig, Job, State | None]:
     if config.run.profile:
         profiles = profiles.select(config.run.profile)
     stop = threading.Event()
-    client = _client(config, stop)
+    client = build_client(config, stop)
     state_path = config.state.path or default_state_path()
     # A dry run changes nothing, the state file included: with no file yet it runs as a first pass.
     state = None if options.dry_run and not state_path.exists() else State(state_path)

@@ -293,8 +293,15 @@ class FhirClient:
         body: bytes | None = None,
         headers: Mapping[str, str] | None = None,
         idempotent: bool | None = None,
+        stream: bool = False,
+        authenticate: bool = True,
     ) -> requests.Response:
-        """Send one request with retries; return the (2xx or 304) response or raise a FhirError."""
+        """Send one request with retries; return the (2xx or 304) response or raise a FhirError.
+
+        ``stream``: the body of a 2xx response is not read yet (a Bulk Data file: the caller
+        iterates and closes it). ``authenticate=False`` sends no credentials (a Bulk Data file
+        that ``requiresAccessToken: false``, perhaps on another host).
+        """
         url = self.url(path)
         all_headers = dict(self.headers)
         if body is not None:
@@ -317,10 +324,11 @@ class FhirClient:
                     params=params,
                     data=body,
                     headers=all_headers,
-                    auth=self.auth,
+                    auth=self.auth if authenticate else None,
                     timeout=self.timeout,
                     verify=self.verify,
                     allow_redirects=False,
+                    stream=stream,
                 )
             except FhirTemporaryError as exc:  # the auth's token request could not get through
                 failure = exc
@@ -342,7 +350,7 @@ class FhirClient:
                 self._note_date(response)
                 if status < 300 or status == 304:
                     return response
-                invalidate = getattr(self.auth, "invalidate", None)
+                invalidate = getattr(self.auth, "invalidate", None) if authenticate else None
                 if status == 401 and not refreshed and callable(invalidate):
                     refreshed = True
                     log.info("%s -> 401: refreshing the access token once", short)

@@ -262,3 +262,35 @@ def test_an_expired_token_is_refreshed_once_on_401(
         time.sleep(2.5)
         with pytest.raises(AuthError, match="invalid_client"):
             list(client.search("Patient", {"_count": "1"}))
+
+
+def test_export_with_every_auth_method(
+    secured: SekmetServer, tmp_path: Path, keys: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``fhir-leuko export`` (Bulk Data, issue 12) with each method ``run`` has: the kick-off, the
+    status polls, the DELETE and the files (``requiresAccessToken: true`` here) all authenticated."""
+    password = tmp_path / "password"
+    password.write_text(PASSWORD)
+    monkeypatch.setenv("FHIR_LEUKO_AUTH_TOKEN", TOKEN)
+    monkeypatch.setenv("FHIR_LEUKO_AUTH_CLIENT_SECRET", SECRET)
+    methods = {
+        "basic": ["--username", "alice", "--password-file", str(password)],
+        "bearer": [],
+        "client-credentials": ["--client-id", "secret-client", "--scope", "system/*.*"],
+        "smart-backend": [
+            "--client-id", "ec-client", "--private-key-file", str(keys["ec"]), "--key-id", "ec-1",
+            "--scope", "system/*.*",
+        ],
+    }
+    base = ["export", "--server", secured.base_url, "--no-progress"]
+    assert main([*base, "--output-dir", str(tmp_path / "none")]) == 2  # refused without
+    for method, extra in methods.items():
+        out = tmp_path / method
+        code = main([*base, "--output-dir", str(out), "--auth", method, *extra])
+        err = capsys.readouterr().err
+        assert code == 0, (method, err)
+        state = json.loads((out / ".fhir-leuko" / "export.json").read_text())
+        assert state["manifest"]["requiresAccessToken"] is True and state["job_deleted"]
+        assert "a-1-anc" in (out / "Observation.000.ndjson").read_text()
+        assert SECRET not in err and PASSWORD not in err and TOKEN not in err
