@@ -242,8 +242,10 @@ class Walker:
         # ask the server to count (once).
         self._check_stop()
         lower = [("_lastUpdated", f"gt{after}")] if after else []
+        # The search's criteria only: some servers refuse _summary=count with _elements.
+        criteria = [(k, v) for k, v in params if k not in ("_elements", "_count")]
         counted: int | None = None
-        for raw in self.search(rtype, [*params, *lower, ("_summary", "count")]):
+        for raw in self.search(rtype, [*criteria, *lower, ("_summary", "count")]):
             counted = _DECODE.decode(raw).total
             break
         if counted is None:
