@@ -68,6 +68,7 @@ class _Meta(msgspec.Struct):
 
 
 class _Resource(msgspec.Struct):
+    resourceType: str | None = None
     id: str | None = None
     meta: _Meta | None = None
 
@@ -153,11 +154,12 @@ class Walker:
                         expected = page.total
                     drop: set[int] = set()
                     for index, entry in enumerate(page.entry):
-                        if entry.search is not None and entry.search.mode not in (None, "match"):
-                            continue
+                        mode = entry.search.mode if entry.search is not None else None
                         res = entry.resource
-                        if res is None or res.id is None:
+                        if res is None or res.id is None or mode not in (None, "match"):
                             continue
+                        if mode is None and res.resourceType not in (None, rtype):
+                            continue  # an included resource from a server that omits the mode
                         text = res.meta.lastUpdated if res.meta else None
                         moment = parse_fhir_datetime(text) if text else None
                         if moment is None or text is None:
