@@ -15,9 +15,10 @@ answers searches the way a PostgreSQL-backed production server does:
   also applies to sorted walks), and ``ignore_sort=True`` is a server that ignores ``_sort``.
 * ``_count`` is capped at ``count_cap`` (default page size ``default_count``).
 * ``Bundle.total`` only with ``_total=accurate``; ``_summary=count`` answers the total alone.
-* Test knobs: ``delay`` seconds before each search page (SIGTERM tests), ``lose`` a set of resource
-  ids a broken server leaves out of its pages although it counts them (completeness tests),
-  ``metadata_patch`` to change the CapabilityStatement. Every request is logged in ``requests``.
+* Test knobs: ``delay`` seconds before each search page (SIGTERM tests), ``unavailable`` (every
+  search a 503 with ``Retry-After: 30``), ``lose`` a set of resource ids a broken server leaves out
+  of its pages although it counts them (completeness tests), ``metadata_patch`` to change the
+  CapabilityStatement. Every request is logged in ``requests``.
 
 Everything else (reads, writes, transactions, ``metadata``) is passed through to sekmet, with
 sekmet's base URL rewritten to the proxy's in bodies and headers.
@@ -78,6 +79,8 @@ class Settings:
     lose: set[str] = field(default_factory=set)
     """Resource ids the server leaves out of search pages (but still counts)."""
     metadata_patch: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    unavailable: bool = False
+    """Every search answers 503 with ``Retry-After: 30`` (maintenance)."""
     seed: int = 8
 
 
@@ -244,6 +247,10 @@ class StrictProxy:
         s = self.settings
         if s.delay:
             await asyncio.sleep(s.delay)
+        if s.unavailable:
+            response = _outcome(503, "transient", "down for maintenance")
+            response.headers["Retry-After"] = "30"
+            return response
         token = next((v for k, v in query if k == "_page_token"), None)
         cursor: dict[str, Any] = {}
         if token:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -126,6 +127,32 @@ def test_full_scan_over_more_observations_than_the_offset_cap(
         as_of=at(AS_OF[:-1]),
     )
     assert_exactly_once(strict.upstream)
+
+
+def test_without_id_in_the_capability_statement_the_sort_is_lastupdated_alone(
+    strict: StrictProxy, state_path: Path, knowledge: Knowledge, profiles: ProfileSet
+) -> None:
+    def without_id(statement: dict[str, Any]) -> dict[str, Any]:
+        for resource in statement["rest"][0]["resource"]:
+            if resource["type"] == "Observation":
+                params = resource["searchParam"]
+                resource["searchParam"] = [p for p in params if p["name"] != "_id"]
+        return statement
+
+    ward(strict.upstream)
+    strict.configure(metadata_patch=without_id)
+    client = FhirClient(strict.base_url, headers=STRICT)
+    report = run_pass(
+        strict.base_url, state_path, knowledge, profiles, client=client, as_of=at(AS_OF[:-1])
+    )
+    assert report.ok and report.patients == PATIENTS
+    assert_exactly_once(strict.upstream)
+    sorts = {
+        (rtype, v) for m, rtype, q in strict.requests for n, v in q if n == "_sort" and m == "GET"
+    }
+    assert ("Observation", "_lastUpdated") in sorts
+    assert ("Patient", "_lastUpdated,_id") in sorts
+    assert not any(rtype == "Observation" and v != "_lastUpdated" for rtype, v in sorts)
 
 
 def test_a_scan_through_small_windows(
@@ -251,17 +278,21 @@ def _wait_for(proc: subprocess.Popen[bytes], ready: Callable[[], bool]) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-@pytest.mark.parametrize("where", ["scan", "groups"])
+@pytest.mark.parametrize("where", ["scan", "groups", "retry-wait"])
 def test_a_signal_stops_the_pass_within_seconds(
     strict: StrictProxy, tmp_path: Path, where: str, signum: int
 ) -> None:
     ward(strict.upstream)
     state = tmp_path / "state.sqlite3"
-    # A slow server: the scan takes seconds (small pages), and so does each group.
-    strict.configure(delay=0.1, count_cap=10 if where == "scan" else 50)
+    # A slow server: the scan takes seconds (small pages), and so does each group; or one that
+    # answers 503 with Retry-After: 30 (the client waits before it retries).
+    strict.configure(
+        delay=0.1, count_cap=10 if where == "scan" else 50, unavailable=where == "retry-wait"
+    )
     ready = {
         "scan": lambda: len(strict.searches("Observation")) >= 3,
         "groups": lambda: len(strict.searches("Patient")) >= 1,
+        "retry-wait": lambda: len(strict.searches()) >= 1,
     }[where]
     proc = subprocess.Popen(
         [
