@@ -48,7 +48,7 @@ def test_the_core_importing_an_edge_breaks_the_contract(tmp_path: Path) -> None:
     )
 
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "Contracts: 3 kept, 1 broken." in result.stdout
+    assert "Contracts: 4 kept, 1 broken." in result.stdout
     broken = result.stdout.split("Broken contracts", 1)[1]
     assert broken.lstrip("-\n").startswith("The rule core is pure")
     assert "fhir_leuko.core is not allowed to import fhir_leuko.files:" in broken

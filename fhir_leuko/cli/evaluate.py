@@ -10,15 +10,15 @@ import tempfile
 from pathlib import Path
 from typing import IO
 
-import orjson
 from tqdm import tqdm
 
-from ..core.detectedissue import to_ndjson, to_transaction_bundle
 from ..core.pipeline import Evaluation, evaluate_dataset
 from ..errors import ExitCode, UsageError, exit_code_table
 from ..files.bulkread import normalise_files
 from ..files.reader import input_files
-from .options import add_as_of, add_profile_options, as_of_from, profiles_from
+from ..present.silence import silence_line
+from .formats import add_format_option, chosen_format, render
+from .options import add_as_of, add_profile_options, as_of_or_latest, profiles_from
 
 __all__ = ["register"]
 
@@ -40,13 +40,17 @@ sources:
   The order of the PATHs never changes the output.
 
 output:
-  One DetectedIssue per patient and finding kind, as NDJSON (default) or as a transaction Bundle of
-  conditional creates (--format bundle) ready to POST to a FHIR server's base URL. The same input
-  and --as-of always give byte-identical output. A summary (findings by kind and severity) and one
-  line per input problem (file, resource, reason) go to stderr.
+  On a terminal, a table: one row per finding (patient, finding and grade, severity, value, date,
+  trend, implicated drug, profile), most severe first; --format csv gives the same columns.
+  Otherwise (a pipe, --output FILE) one DetectedIssue per patient and finding kind as NDJSON, or
+  a transaction Bundle of conditional creates (--format bundle) ready to POST to a FHIR server's
+  base URL. The same input and --as-of always give byte-identical output. A summary (findings by
+  kind and severity; when nothing is found, why) and one line per
+  input problem (file, resource, reason) go to stderr.
 
 examples:
   fhir-leuko evaluate examples/
+  fhir-leuko evaluate export/ --as-of latest --format csv --output findings.csv
   fhir-leuko evaluate export/ --as-of 2024-05-01 --output issues.ndjson
   fhir-leuko evaluate Observation.ndjson.gz MedicationRequest.ndjson.gz Patient.ndjson.gz
   fhir-leuko evaluate bundle.json --format bundle --output tx.json
@@ -67,17 +71,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("paths", metavar="PATH", nargs="+", type=Path, help="files or directories")
-    add_as_of(parser)
+    add_as_of(parser, latest=True)
     add_profile_options(parser)
     parser.add_argument(
         "--output", "-o", metavar="FILE", type=Path, help="write here instead of stdout"
     )
-    parser.add_argument(
-        "--format",
-        choices=("ndjson", "bundle"),
-        default="ndjson",
-        help="ndjson (default): one DetectedIssue per line; bundle: a transaction Bundle",
-    )
+    add_format_option(parser)
     parser.add_argument(
         "--same-source",
         action="store_true",
@@ -137,6 +136,8 @@ def _summary(result: Evaluation, files: int) -> list[str]:
         lines.append(f"findings: {len(result.findings)} ({'; '.join(parts)})")
     else:
         lines.append("findings: 0")
+        if result.silence is not None:
+            lines.append(f"why: {silence_line(result.silence, result.counts)}")
     lines.append(f"input problems: {len(result.problems)}")
     return lines
 
@@ -145,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     # A batch that builds millions of long-lived objects and then exits: the cyclic garbage
     # collector would only rescan them again and again (normalise.Normaliser.collecting).
     gc.disable()
-    as_of = as_of_from(args)
+    as_of = as_of_or_latest(args)
     knowledge, profiles = profiles_from(args)
     files = input_files(args.paths, same_source=args.same_source)
     show = sys.stderr.isatty() and not args.no_progress
@@ -156,12 +157,8 @@ def run(args: argparse.Namespace) -> int:
         # Progress counts decompressed bytes for .gz input, so the bar may run past its total.
         dataset = normalise_files(files, knowledge, progress=bar.update if show else None)
     result = evaluate_dataset(dataset, profiles, as_of=as_of)
-    if args.format == "bundle":
-        data = (
-            orjson.dumps(to_transaction_bundle(result.issues), option=orjson.OPT_INDENT_2) + b"\n"
-        )
-    else:
-        data = to_ndjson(result.issues)
+    fmt = chosen_format(args, sys.stdout.isatty())
+    data = render(fmt, result, dataset=dataset, profiles=profiles, inputs=args.paths)
     _write(args.output, data)
     for problem in result.problems:
         print(f"problem: {problem}", file=sys.stderr)

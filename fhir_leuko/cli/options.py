@@ -8,11 +8,19 @@ from pathlib import Path
 
 from ..core.fhirtime import parse_as_of
 from ..core.knowledge import Knowledge
+from ..core.pipeline import LATEST, AsOf
 from ..core.profiles import ProfileSet
 from ..errors import UsageError
 from ..files.documents import load_knowledge, load_profiles
 
-__all__ = ["add_as_of", "add_profile_options", "as_of_from", "parse_instant", "profiles_from"]
+__all__ = [
+    "add_as_of",
+    "add_profile_options",
+    "as_of_from",
+    "as_of_or_latest",
+    "parse_instant",
+    "profiles_from",
+]
 
 
 def add_profile_options(parser: argparse.ArgumentParser) -> None:
@@ -34,12 +42,18 @@ def add_profile_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_as_of(parser: argparse.ArgumentParser) -> None:
+def add_as_of(parser: argparse.ArgumentParser, *, latest: bool = False) -> None:
     parser.add_argument(
         "--as-of",
         metavar="DATETIME",
         help="evaluate as of this time (ISO 8601; a bare date means the end of that day, UTC; "
-        "default: now)",
+        "default: now)"
+        + (
+            "; 'latest': each patient as of their own latest lab result (historical or "
+            "research exports)"
+            if latest
+            else ""
+        ),
     )
 
 
@@ -61,6 +75,13 @@ def as_of_from(args: argparse.Namespace) -> datetime:
     if args.as_of is None:
         return datetime.now(UTC).replace(microsecond=0)
     return parse_instant("--as-of", args.as_of)
+
+
+def as_of_or_latest(args: argparse.Namespace) -> AsOf:
+    """``--as-of`` where ``latest`` is allowed (evaluate, explain)."""
+    if isinstance(args.as_of, str) and args.as_of.strip().lower() == LATEST:
+        return LATEST
+    return as_of_from(args)
 
 
 def profiles_from(args: argparse.Namespace) -> tuple[Knowledge, ProfileSet]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import date, datetime, timedelta
 
+from .decision import Decision, NotUsed, Outcome, ProfileSkip, ResultUse
 from .fhirtime import age_reached, parse_duration, shift
 from .model import (
     FINDING_ANALYTE,
@@ -87,34 +88,55 @@ def latest_result(
     lookback: timedelta,
     statuses: Sequence[str],
     results: Sequence[LabResult] | None = None,
+    uses: list[ResultUse] | None = None,
 ) -> LabResult | None:
     """The most recent valid absolute count of the finding's analyte within the lookback.
 
     ``results`` narrows the search to these of the record's results (e.g. those of the analyte).
+    ``uses``, when given, receives every result of the analyte with why it did not count (the
+    decision data of :mod:`.decision`; the same checks, not a copy of them).
     """
     analyte = FINDING_ANALYTE[kind]
     earliest = shift(as_of, -lookback)
     best: LabResult | None = None
     best_key: tuple[datetime, bool, bool, str] | None = None
+    usable: list[LabResult] = []
     for result in record.results if results is None else results:
+        if result.analyte is not analyte:
+            continue
         # Only a total absolute count is "the" count: a segmented or band-form count (30451-9,
         # 26507-4 ...) is a part of it, and enters only through the derived total (normalise).
-        if (
-            result.analyte is not analyte
-            or result.measure is not Measure.COUNT
-            or result.form is not Form.TOTAL
-        ):
+        if result.measure is not Measure.COUNT or result.form is not Form.TOTAL:
+            if uses is not None:
+                uses.append(ResultUse(result, NotUsed.PART))
             continue
-        if best is not None and result.effective < best.effective:
+        if uses is None and best is not None and result.effective < best.effective:
             continue  # cannot win: the rank below compares the time first
         if result.status not in statuses or not earliest <= result.effective <= as_of:
+            if uses is not None:
+                uses.append(ResultUse(result, _why_not(result, statuses, earliest, as_of)))
             continue
+        if uses is not None:
+            usable.append(result)
         # Latest first; at the same time a measured value beats a derived one, a corrected WBC an
         # uncorrected one; the key breaks remaining ties so the choice is stable.
         rank = (result.effective, not result.derived, result.corrected, result.key)
         if best_key is None or rank > best_key:
             best, best_key = result, rank
+    if uses is not None:
+        uses.extend(ResultUse(r, None if r is best else NotUsed.SUPERSEDED) for r in usable)
+        uses.sort(key=lambda u: (u.result.effective, u.result.key))
     return best
+
+
+def _why_not(
+    result: LabResult, statuses: Sequence[str], earliest: datetime, as_of: datetime
+) -> NotUsed:
+    if result.effective > as_of:
+        return NotUsed.AFTER_AS_OF
+    if result.effective < earliest:
+        return NotUsed.BEFORE_LOOKBACK
+    return NotUsed.STATUS
 
 
 def _exposure_relation(exposure: DrugExposure, at: datetime, window: timedelta) -> str | None:
@@ -285,9 +307,18 @@ def _decide(
 
 
 def evaluate(
-    record: PatientRecord, profiles: ProfileSet | Sequence[Profile], *, as_of: datetime
+    record: PatientRecord,
+    profiles: ProfileSet | Sequence[Profile],
+    *,
+    as_of: datetime,
+    trace: list[Decision] | None = None,
 ) -> list[Finding]:
-    """The findings of one patient at ``as_of``, one at most per finding kind."""
+    """The findings of one patient at ``as_of``, one at most per finding kind.
+
+    ``trace``, when given, receives one :class:`~.decision.Decision` per finding kind: which
+    profiles were passed over and why, which results counted or not and why, the limit and bands
+    (``fhir-leuko explain``; the report's plots). Without it nothing extra is built.
+    """
     ordered = profiles.profiles if isinstance(profiles, ProfileSet) else tuple(profiles)
     ordered = tuple(sorted(ordered, key=lambda p: (-p.priority, p.id)))
     findings: list[Finding] = []
@@ -298,11 +329,16 @@ def evaluate(
         by_analyte.setdefault(candidate.analyte, []).append(candidate)
     latest: dict[tuple[FindingKind, int, tuple[str, ...]], LabResult | None] = {}
     for kind in FindingKind:
+        skipped: list[ProfileSkip] | None = [] if trace is not None else None
         for profile in ordered:
             if not profile_applies(profile, record, as_of):
+                if skipped is not None:
+                    skipped.append(_skip(profile, "the patient's age is outside its applies"))
                 continue
             rule = _rule_for(profile, kind, record.flags)
             if rule is None:
+                if skipped is not None:
+                    skipped.append(_skip(profile, _no_rule_reason(profile, kind)))
                 continue
             settings = profile.settings
             wanted = (kind, settings.lookback_days, tuple(settings.statuses))
@@ -325,10 +361,88 @@ def evaluate(
                     drug_ids=profile.applies.drugs,
                 )
             ):
-                continue  # not this patient's or this result's profile: the next one decides
+                # Not this patient's or this result's profile: the next one decides.
+                if skipped is not None:
+                    skipped.append(_skip(profile, _drug_reason(profile, result)))
+                continue
+            finding = None
             if result is not None:
                 finding = _decide(record, profile, rule, result, as_of)
                 if finding is not None:
                     findings.append(finding)
+            if trace is not None and skipped is not None:
+                trace.append(
+                    _traced(record, kind, profile, rule, result, finding, as_of, skipped, by_analyte)
+                )
             break
+        else:
+            if trace is not None and skipped is not None:
+                trace.append(Decision(kind, Outcome.NO_PROFILE, as_of, tuple(skipped)))
     return findings
+
+
+def _skip(profile: Profile, reason: str) -> ProfileSkip:
+    return ProfileSkip(profile.id, profile.version, reason)
+
+
+def _no_rule_reason(profile: Profile, kind: FindingKind) -> str:
+    rules = [r for r in profile.rules if r.finding is kind]
+    if not rules:
+        return f"it has no rule for {kind.value}"
+    return f"its {kind.value} rules need other patient flags (when_flags / unless_flags)"
+
+
+def _drug_reason(profile: Profile, result: LabResult | None) -> str:
+    drugs = ", ".join(profile.applies.drugs)
+    if result is None:
+        return f"it applies only with {drugs}, and no result counted"
+    return f"it applies only when {drugs} is implicated in the result that counts, and none is"
+
+
+def _traced(
+    record: PatientRecord,
+    kind: FindingKind,
+    profile: Profile,
+    rule: Rule,
+    result: LabResult | None,
+    finding: Finding | None,
+    as_of: datetime,
+    skipped: list[ProfileSkip],
+    by_analyte: dict[Analyte, list[LabResult]],
+) -> Decision:
+    """The decision a profile made for one kind, with the results it looked at (trace only)."""
+    settings = profile.settings
+    lookback = timedelta(days=settings.lookback_days)
+    uses: list[ResultUse] = []
+    latest_result(
+        record,
+        kind,
+        as_of=as_of,
+        lookback=lookback,
+        statuses=settings.statuses,
+        results=by_analyte.get(FINDING_ANALYTE[kind], []),
+        uses=uses,
+    )
+    if result is None:
+        outcome = Outcome.NO_RESULT
+    else:
+        outcome = Outcome.FINDING if finding is not None else Outcome.NOT_LOW
+    grading = profile.gradings[rule.grading]
+    return Decision(
+        kind=kind,
+        outcome=outcome,
+        as_of=as_of,
+        skipped=tuple(skipped),
+        profile_id=profile.id,
+        profile_version=profile.version,
+        profile_title=profile.title,
+        lookback=lookback,
+        statuses=tuple(settings.statuses),
+        result=result,
+        uses=tuple(uses),
+        lower_limit=_lower_limit(rule, result, record.birth_date) if result is not None else None,
+        grading_name=grading.name,
+        grading_version=grading.version,
+        bands=tuple(grading.bands),
+        finding=finding,
+    )

@@ -10,7 +10,15 @@ from dataclasses import dataclass
 
 from .model import QUOTE_LIMIT, Finding, LabResult, local_key, quoted
 
-__all__ = ["Explanation", "explain", "format_count", "reference_of"]
+__all__ = [
+    "Explanation",
+    "drug_line",
+    "explain",
+    "format_count",
+    "reference_of",
+    "trend_line",
+    "value_text",
+]
 
 UNIT = "×10⁹/L"
 
@@ -25,9 +33,44 @@ def format_count(value: float) -> str:
     return text + "0" if text.endswith(".") else text
 
 
-def _value(result: LabResult) -> str:
+def value_text(result: LabResult, *, unit: bool = True) -> str:
+    """A count with its comparator (and unit): ``< 0.1 ×10⁹/L``."""
     prefix = {"<": "< ", "<=": "≤ ", ">": "> ", ">=": "≥ "}.get(result.comparator or "", "")
-    return f"{prefix}{format_count(result.value)} {UNIT}"
+    return f"{prefix}{format_count(result.value)}" + (f" {UNIT}" if unit else "")
+
+
+_value = value_text
+
+_SHOWN_IN_LINE = 4
+_STEADY = 0.1
+"""A change under 10 % of the first value is called steady in the one-line trend."""
+
+
+def trend_line(finding: Finding, *, compact: bool = False) -> str:
+    """The trend in one line, oldest first: ``3.1 → 1.8 → 0.9 ×10⁹/L, falling over 14 days``
+    (``compact``: ``3.1 → 1.8 → 0.9 falling``, for a table that shows the unit elsewhere).
+
+    Only the values the finding already holds (``Finding.trend``); empty with a single value.
+    """
+    trend = finding.trend[-_SHOWN_IN_LINE:]
+    if len(trend) < 2:
+        return ""
+    first, last = trend[0], trend[-1]
+    change = last.value - first.value
+    if abs(change) <= _STEADY * first.value:
+        word = "steady"
+    else:
+        word = "falling" if change < 0 else "rising"
+    days = (last.effective.date() - first.effective.date()).days
+    values = " → ".join(value_text(r, unit=False) for r in trend)
+    if compact:
+        return f"{values} {word}"
+    return f"{values} {UNIT}, {word} over {days} day{'s' if days != 1 else ''}"
+
+
+def drug_line(finding: Finding) -> str:
+    """The implicated drugs in a few words: ``clozapine (active)``; empty when none."""
+    return "; ".join(f"{', '.join(d.drug_labels)} ({d.relation})" for d in finding.implicated)
 
 
 def reference_of(key: str) -> str:

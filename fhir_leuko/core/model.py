@@ -27,6 +27,7 @@ __all__ = [
     "Measure",
     "PatientRecord",
     "Problem",
+    "UnusedResult",
     "local_key",
     "quoted",
     "source_reference",
@@ -165,6 +166,18 @@ class LabResult:
     def evidence(self) -> tuple[str, ...]:
         """The Observations this value rests on."""
         return self.sources or (self.key,)
+
+
+@dataclass(frozen=True, slots=True)
+class UnusedResult:
+    """A lab Observation of a white-cell analyte that normalising could not use (its status never
+    counts, or an input problem of the same ``key`` says why), kept with its patient so
+    ``fhir-leuko explain`` can list it."""
+
+    key: str
+    analyte: Analyte
+    status: str | None
+    effective_text: str | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,17 +10,48 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
+from .decision import Decision, Silence, latest_result_time, silence_of
 from .detectedissue import build_detected_issue
 from .evaluate import evaluate
 from .fhirjson import Sourced
 from .knowledge import Knowledge
-from .model import Finding, Problem
+from .model import Finding, PatientRecord, Problem
 from .normalise import Dataset, normalise
 from .profiles import ProfileSet
 
-__all__ = ["Evaluation", "evaluate_dataset", "evaluate_resources"]
+__all__ = [
+    "LATEST",
+    "AsOf",
+    "Evaluation",
+    "as_of_for",
+    "evaluate_dataset",
+    "evaluate_resources",
+    "trace_patient",
+]
+
+LATEST: Literal["latest"] = "latest"
+AsOf = datetime | Literal["latest"]
+"""An instant, or ``"latest"``: each patient as of their own latest white-cell result."""
+
+
+def as_of_for(record: PatientRecord, as_of: AsOf) -> datetime | None:
+    """The instant a patient is evaluated as of (``None``: ``latest`` and no result at all)."""
+    if isinstance(as_of, datetime):
+        return as_of
+    return latest_result_time(record)
+
+
+def trace_patient(
+    record: PatientRecord, profiles: ProfileSet, *, as_of: AsOf
+) -> tuple[datetime | None, list[Finding], list[Decision]]:
+    """One patient's findings with the evaluator's decisions (:mod:`.decision`), as evaluated."""
+    when = as_of_for(record, as_of)
+    decisions: list[Decision] = []
+    if when is None:
+        return None, [], decisions
+    return when, evaluate(record, profiles, as_of=when, trace=decisions), decisions
 
 
 @dataclass
@@ -32,15 +63,26 @@ class Evaluation:
     problems: list[Problem] = field(default_factory=list)
     counts: Counter[str] = field(default_factory=Counter)
     patients: int = 0
+    as_of: AsOf | None = None
+    as_of_by_patient: dict[str, datetime] = field(default_factory=dict)
+    """With ``as_of="latest"``: the instant each evaluated patient was evaluated as of."""
+    silence: Silence | None = None
+    """When nothing was found: why, in numbers (:func:`.decision.silence_of`)."""
 
     def summary(self) -> Counter[tuple[str, str]]:
         """Findings by (kind, severity)."""
         return Counter((f.kind.value, f.severity) for f in self.findings)
 
 
-def evaluate_dataset(dataset: Dataset, profiles: ProfileSet, *, as_of: datetime) -> Evaluation:
-    """Evaluate every patient of a normalised dataset and build their DetectedIssues."""
-    out = Evaluation(problems=list(dataset.problems), counts=Counter(dataset.counts))
+def evaluate_dataset(dataset: Dataset, profiles: ProfileSet, *, as_of: AsOf) -> Evaluation:
+    """Evaluate every patient of a normalised dataset and build their DetectedIssues.
+
+    ``as_of="latest"`` evaluates each patient as of their own latest white-cell result (what a
+    historical or research export needs). When nothing is found, :attr:`Evaluation.silence` says
+    why (the decisions are traced again then, only then).
+    """
+    out = Evaluation(problems=list(dataset.problems), counts=Counter(dataset.counts), as_of=as_of)
+    latest = not isinstance(as_of, datetime)
     # A large dataset is millions of long-lived objects: with the cyclic collector on, every
     # collection triggered while evaluating would rescan all of them (see normalise()).
     collecting = gc.isenabled()
@@ -49,9 +91,22 @@ def evaluate_dataset(dataset: Dataset, profiles: ProfileSet, *, as_of: datetime)
         for key in sorted(dataset.patients):
             record = dataset.patients[key]
             out.patients += 1
-            for finding in evaluate(record, profiles, as_of=as_of):
+            when = as_of if isinstance(as_of, datetime) else latest_result_time(record)
+            if when is None:
+                continue
+            if latest:
+                out.as_of_by_patient[key] = when
+            for finding in evaluate(record, profiles, as_of=when):
                 out.findings.append(finding)
-                out.issues.append(build_detected_issue(finding, identified=as_of))
+                out.issues.append(build_detected_issue(finding, identified=when))
+        if not out.findings:
+            out.silence = silence_of(
+                (
+                    (record, trace_patient(record, profiles, as_of=as_of)[2])
+                    for record in dataset.patients.values()
+                ),
+                as_of if isinstance(as_of, datetime) else None,
+            )
     finally:
         if collecting:
             gc.enable()
@@ -63,7 +118,7 @@ def evaluate_resources(
     knowledge: Knowledge,
     profiles: ProfileSet,
     *,
-    as_of: datetime,
+    as_of: AsOf,
 ) -> Evaluation:
     """Normalise resources and evaluate them (``items`` as :func:`reader.read_paths` yields)."""
     return evaluate_dataset(normalise(items, knowledge), profiles, as_of=as_of)

@@ -6,7 +6,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from ..fhirjson import Origin
-from ..model import PatientRecord, Problem
+from ..model import PatientRecord, Problem, UnusedResult
 
 __all__ = ["Dataset", "Problems", "Where"]
 
@@ -22,6 +22,8 @@ class Dataset:
     problems: list[Problem] = field(default_factory=list)
     counts: Counter[str] = field(default_factory=Counter)
     """Resources read by type, and what happened to lab results (``results:used`` …)."""
+    unused: dict[str, list[UnusedResult]] = field(default_factory=dict)
+    """By patient key: the lab Observations of that patient that could not be used at all."""
 
     def patient(self, key: str) -> PatientRecord:
         record = self.patients.get(key)

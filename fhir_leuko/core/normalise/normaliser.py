@@ -200,6 +200,10 @@ class Normaliser:
         first = len(data.patients)
         self.place(source, results)
         del results
+        patient_key = source.identity.patient_key
+        for subject, unused in labs.unused.values():
+            data.unused.setdefault(patient_key(subject) or subject, []).append(unused)
+        labs.unused.clear()
         for record in list(data.patients.values())[first:]:
             if record.results:
                 record.results.extend(derive(record.results, data.counts))

@@ -24,7 +24,7 @@ from datetime import datetime
 from ..fhirjson import CodedOnly, Meta, Observation, Origin, Period, Quantity, Reference
 from ..fhirtime import parse_fhir_datetime
 from ..knowledge import LOINC_SYSTEM, CodeInfo, Knowledge
-from ..model import LabResult, Measure
+from ..model import LabResult, Measure, UnusedResult
 from .dataset import Dataset, Problems, Where
 
 __all__ = [
@@ -203,6 +203,9 @@ class LabResults:
         self.dropped: dict[str, str | None] = {}
         """The status of a version kept that gave no result (reported, or a status that does not
         count), for :func:`supersedes` when another version turns up."""
+        self.unused: dict[str, tuple[str, UnusedResult]] = {}
+        """``(subject reference, result)`` of each mapped Observation kept that could not be used
+        (``fhir-leuko explain`` lists them with their patient)."""
         self.panels: dict[str, Panel] = {}
         self.observation_urls: dict[str, str] = {}
         """Observation keys by the fullUrl a DiagnosticReport may use to point at them."""
@@ -250,6 +253,7 @@ class LabResults:
             self.results[key] = result
         else:
             self.dropped[key] = obs.status
+            self.unused[key] = (subject, UnusedResult(key, info.analyte, obs.status, text))
 
     def kept_status(self, key: str) -> str | None:
         """The status of the version kept of an Observation."""
@@ -264,6 +268,7 @@ class LabResults:
         self.results.pop(key, None)
         self.pending.pop(key, None)
         self.dropped.pop(key, None)
+        self.unused.pop(key, None)
 
     def absorb(self, other: LabResults) -> None:
         """Take in the Observations read into another part of the same source (:mod:`.sources`);
@@ -281,6 +286,8 @@ class LabResults:
                 self.pending[key] = other.pending[key]
             else:
                 self.dropped[key] = other.dropped.get(key)
+                if key in other.unused:
+                    self.unused[key] = other.unused[key]
         for key, panel in other.panels.items():
             self.panels.setdefault(key, panel)
         for url, key in other.observation_urls.items():
@@ -438,6 +445,7 @@ class LabResults:
         for pending in self.pending.values():
             if pending.obs.status not in _KEPT_STATUSES:
                 self.status_dropped(pending.obs, pending.key, pending.origin)
+                self._unused(pending)
                 continue
             if pending.subject is None:
                 self.problems.report(
@@ -452,6 +460,7 @@ class LabResults:
                     pending.key,
                     "no effective time (nor one from its DiagnosticReport)",
                 )
+                self._unused(pending)
                 continue
             result = self.make_result(
                 pending.obs,
@@ -465,4 +474,13 @@ class LabResults:
                 if not result.group:
                     result.group = pending.group
                 self.results[pending.key] = result
+            else:
+                self._unused(pending)
         self.pending.clear()
+
+    def _unused(self, pending: Pending) -> None:
+        if pending.subject is not None:
+            unused = UnusedResult(
+                pending.key, pending.info.analyte, pending.obs.status, pending.effective_text
+            )
+            self.unused[pending.key] = (pending.subject, unused)
