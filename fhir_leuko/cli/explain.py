@@ -75,7 +75,9 @@ def find_patient(dataset: Dataset, text: str) -> str:
         return wanted
     pid = wanted.removeprefix("Patient/")
     matches = sorted(
-        k for k in keys if k == f"Patient/{pid}" or k.endswith((f"/Patient/{pid}", f"|Patient/{pid}"))
+        k
+        for k in keys
+        if k == f"Patient/{pid}" or k.endswith((f"/Patient/{pid}", f"|Patient/{pid}"))
     )
     if len(matches) == 1:
         return matches[0]
