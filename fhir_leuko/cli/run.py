@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 from cronsim import CronSim, CronSimError
 
-from ..core.model import quoted
+from ..core.model import Finding, PatientRecord, quoted
 from ..errors import AuthError, ExitCode, FhirError, LockError, UsageError, exit_code_table
 from ..fhir.client import FhirClient, RetryPolicy
 from ..files.documents import load_knowledge, load_profiles
@@ -29,6 +29,7 @@ from ..job.config import JobConfig, build_auth, load_job_config, parse_interval
 from ..job.runner import Job, JobOptions, Mode, PassReport
 from ..job.state import State, default_state_path
 from ..job.walk import interruptible_sleep
+from .formats import check_report_target, write_report
 from .options import parse_instant
 
 __all__ = [
@@ -220,6 +221,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_common(run)
+    run.add_argument(
+        "--report",
+        metavar="FILE",
+        type=Path,
+        help="also write a self-contained HTML report of this pass's findings (trend plots; "
+        "holds patient data: keep it like the server's data)",
+    )
     run.set_defaults(handler=run_command)
     watch = sub.add_parser(
         "watch",
@@ -494,10 +502,16 @@ def pass_exit_code(report: PassReport, signum: int | None = None) -> int:
 def run_command(args: argparse.Namespace) -> int:
     config, job, state = _setup(args)
     fmt = config.run.log_format
+    flagged: list[tuple[PatientRecord, list[Finding]]] = []
+    if args.report is not None:
+        check_report_target(args.report)
+        job.flagged = lambda record, findings: flagged.append((record, findings))
     try:
         with _stop_on_signals(job.stop) as received:
             report = job.run()
         _print_report(report, fmt)
+        if args.report is not None:
+            write_report(args.report, report, flagged, job.profiles, config.fhir.server or "")
         return pass_exit_code(report, received[0] if received else None)
     finally:
         job.client.close()

@@ -40,7 +40,7 @@ from ..core.fhirjson import DiagnosticReport as DiagnosticReportStruct
 from ..core.fhirjson import MedicationRequest, MedicationStatement, Observation, Sourced
 from ..core.fhirtime import format_instant, parse_fhir_datetime
 from ..core.knowledge import LOINC_SYSTEM, Knowledge
-from ..core.model import FindingKind, PatientRecord, Problem
+from ..core.model import Finding, FindingKind, PatientRecord, Problem
 from ..core.normalise import normalise
 from ..core.profiles import ProfileSet
 from ..errors import AuthError, FhirError, FhirLeukoError, FhirTemporaryError, LockError
@@ -196,6 +196,7 @@ class Job:
         state: State | None,
         stop: threading.Event | None = None,
         emit: Callable[[dict[str, Any]], object] | None = None,
+        flagged: Callable[[PatientRecord, list[Finding]], object] | None = None,
         checkpoint_hook: Callable[[str, int], object] | None = None,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
@@ -206,6 +207,8 @@ class Job:
         self.state = state
         self.stop = stop or threading.Event()
         self.emit = emit
+        self.flagged = flagged
+        """Called with each patient that has findings, as evaluated (``run --report``)."""
         self.hook = checkpoint_hook
         self.now = now
         self.server = server_key(client.base_url)
@@ -509,6 +512,8 @@ class _Pass:
             self.report.patients += 1
             for finding in findings:
                 self.report.findings[(finding.kind.value, finding.severity)] += 1
+            if findings and self.job.flagged is not None:
+                self.job.flagged(record, findings)
             try:
                 planned[patient] = self.planner.plan(
                     patient, record, findings, existing.get(patient, {})
