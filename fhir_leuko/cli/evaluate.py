@@ -119,6 +119,8 @@ def _summary(result: Evaluation, files: int) -> list[str]:
             "Patient",
             "MedicationRequest",
             "MedicationStatement",
+            "MedicationAdministration",
+            "MedicationDispense",
             "Medication",
             "Condition",
             "Flag",
@@ -128,7 +130,12 @@ def _summary(result: Evaluation, files: int) -> list[str]:
     lines = [
         f"read {files} file{'s' if files != 1 else ''}: {kinds or 'no resources fhir-leuko reads'}",
         f"lab results used: {counts['results:used']} measured, {counts['results:derived']} derived; "
-        f"patients evaluated: {result.patients}",
+        f"patients evaluated: {result.patients}"
+        + (
+            f" ({counts['patients:deceased']} deceased: no alert)"
+            if counts["patients:deceased"]
+            else ""
+        ),
     ]
     by = result.summary()
     if by:

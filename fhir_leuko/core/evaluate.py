@@ -15,6 +15,9 @@ counts are judged by the pediatric profile, a clozapine patient's ANC by the clo
    bands with a numeric edge can fire (grade 1 needs a lower limit: CTCAE v5.0).
 5. The grade is the deepest band the value falls in. A comparator is honoured: ``< 0.1`` is below
    0.1 and is graded so; a ``>`` value is never taken as low.
+
+A deceased patient (``Patient.deceasedBoolean`` true, or a ``deceasedDateTime`` at or before
+``as_of``) gets no finding: an alert about a death helps no one (issue 13 §5).
 """
 
 from __future__ import annotations
@@ -40,7 +43,14 @@ from .model import (
 )
 from .profiles import Band, Profile, ProfileSet, Rule
 
-__all__ = ["evaluate", "implicated_drugs", "is_below", "latest_result", "profile_applies"]
+__all__ = [
+    "evaluate",
+    "implicated_drugs",
+    "is_below",
+    "is_deceased",
+    "latest_result",
+    "profile_applies",
+]
 
 
 def is_below(value: float, comparator: str | None, edge: float) -> bool:
@@ -61,6 +71,14 @@ def _age_ok(birth: date | None, on: date, profile: Profile) -> bool:
     if applies.min_age and not age_reached(birth, on, parse_duration(applies.min_age)):
         return False
     return not (applies.max_age and age_reached(birth, on, parse_duration(applies.max_age)))
+
+
+def is_deceased(record: PatientRecord, as_of: datetime) -> bool:
+    """Whether the patient is recorded as deceased at ``as_of``: ``deceasedBoolean`` true, or a
+    ``deceasedDateTime`` at or before ``as_of`` (a later one means alive at ``as_of``)."""
+    if record.deceased_at is not None:
+        return record.deceased_at <= as_of
+    return record.deceased
 
 
 def profile_applies(profile: Profile, record: PatientRecord, as_of: datetime) -> bool:
@@ -139,11 +157,37 @@ def _why_not(
     return NotUsed.STATUS
 
 
+def _days_before(days: int) -> str:
+    if days == 0:
+        return "the same day"
+    return f"{days} day{'s' if days != 1 else ''} before"
+
+
+def _event_relation(exposure: DrugExposure, at: datetime, window: timedelta) -> str | None:
+    """The relation of an administration or a dispense: what happened (``exposure.event``), then
+    when that was, seen from the count: ``given 2026-11-12, 5 days before``."""
+    end = exposure.end
+    if end is None:
+        return f"{exposure.event}, in progress"
+    if end >= at:
+        if exposure.start == end:
+            return f"{exposure.event}, the same day"  # given once, later on the count's day
+        return f"{exposure.event}, active at this count"
+    days = (at.date() - end.date()).days
+    if days > window.days:
+        return None
+    if exposure.start != end and exposure.record_type == "MedicationDispense":
+        return f"{exposure.event}, supply ended {_days_before(days)}"
+    return f"{exposure.event}, {_days_before(days)}"
+
+
 def _exposure_relation(exposure: DrugExposure, at: datetime, window: timedelta) -> str | None:
     """How an exposure relates to a result at ``at``: ``None`` when it does not implicate."""
     start, end = exposure.start, exposure.end
     if start is not None and start.date() > at.date():
         return None  # started after the count (the same day counts: dates are often day-precise)
+    if exposure.event:
+        return _event_relation(exposure, at, window)
     if end is None:
         return "active" if exposure.status not in ("completed", "stopped") else None
     if end >= at:
@@ -193,11 +237,14 @@ def implicated_drugs(
 def _lower_limit(rule: Rule, result: LabResult, birth: date | None) -> LowerLimit:
     spec = rule.lower_limit
     if spec.lab_range and result.ref_low is not None:
-        return LowerLimit(
-            result.ref_low, "the laboratory's reference range (Observation.referenceRange.low)"
-        )
+        # ref_source names the entry chosen among several and cites the element it was read from.
+        which = result.ref_source or "(Observation.referenceRange.low)"
+        return LowerLimit(result.ref_low, f"the laboratory's reference range {which}")
+    # The lab's range was given but none of it could be used: the profile's default decides, and
+    # the explanation says why (issue 13 §3). A rule that never uses the lab's range needs no note.
+    note = result.ref_note if spec.lab_range else ""
     if spec.value is not None:
-        return LowerLimit(spec.value, spec.source)
+        return LowerLimit(spec.value, spec.source, note)
     if spec.by_age and birth is not None:
         on = result.effective.date()
         for band in spec.by_age:
@@ -205,8 +252,8 @@ def _lower_limit(rule: Rule, result: LabResult, birth: date | None) -> LowerLimi
                 continue
             if band.to_age and age_reached(birth, on, parse_duration(band.to_age)):
                 continue
-            return LowerLimit(band.value, band.source)
-    return LowerLimit(None, "no lower limit known for this result")
+            return LowerLimit(band.value, band.source, note)
+    return LowerLimit(None, "no lower limit known for this result", note)
 
 
 def _grade(bands: Sequence[Band], result: LabResult, limit: float | None) -> Band | None:
@@ -319,6 +366,10 @@ def evaluate(
     profiles were passed over and why, which results counted or not and why, the limit and bands
     (``fhir-leuko explain``; the report's plots). Without it nothing extra is built.
     """
+    if is_deceased(record, as_of):
+        if trace is not None:
+            trace.extend(Decision(kind, Outcome.DECEASED, as_of) for kind in FindingKind)
+        return []
     ordered = profiles.profiles if isinstance(profiles, ProfileSet) else tuple(profiles)
     ordered = tuple(sorted(ordered, key=lambda p: (-p.priority, p.id)))
     findings: list[Finding] = []

@@ -153,6 +153,8 @@ def explain(finding: Finding) -> Explanation:
             f"No lower limit is known for this result ({limit.source}); graded on the "
             f"{finding.grading_name} edges."
         )
+    if limit.note:
+        limit_text += f" The laboratory's reference range was not used: {limit.note}."
     trend = ""
     if len(finding.trend) > 1:
         trend = (

@@ -30,6 +30,7 @@ import orjson
 from .model import Problem
 
 __all__ = [
+    "INPUT_TYPES",
     "TOO_DEEP",
     "Bundle",
     "CodeableConcept",
@@ -40,6 +41,9 @@ __all__ = [
     "Flag",
     "MalformedResourceError",
     "Medication",
+    "MedicationAdministration",
+    "MedicationDispense",
+    "MedicationRecord",
     "MedicationRequest",
     "MedicationStatement",
     "Meta",
@@ -120,10 +124,19 @@ class CodedOnly(_Element):
     coding: list[CodeOnly] = []
 
 
+class Range(_Element):
+    low: Quantity | None = None
+    high: Quantity | None = None
+
+
 class ReferenceRange(_Element):
-    # Only the low end is ever used (a low count is the question); `high` and `text` are skipped.
+    # Only the low end is ever used (a low count is the question); `high` is skipped. `appliesTo`,
+    # `age` and `text` choose the entry that applies to the patient (normalise, issue 13 §3).
     low: Quantity | None = None
     type: CodedOnly | None = None
+    appliesTo: list[CodeableConcept] = []
+    age: Range | None = None
+    text: str | None = None
 
 
 class TimingRepeat(_Element):
@@ -136,6 +149,29 @@ class Timing(_Element):
 
 class Dosage(_Element):
     timing: Timing | None = None
+
+
+# A dispense's dose and frequency, declared apart from `Dosage` so that a MedicationRequest whose
+# dose elements are oddly shaped is not made malformed by elements only dispenses use.
+class DoseRepeat(_Element):
+    # positiveInt in R4, read as a number: "2.0" must not make the dispense malformed.
+    frequency: float | None = None
+    period: float | None = None
+    periodUnit: str | None = None
+
+
+class DoseTiming(_Element):
+    repeat: DoseRepeat | None = None
+
+
+class DoseAndRate(_Element):
+    doseQuantity: Quantity | None = None
+
+
+class DispenseDosage(_Element):
+    timing: DoseTiming | None = None
+    # 0..* in R4; some systems send one object (as CDS Hooks sandboxes do): read both.
+    doseAndRate: list[DoseAndRate] | DoseAndRate = []
 
 
 class DispenseRequest(_Element):
@@ -180,8 +216,18 @@ class Observation(_Resource, tag="Observation"):
     hasMember: list[Reference] = []
 
 
+class PatientLink(_Element):
+    other: Reference | None = None
+    type: str | None = None
+
+
 class Patient(_Resource, tag="Patient"):
+    identifier: list[Identifier] = []
+    gender: str | None = None
     birthDate: str | None = None
+    deceasedBoolean: bool | None = None
+    deceasedDateTime: str | None = None
+    link: list[PatientLink] = []
 
 
 class Medication(_Resource, tag="Medication"):
@@ -209,6 +255,33 @@ class MedicationStatement(_Resource, tag="MedicationStatement"):
     effectiveDateTime: str | None = None
     effectivePeriod: Period | None = None
     dateAsserted: str | None = None
+
+
+class MedicationAdministration(_Resource, tag="MedicationAdministration"):
+    status: str | None = None
+    medicationCodeableConcept: CodeableConcept | None = None
+    medicationReference: Reference | None = None
+    subject: Reference | None = None
+    effectiveDateTime: str | None = None
+    effectivePeriod: Period | None = None
+
+
+class MedicationDispense(_Resource, tag="MedicationDispense"):
+    status: str | None = None
+    medicationCodeableConcept: CodeableConcept | None = None
+    medicationReference: Reference | None = None
+    subject: Reference | None = None
+    quantity: Quantity | None = None
+    daysSupply: Quantity | None = None
+    whenPrepared: str | None = None
+    whenHandedOver: str | None = None
+    dosageInstruction: list[DispenseDosage] = []
+
+
+MedicationRecord = (
+    MedicationRequest | MedicationStatement | MedicationAdministration | MedicationDispense
+)
+"""The medication records that can expose a patient to a drug."""
 
 
 class DiagnosticReport(_Resource, tag="DiagnosticReport"):
@@ -260,12 +333,33 @@ Resource = (
     | Medication
     | MedicationRequest
     | MedicationStatement
+    | MedicationAdministration
+    | MedicationDispense
     | DiagnosticReport
     | Condition
     | Flag
     | DetectedIssue
     | Bundle
 )
+
+INPUT_TYPES: tuple[str, ...] = (
+    "Patient",
+    "Observation",
+    "DiagnosticReport",
+    "MedicationStatement",
+    "MedicationRequest",
+    "MedicationAdministration",
+    "MedicationDispense",
+    "Medication",
+    "Condition",
+    "Flag",
+)
+"""Every resource type the profiles need, in one place: what a patient's evaluation reads.
+
+The scheduled job's searches, the CDS service's prefetch keys and (to come) a Bulk Data export's
+``_type`` list are built to cover exactly these; tests check that they do. (``DetectedIssue`` is
+read back by the job as its own output, ``Bundle`` is a container: neither is patient data.)
+"""
 
 _DECODER: msgspec.json.Decoder[Resource] = msgspec.json.Decoder(Resource)
 _UNKNOWN_TYPE = re.compile(r"^Invalid value '[^']*' - at `\$\.resourceType`$")

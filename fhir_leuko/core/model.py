@@ -157,6 +157,12 @@ class LabResult:
     """For a derived value: the Observations it was computed from."""
     derivation: str = ""
     """For a derived value: how, e.g. ``WBC 2.0 10*9/L x neutrophils 30 %``."""
+    ref_source: str = ""
+    """Which of several ``referenceRange`` entries gave ``ref_low``, e.g. ``for female, age 18-65 a``
+    (empty for the usual single range)."""
+    ref_note: str = ""
+    """Why the lab's range was not used although the Observation has one (none applies to this
+    patient, or it is text that is not a plain "low-high unit"); empty otherwise."""
 
     @property
     def derived(self) -> bool:
@@ -194,10 +200,11 @@ class DrugHit:
 
 @dataclass(frozen=True, slots=True)
 class DrugExposure:
-    """A MedicationStatement or MedicationRequest naming a drug fhir-leuko knows."""
+    """A medication record naming a drug fhir-leuko knows: a MedicationStatement, a
+    MedicationRequest, a MedicationAdministration or a MedicationDispense."""
 
     key: str
-    """``MedicationRequest/id`` or ``MedicationStatement/id``."""
+    """``MedicationRequest/id``, ``MedicationStatement/id`` …"""
     patient: str
     drugs: tuple[DrugHit, ...]
     """The known drugs the record names."""
@@ -209,6 +216,12 @@ class DrugExposure:
     """Last day known active; ``None`` while open-ended."""
     ended_on_status: bool = False
     """Status says it stopped/completed, with no end date: only its start is known to be active."""
+    record_type: str = ""
+    """The resource type of the record (``MedicationAdministration`` …)."""
+    event: str = ""
+    """For an administration or a dispense, what happened and how its period is known, e.g.
+    ``given 2026-11-12`` or ``dispensed 2026-11-01, 28 days' supply (daysSupply) to 2026-11-29``;
+    the explanation of an implicated drug starts with it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +245,12 @@ class PatientRecord:
     """``Patient/id`` when known, otherwise the subject reference as given; qualified by its
     source (``<source>|Patient/id``) when the input holds several sources."""
     birth_date: date | None = None
+    sex: str | None = None
+    """``Patient.gender`` when ``male`` or ``female`` (chooses a lab's sex-specific range)."""
+    deceased: bool = False
+    """``Patient.deceasedBoolean`` true, or a ``deceasedDateTime`` (see ``deceased_at``)."""
+    deceased_at: datetime | None = None
+    """``Patient.deceasedDateTime``: the patient is deceased from then on."""
     results: list[LabResult] = field(default_factory=list)
     exposures: list[DrugExposure] = field(default_factory=list)
     conditions: list[ConditionMatch] = field(default_factory=list)
@@ -253,6 +272,8 @@ class LowerLimit:
 
     value: float | None
     source: str
+    note: str = ""
+    """Why the laboratory's range was not used although the result has one."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from .decision import Decision, Silence, latest_result_time, silence_of
 from .detectedissue import build_detected_issue
-from .evaluate import evaluate
+from .evaluate import evaluate, is_deceased
 from .fhirjson import Sourced
 from .knowledge import Knowledge
 from .model import Finding, PatientRecord, Problem
@@ -96,6 +96,10 @@ def evaluate_dataset(dataset: Dataset, profiles: ProfileSet, *, as_of: AsOf) -> 
                 continue
             if latest:
                 out.as_of_by_patient[key] = when
+            if is_deceased(record, when):
+                # No alert for a deceased patient; counted, so that it is never silent.
+                out.counts["patients:deceased"] += 1
+                continue
             for finding in evaluate(record, profiles, as_of=when):
                 out.findings.append(finding)
                 out.issues.append(build_detected_issue(finding, identified=when))

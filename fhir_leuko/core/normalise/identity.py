@@ -5,14 +5,14 @@ resolves by fullUrl, ``Type/id``, or the last two segments of an absolute or ver
 (``…/Patient/1/_history/2``). A subject resolves to the key of its patient's record: ``Patient/id``
 when the Patient (or the reference) says so, otherwise the reference as given (a ``urn:uuid`` of a
 transaction Bundle), qualified by its source when the run reads several (:mod:`.sources`).
-Patient resources give the record its birth date. Contained patients and ``Patient.link`` belong
-here.
+Patient resources give the record its birth date, sex and death. Contained patients and
+``Patient.link`` belong here.
 """
 
 from __future__ import annotations
 
 from ..fhirjson import DiagnosticReport, Patient, Resource
-from ..fhirtime import parse_fhir_date
+from ..fhirtime import parse_fhir_date, parse_fhir_datetime
 from .dataset import Dataset
 
 __all__ = ["Identity"]
@@ -74,10 +74,21 @@ class Identity:
         """Drop the DiagnosticReports once linked: nothing resolves one after that."""
         self.index = {k: v for k, v in self.index.items() if not isinstance(v, DiagnosticReport)}
 
-    def birth_dates(self, data: Dataset) -> None:
+    def demographics(self, data: Dataset) -> None:
+        """Birth date, sex (``gender`` male or female: a lab's sex-specific range) and death
+        (``deceased[x]``: no new alert, evaluate.is_deceased) of each patient's record."""
         for patient, key in self.patients:
             # A Patient without id is known by its fullUrl (urn:uuid in transaction Bundles), which
             # is also the key of the results that reference it (see patient_key).
             if patient.id or not key.startswith("Patient@"):
                 record = data.patient(f"{self.prefix}{key}")
                 record.birth_date = parse_fhir_date(patient.birthDate) or record.birth_date
+                if patient.gender in ("male", "female"):
+                    record.sex = patient.gender
+                died = parse_fhir_datetime(patient.deceasedDateTime)
+                if died is not None:
+                    record.deceased, record.deceased_at = True, died
+                elif patient.deceasedBoolean or patient.deceasedDateTime:
+                    # deceasedBoolean true, or a date-time that cannot be read: deceased, since
+                    # when unknown (never a reason to alert).
+                    record.deceased, record.deceased_at = True, None

@@ -25,6 +25,8 @@ from ..fhirjson import (
     DiagnosticReport,
     Flag,
     MalformedResourceError,
+    MedicationAdministration,
+    MedicationDispense,
     MedicationRequest,
     MedicationStatement,
     Observation,
@@ -40,6 +42,7 @@ from ..knowledge import Knowledge
 from ..model import LabResult, Problem
 from .dataset import Dataset, Problems
 from .derivation import derive
+from .ranges import choose_range
 from .sources import Source, Sources
 
 __all__ = ["Normaliser", "normalise"]
@@ -151,7 +154,10 @@ class Normaliser:
             index[key] = resource
         if isinstance(resource, DiagnosticReport):
             into.reports.add(resource, key, origin)
-        elif isinstance(resource, MedicationRequest | MedicationStatement):
+        elif isinstance(
+            resource,
+            MedicationRequest | MedicationStatement | MedicationAdministration | MedicationDispense,
+        ):
             into.medications.add(resource, key, origin)
         elif isinstance(resource, Patient):
             into.identity.patients.append((resource, key))
@@ -207,9 +213,24 @@ class Normaliser:
         for record in list(data.patients.values())[first:]:
             if record.results:
                 record.results.extend(derive(record.results, data.counts))
-        source.identity.birth_dates(data)
+        source.identity.demographics(data)
+        self.choose_ranges(source, first)
         source.medications.finish(data)
         source.conditions.finish(data)
+
+    def choose_ranges(self, source: Source, first: int) -> None:
+        """The lab's reference range of the results that have several (or conditional, or text)
+        ranges, now that each patient's sex and birth date are known (:mod:`.ranges`); the
+        records of this source are those made from ``first`` on."""
+        pending = source.labs.ranges
+        if not pending:
+            return
+        for record in list(self.data.patients.values())[first:]:
+            for result in record.results:
+                ranges = pending.get(result.key)
+                if ranges is not None:
+                    choose_range(result, ranges, record)
+        pending.clear()
 
     def place(self, source: Source, results: list[LabResult]) -> None:
         """Each result into its patient's record, and into a group.

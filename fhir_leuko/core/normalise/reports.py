@@ -5,6 +5,11 @@ it in ``result``, or from the panel Observation that lists it in ``hasMember`` (
 as in the HL7 R4 CBC example (Bundle 101). Every listed result also takes the report (or panel) as
 its group when it has no specimen: values of one group are one blood count (derivation). Contained
 Observations of a report are read here and handed to :class:`~.results.LabResults`.
+
+A report that was withdrawn (status ``entered-in-error``) or ``cancelled`` takes its results with
+it: they do not count, whatever their own status (the lab retracted the whole report), and each is
+named as a problem. This wins over another report that lists the same result: a count the lab has
+retracted once is never graded (issue 13 §5).
 """
 
 from __future__ import annotations
@@ -17,10 +22,14 @@ from ..fhirjson import (
     Reference,
     decode_resource,
 )
+from ..model import UnusedResult
 from .dataset import Problems
 from .results import LabResults, Panel, Pending, effective_text
 
 __all__ = ["Reports"]
+
+# R4 DiagnosticReportStatus: the report, and so every result in it, does not stand.
+_WITHDRAWN = {"entered-in-error": "withdrawn (entered-in-error)", "cancelled": "cancelled"}
 
 
 class Reports:
@@ -46,8 +55,17 @@ class Reports:
             self.labs.add(inner, f"{container}#{inner.id}", origin)
 
     def link(self) -> None:
-        """Pass each report's and panel's subject, time and group to the results it lists."""
-        for report, key, _origin in sorted(self.reports, key=lambda item: item[1]):
+        """Drop the results of withdrawn reports, then pass each report's and panel's subject,
+        time and group to the results it lists."""
+        kept: list[tuple[DiagnosticReport, str, Origin]] = []
+        for report, key, origin in sorted(self.reports, key=lambda item: item[1]):
+            if report.status in _WITHDRAWN:
+                subject = report.subject.reference if report.subject else None
+                why = _WITHDRAWN[report.status]
+                self.withdraw(report.result, key, key, why, origin, subject, {key})
+            else:
+                kept.append((report, key, origin))
+        for report, key, _origin in kept:
             effective = effective_text(
                 report.effectiveDateTime, report.effectivePeriod, report.issued
             )
@@ -64,6 +82,53 @@ class Reports:
             )
         # Nothing resolves a DiagnosticReport after this: let them go before the results are built.
         self.reports.clear()
+
+    def withdraw(
+        self,
+        members: list[Reference],
+        container: str,
+        report: str,
+        why: str,
+        origin: Origin,
+        subject: str | None,
+        seen: set[str],
+    ) -> None:
+        """Take the results a withdrawn report lists (through its panels too) out of the count."""
+        labs = self.labs
+        for member in members:
+            reference = member.reference
+            if not reference:
+                continue
+            target = labs.results.get(reference) or labs.find(reference, container)
+            if target is None:
+                continue
+            if isinstance(target, Panel):
+                if target.key not in seen:
+                    seen.add(target.key)
+                    self.withdraw(
+                        target.members, target.key, report, why, origin, subject, seen
+                    )
+                continue
+            labs.forget(target.key)
+            # Kept with its patient as a result that could not be used (fhir-leuko explain).
+            if isinstance(target, Pending):
+                unused = UnusedResult(
+                    target.key, target.info.analyte, target.obs.status, target.effective_text
+                )
+                who = target.subject or subject
+            else:
+                unused = UnusedResult(
+                    target.key, target.analyte, target.status, target.effective_text
+                )
+                who = target.patient
+            if who is not None:
+                labs.unused[target.key] = (who, unused)
+            self.problems.report(
+                origin,
+                target.key,
+                f"not counted: {report}, which lists it, is {why}",
+                "withdrawn",
+            )
 
     def link_members(
         self,

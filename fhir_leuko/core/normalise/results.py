@@ -11,7 +11,9 @@ version counts, whatever the reading order (:func:`supersedes`): the higher nume
 withdraws any); on a full tie the first read is kept. An Observation still missing its subject or
 time waits (:class:`Pending`) for the DiagnosticReport or panel that lists it (:mod:`.reports`); a
 panel Observation (``hasMember``, no mapped code) is kept as a :class:`Panel` for the same reason.
-Component Observations and choosing among reference ranges belong here.
+Component Observations belong here. The usual single reference range is read here; several
+ranges, or one with conditions or given as text, wait in :attr:`LabResults.ranges` for the
+patient's sex and birth date (:mod:`.ranges` chooses).
 
 :meth:`LabResults.add` and :meth:`LabResults.make_result` run once per Observation of a bulk
 export (millions of times): they stay lean, and what they need is on ``self``, not looked up.
@@ -26,6 +28,7 @@ from ..fhirtime import parse_fhir_datetime
 from ..knowledge import LOINC_SYSTEM, CodeInfo, Knowledge
 from ..model import LabResult, Measure, UnusedResult
 from .dataset import Dataset, Problems, Where
+from .ranges import PendingRanges
 
 __all__ = [
     "OBSERVATION_STATUSES",
@@ -209,6 +212,8 @@ class LabResults:
         self.panels: dict[str, Panel] = {}
         self.observation_urls: dict[str, str] = {}
         """Observation keys by the fullUrl a DiagnosticReport may use to point at them."""
+        self.ranges: dict[str, PendingRanges] = {}
+        """The reference ranges of results whose range depends on the patient (by key)."""
         self.reported_texts: dict[tuple[str | None, str | None], dict[float, str]] = {}
         self.times: dict[str, tuple[str, datetime | None]] = {}
 
@@ -269,6 +274,7 @@ class LabResults:
         self.pending.pop(key, None)
         self.dropped.pop(key, None)
         self.unused.pop(key, None)
+        self.ranges.pop(key, None)
 
     def absorb(self, other: LabResults) -> None:
         """Take in the Observations read into another part of the same source (:mod:`.sources`);
@@ -282,6 +288,8 @@ class LabResults:
             self.versions[key] = version
             if key in other.results:
                 self.results[key] = other.results[key]
+                if key in other.ranges:
+                    self.ranges[key] = other.ranges[key]
             elif key in other.pending:
                 self.pending[key] = other.pending[key]
             else:
@@ -397,22 +405,30 @@ class LabResults:
             )
             return None
         ref_low = None
-        for entry in obs.referenceRange:
-            # The low end of the first normal range (a range without a type is a normal one).
+        ranges = obs.referenceRange
+        if ranges:
+            # The usual case, at once: one range, no conditions, a low end in the value's unit (or
+            # none), normal (a range without a type is a normal one). Anything else waits for the
+            # patient (.ranges).
+            entry = ranges[0]
             low = entry.low
-            if low is None or low.value is None:
-                continue
-            if entry.type is not None and not any(c.code == "normal" for c in entry.type.coding):
-                continue
-            if (low.code == quantity.code and low.unit == quantity.unit) or not (
-                low.code or low.unit
+            if (
+                len(ranges) == 1
+                and not entry.appliesTo
+                and entry.age is None
+                and low is not None
+                and low.value is not None
+                and (
+                    (low.code == quantity.code and low.unit == quantity.unit)
+                    or not (low.code or low.unit)
+                )
             ):
-                low_factor: float | None = factor
-            else:
-                low_factor = table.factor(low.code, low.unit)
-            if low_factor is not None:
-                ref_low = low.value if low_factor == 1.0 else round(low.value * low_factor, 9)
-            break
+                if entry.type is None or any(c.code == "normal" for c in entry.type.coding):
+                    ref_low = low.value if factor == 1.0 else round(low.value * factor, 9)
+            elif len(ranges) > 1 or low is not None or entry.text or entry.appliesTo:
+                self.ranges[key] = PendingRanges(
+                    ranges, quantity.code, quantity.unit, factor, table
+                )
         specimen = obs.specimen
         return LabResult(
             key,
