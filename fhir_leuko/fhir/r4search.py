@@ -70,6 +70,14 @@ R4_SEARCH_PARAMS: dict[str, frozenset[str]] = {
         "category code context effective identifier medication part-of patient source status "
         "subject"
     ),
+    "MedicationAdministration": _names(
+        "code context device effective-time identifier medication patient performer "
+        "reason-given reason-not-given request status subject"
+    ),
+    "MedicationDispense": _names(
+        "code context destination identifier medication patient performer prescription receiver "
+        "responsibleparty status subject type whenhandedover whenprepared"
+    ),
     "Medication": _names(
         "code expiration-date form identifier ingredient ingredient-code lot-number manufacturer "
         "status"
@@ -93,6 +101,8 @@ _INCLUDES: dict[str, frozenset[str]] = {
     # _include=[type]:[reference search parameter of that type]
     "MedicationRequest": frozenset({"MedicationRequest:medication"}),
     "MedicationStatement": frozenset({"MedicationStatement:medication"}),
+    "MedicationAdministration": frozenset({"MedicationAdministration:medication"}),
+    "MedicationDispense": frozenset({"MedicationDispense:medication"}),
     "DiagnosticReport": frozenset({"DiagnosticReport:result"}),
 }
 

@@ -1,7 +1,8 @@
 """Which patients a pass looks at: change detection and the patients of a full pass.
 
-Incremental (the default): ``Observation`` (the mapped LOINC codes), ``DiagnosticReport``,
-``MedicationRequest`` and ``MedicationStatement`` with ``_lastUpdated=gt<watermark - overlap>``,
+Incremental (the default): ``Observation`` (the mapped LOINC codes), ``DiagnosticReport`` and the
+medication records (``MedicationRequest``, ``MedicationStatement``, ``MedicationAdministration``,
+``MedicationDispense``) with ``_lastUpdated=gt<watermark - overlap>``,
 sorted by ``_lastUpdated`` (and ``_id``), walked in windows at a (lastUpdated, id) cursor
 (:class:`ChangeWalk`, :mod:`fhir_leuko.job.walk`); resource versions already handled inside the
 overlap (``seen``) are skipped, so an unchanged server costs one request per resource type. A
@@ -18,7 +19,14 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from ..core.fhirjson import DiagnosticReport as DiagnosticReportStruct
-from ..core.fhirjson import MedicationRequest, MedicationStatement, Observation, iter_document
+from ..core.fhirjson import (
+    MedicationAdministration,
+    MedicationDispense,
+    MedicationRequest,
+    MedicationStatement,
+    Observation,
+    iter_document,
+)
 from ..core.fhirtime import format_instant, parse_fhir_datetime
 from ..core.model import Problem
 from .patients import patient_key
@@ -28,8 +36,17 @@ if TYPE_CHECKING:
 
 __all__ = ["CHANGE_TYPES", "Batch", "Change", "ChangeWalk", "full_patients"]
 
-CHANGE_TYPES = ("Observation", "DiagnosticReport", "MedicationRequest", "MedicationStatement")
-"""Resource types whose changes make a patient's evaluation stale."""
+CHANGE_TYPES = (
+    "Observation",
+    "DiagnosticReport",
+    "MedicationRequest",
+    "MedicationStatement",
+    "MedicationAdministration",
+    "MedicationDispense",
+)
+"""Resource types whose changes make a patient's evaluation stale: lab results, the reports that
+carry (or withdraw) them, and every medication record that can expose the patient to a drug.
+(Patients, Conditions and Flags change what an evaluation says only with one of these.)"""
 
 _FLOOR = datetime.min.replace(tzinfo=UTC)
 
@@ -192,7 +209,9 @@ class ChangeWalk:
                         Observation
                         | DiagnosticReportStruct
                         | MedicationRequest
-                        | MedicationStatement,
+                        | MedicationStatement
+                        | MedicationAdministration
+                        | MedicationDispense,
                     ):
                         continue
                     count += 1

@@ -39,6 +39,7 @@ from pydantic_settings import (
 )
 
 from ..configfile import layer_sources, read_toml
+from ..core.fhirjson import INPUT_TYPES
 from ..errors import UsageError
 from ..fhir.auth import BearerTokenAuth, ClientCredentialsAuth, Secret, SmartBackendAuth
 
@@ -126,12 +127,15 @@ class AuthConfig(_Table):
     jku: str | None = None
     token_url: str | None = None
     """Default: discovered from ``[base]/.well-known/smart-configuration``."""
-    scope: str = (
-        "system/Patient.read system/Observation.read system/DiagnosticReport.read "
-        "system/MedicationRequest.read system/MedicationStatement.read system/Medication.read "
-        "system/Condition.read system/Flag.read system/DetectedIssue.read "
-        "system/DetectedIssue.write"
+    scope: str = " ".join(
+        [
+            *(f"system/{rtype}.read" for rtype in INPUT_TYPES),
+            "system/DetectedIssue.read",
+            "system/DetectedIssue.write",
+        ]
     )
+    """Read on every type the profiles need (:data:`~fhir_leuko.core.fhirjson.INPUT_TYPES`),
+    read and write on DetectedIssue."""
     refresh_margin: float = pydantic.Field(default=60.0, ge=0)
     """Seconds before expiry at which a cached access token is replaced."""
 

@@ -3,13 +3,20 @@
 For up to ``patients_per_request`` patients at once (R4 search parameters take comma-separated
 values as OR): the Patients (``_id``), their lab Observations in the window (``code`` = the mapped
 LOINC codes, ``date`` = the longest lookback plus trend window), their DiagnosticReports with
-``_include=DiagnosticReport:result`` (results without their own subject or time),
-MedicationRequests and MedicationStatements with ``_include=...:medication``, Conditions, Flags,
-and fhir-leuko's own DetectedIssues (``patient`` + ``code`` of fhir-leuko's finding CodeSystem).
-Eight searches for the whole group: well under one request per patient. Each is sorted by
+``_include=DiagnosticReport:result`` (results without their own subject or time; a withdrawn
+report takes its results out of the count), MedicationRequests, MedicationStatements,
+MedicationAdministrations and MedicationDispenses with ``_include=...:medication``, Conditions,
+Flags, and fhir-leuko's own DetectedIssues (``patient`` + ``code`` of fhir-leuko's finding
+CodeSystem). Ten searches for the whole group: well under one request per patient. Together they
+cover :data:`fhir_leuko.core.fhirjson.INPUT_TYPES` (a test checks it). Each is sorted by
 ``_lastUpdated`` (and ``_id``) and walked like every paged search of the job
 (:mod:`fhir_leuko.job.walk`): a server that ignores ``_sort`` fails the group rather than lose a
 result between pages.
+
+Medication records are fetched whatever their date: a dispense's supply or a statement's period
+may reach into the window from long before it. Administrations are events, so only those in the
+window widened by the longest drug window are fetched (``effective-time``, which matches a period
+that overlaps it).
 """
 
 from __future__ import annotations
@@ -74,6 +81,19 @@ def fetch(job: Job, group: list[str], as_of: datetime) -> tuple[list[Sourced | P
         (
             "MedicationStatement",
             [("patient", refs), ("_include", "MedicationStatement:medication"), count],
+        ),
+        (
+            "MedicationAdministration",
+            [
+                ("patient", refs),
+                ("effective-time", f"ge{format_instant(as_of - job.window - job.drug_window)}"),
+                ("_include", "MedicationAdministration:medication"),
+                count,
+            ],
+        ),
+        (
+            "MedicationDispense",
+            [("patient", refs), ("_include", "MedicationDispense:medication"), count],
         ),
         ("Condition", [("patient", refs), count]),
         ("Flag", [("patient", refs), count]),

@@ -6,7 +6,9 @@ on its version, status ``amended``), keeping what people recorded on it; a findi
 holds because a newer count is not low is *resolved*: the resource is kept with a ``mitigation``
 "count recovered" and a first detail line saying so. Nothing else changes: an unchanged finding,
 a DetectedIssue a person closed (until the finding itself changes), an old finding with no count in
-the lookback (it ages out; no newer count says it recovered).
+the lookback (it ages out; no newer count says it recovered), and everything of a deceased patient
+(``Patient.deceased[x]``): no new alert, and an open DetectedIssue is never amended or resolved
+after a death: the record stays as it was when the patient died (issue 13 §5).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from ..core.detectedissue import (
     build_detected_issue,
     issue_id,
 )
-from ..core.evaluate import latest_result
+from ..core.evaluate import is_deceased, latest_result
 from ..core.explain import UNIT, format_count, reference_of
 from ..core.fhir_models import check_resource
 from ..core.fhirtime import format_instant
@@ -126,6 +128,9 @@ class Planner:
         findings: list[Finding],
         existing: dict[str, list[dict[str, Any]]],
     ) -> list[Write]:
+        if is_deceased(record, self.as_of):
+            self.actions["deceased"] += 1
+            return []
         by_kind = {f.kind: f for f in findings}
         writes: list[Write] = []
         for kind in FindingKind:

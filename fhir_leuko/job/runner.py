@@ -144,6 +144,7 @@ class PassReport:
             "updated": self.actions["update"],
             "resolved": self.actions["resolve"],
             "unchanged": self.actions["unchanged"],
+            "patients_deceased": self.actions["deceased"],
             "patients_failed": len(self.failed),
             "input_problems": len(self.problems),
             "http_requests": self.requests,
@@ -169,6 +170,7 @@ class PassReport:
         lines.append(
             f"DetectedIssues: {a['create']} {would}written, {a['update']} {would}updated, "
             f"{a['resolve']} {would}resolved, {a['unchanged']} unchanged"
+            + (f"; {a['deceased']} deceased patients left as they are" if a["deceased"] else "")
         )
         lines.append(
             f"errors: {len(self.failed)} patients failed, {len(self.problems)} input problems; "
@@ -219,6 +221,10 @@ class Job:
         # The trend in the explanation reaches back trend_days before the latest result.
         self.window = self.lookback + timedelta(
             days=max((p.settings.trend_days for p in active), default=180)
+        )
+        # A drug given this long before a count is still implicated in it.
+        self.drug_window = timedelta(
+            days=max((p.settings.drug_window_days for p in active), default=30)
         )
         self._hook_counts: Counter[str] = Counter()
         self._sorts: dict[str, str] = {}

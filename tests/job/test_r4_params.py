@@ -9,6 +9,7 @@ from urllib.parse import parse_qsl, urlsplit
 import pytest
 import requests
 
+from fhir_leuko.core.fhirjson import INPUT_TYPES
 from fhir_leuko.core.knowledge import Knowledge
 from fhir_leuko.core.profiles import ProfileSet
 from fhir_leuko.fhir.client import FhirClient
@@ -43,9 +44,12 @@ def test_every_parameter_the_job_sends_is_an_r4_search_parameter(
         mode="patients", patients=["ex-cloz-1"],
     )
     searches = [(path, params) for method, path, params in sent if method == "GET" and params]
-    assert {path for path, _ in searches} >= {
-        "Observation", "DiagnosticReport", "MedicationRequest", "MedicationStatement",
-        "Patient", "Condition", "Flag", "DetectedIssue",
+    # Every type the profiles need (INPUT_TYPES: the one list, also for Bulk Data _type) is
+    # searched; Medications come with the medication records (_include).
+    assert {path for path, _ in searches} == {*INPUT_TYPES, "DetectedIssue"} - {"Medication"}
+    includes = {v for _, params in searches for k, v in params if k == "_include"}
+    assert {i.split(":")[0] for i in includes if i.endswith(":medication")} == {
+        t for t in INPUT_TYPES if t.startswith("Medication") and t != "Medication"
     }
     for path, params in searches:
         check_search_params(path, params)  # raises on anything R4 does not define
@@ -63,6 +67,8 @@ def test_every_parameter_the_job_sends_is_an_r4_search_parameter(
         ("Observation", "_sort=_lastUpdated,foo"),
         ("Observation", "_total=exact"),
         ("Observation", "_summary=counts"),
+        ("MedicationAdministration", "effective"),  # MedicationStatement's; R4 says effective-time
+        ("MedicationDispense", "date"),  # R4 has whenhandedover and whenprepared, no date
     ],
 )
 def test_non_r4_parameters_are_refused(rtype: str, param: str) -> None:
@@ -72,10 +78,7 @@ def test_non_r4_parameters_are_refused(rtype: str, param: str) -> None:
 
 
 def test_the_table_covers_every_type_the_job_searches() -> None:
-    assert set(R4_SEARCH_PARAMS) >= {
-        "Observation", "DiagnosticReport", "MedicationRequest", "MedicationStatement",
-        "Patient", "Condition", "Flag", "DetectedIssue",
-    }
+    assert set(R4_SEARCH_PARAMS) >= {*INPUT_TYPES, "DetectedIssue"}
     check_search_params("Observation", {"patient": "Patient/1", "code": "x", "date": ["ge1", "le2"]})
     check_search_params("DetectedIssue", {"identifier": "s|v", "patient": "Patient/1"})
     check_search_params(

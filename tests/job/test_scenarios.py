@@ -11,7 +11,7 @@ from fhir_leuko.core.detectedissue import issue_id
 from fhir_leuko.core.knowledge import Knowledge
 from fhir_leuko.core.model import FindingKind
 from fhir_leuko.core.profiles import ProfileSet
-from fhir_leuko.job.runner import MITIGATION_SYSTEM, RECOVERED_CODE
+from fhir_leuko.job.runner import CHANGE_TYPES, MITIGATION_SYSTEM, RECOVERED_CODE
 from fhir_leuko.job.state import State
 from fhir_leuko.testing.seed import seed_paths
 from fhir_leuko.testing.sekmet import SekmetServer
@@ -149,7 +149,7 @@ def test_incremental_run_picks_up_exactly_the_changes(
 
     # Nothing changed since: O(1) requests (metadata + one search per change type), no writes.
     third = run_pass(base, state_path, knowledge, profiles, as_of=LATER)
-    assert third.ok and third.patients == 0 and third.requests == 5
+    assert third.ok and third.patients == 0 and third.requests == 1 + len(CHANGE_TYPES)
     assert sum(third.actions.values()) == 0
 
     # A recovered patient falls again: the same DetectedIssue is reopened (no mitigation).
@@ -229,8 +229,9 @@ def test_single_requests_without_transactions(
         patients_per_request=2,
     )
     assert report.ok and report.actions["create"] == 4
-    # metadata, 2 first-run searches, 4 recent-change searches, 3 groups x 8 searches, 4 creates
-    assert report.requests == 1 + 2 + 4 + 3 * 8 + 4
+    # metadata, 2 first-run searches, 6 recent-change searches (CHANGE_TYPES), 3 groups x 10
+    # searches (INPUT_TYPES but Medication, which comes by _include, and DetectedIssue), 4 creates
+    assert report.requests == 1 + 2 + len(CHANGE_TYPES) + 3 * 10 + 4
     assert len(issues(base)) == 4
 
 
