@@ -13,6 +13,8 @@ order-select / order-sign
     known to cause a low count: a card when the patient's latest counts are low for what the drug
     causes, or when a profile's monitoring is missing or too old (clozapine: no ANC in 7 days).
     A draft order without a medication yet, or for any other drug, gets no card, and needs no data.
+
+A deceased patient (``Patient.deceased[x]``) gets no card from any hook.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any
 
 import msgspec
 
-from ..core.evaluate import evaluate, latest_result, profile_applies
+from ..core.evaluate import evaluate, is_deceased, latest_result, profile_applies
 from ..core.fhirjson import MedicationRequest, Sourced, decode_json, iter_document
 from ..core.knowledge import Knowledge
 from ..core.model import FINDING_ANALYTE, Analyte, FindingKind, PatientRecord, Problem
@@ -382,6 +384,8 @@ class CdsEngine:
         resolution = resolve()
         fetched.extend(resolution.fetched)
         record, problems = self._record(resolution, patient_id)
+        if is_deceased(record, as_of):
+            return []  # no alert for a deceased patient (issue 13 §5; docs/cds-hooks.md)
         findings = evaluate(record, self.profiles, as_of=as_of)
         card_context = self._context(patient_id, context, as_of, resolution, problems)
         cards: list[tuple[dict[str, Any], IssuedCard]] = []

@@ -73,6 +73,15 @@ def prefetch_keys(knowledge: Knowledge) -> tuple[PrefetchKey, ...]:
     Optional: medication records (they name implicated drugs and select the clozapine tables; without
     them the general tables apply, which are never less strict), Conditions (contributing causes)
     and Flags (the explicit BEN flag; without it the stricter general table applies).
+
+    The medication keys ask only for the statuses that can be an exposure (``normalise``): requests
+    and statements as before; administrations unless ``not-done`` or ``entered-in-error``;
+    dispenses ``completed`` (handed over). Administrations and dispenses come newest first.
+    ``withdrawnReports`` are the patient's DiagnosticReports that were withdrawn
+    (``entered-in-error``) or ``cancelled``: the results they list do not count, whatever their own
+    status. Together the keys cover every type of :data:`fhir_leuko.core.fhirjson.INPUT_TYPES` but
+    ``Medication`` (a prefetch has no ``_include``; a medication is read from the record's code, a
+    contained Medication or the reference's display).
     """
     codes = ",".join(f"{LOINC_SYSTEM}|{code}" for code in knowledge.loinc)
     patient = PATIENT_TOKEN
@@ -97,6 +106,26 @@ def prefetch_keys(knowledge: Knowledge) -> tuple[PrefetchKey, ...]:
             "&status=active,on-hold,stopped,completed,unknown&_count=100",
             False,
             "medication statements",
+        ),
+        PrefetchKey(
+            "medicationAdministrations",
+            f"MedicationAdministration?patient={patient}"
+            "&status=in-progress,on-hold,completed,stopped,unknown&_sort=-effective-time&_count=100",
+            False,
+            "medication administrations",
+        ),
+        PrefetchKey(
+            "medicationDispenses",
+            f"MedicationDispense?patient={patient}&status=completed&_sort=-whenhandedover"
+            "&_count=100",
+            False,
+            "medication dispenses",
+        ),
+        PrefetchKey(
+            "withdrawnReports",
+            f"DiagnosticReport?patient={patient}&status=entered-in-error,cancelled&_count=50",
+            False,
+            "withdrawn lab reports",
         ),
         PrefetchKey("conditions", f"Condition?patient={patient}&_count=100", False, "conditions"),
         PrefetchKey("flags", f"Flag?patient={patient}&_count=50", False, "patient flags (BEN)"),

@@ -94,7 +94,10 @@ def sekmet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SekmetServer]:
     )
     server.start()
     try:
-        seed(server, ["clozapine-severe", "clozapine-stale", "neutropenia", "normal"])
+        seed(
+            server,
+            ["clozapine-severe", "clozapine-stale", "clozapine-dispensed", "neutropenia", "normal"],
+        )
         yield server
     finally:
         server.stop()

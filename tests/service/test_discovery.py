@@ -6,7 +6,9 @@ from urllib.parse import parse_qsl
 
 import requests
 
+from fhir_leuko.core.fhirjson import INPUT_TYPES
 from fhir_leuko.core.knowledge import Knowledge
+from fhir_leuko.fhir.r4search import check_search_params
 
 from .conftest import ServiceEnv
 from .harness import CdsClient
@@ -17,7 +19,16 @@ from .harness import CdsClient
 REFERENCE_PARAMS = {"patient"}
 TOKEN_PARAMS = {"code", "status"}
 CONTROL_PARAMS = {"_count", "_sort"}
-R4_SORT_KEYS = {"date", "-date", "authoredon", "-authoredon"}
+R4_SORT_KEYS = {
+    "date",
+    "-date",
+    "authoredon",
+    "-authoredon",
+    "effective-time",
+    "-effective-time",
+    "whenhandedover",
+    "-whenhandedover",
+}
 
 
 def test_discovery_lists_one_service_per_hook(ehr: CdsClient) -> None:
@@ -33,6 +44,9 @@ def test_discovery_lists_one_service_per_hook(ehr: CdsClient) -> None:
             "observations",
             "medicationRequests",
             "medicationStatements",
+            "medicationAdministrations",
+            "medicationDispenses",
+            "withdrawnReports",
             "conditions",
             "flags",
         }
@@ -61,6 +75,15 @@ def test_prefetch_templates_stay_in_the_recommended_query_subset(
             if rtype == "Observation":
                 codes = dict(parse_qsl(query))["code"].split(",")
                 assert codes == [f"http://loinc.org|{c}" for c in knowledge.loinc]
+            check_search_params(rtype, parse_qsl(query))  # R4 parameters of that type only
+
+
+def test_prefetch_covers_every_type_the_profiles_need(ehr: CdsClient) -> None:
+    """INPUT_TYPES is the one list (job searches, prefetch, Bulk Data _type); a prefetch has no
+    _include, so Medication is read from the records themselves (code, contained, display)."""
+    for service in ehr.discovery().body["services"]:
+        types = {template.split("?")[0].split("/")[0] for template in service["prefetch"].values()}
+        assert types == set(INPUT_TYPES) - {"Medication"}
 
 
 def test_discovery_needs_a_jwt_for_its_own_url(ehr: CdsClient) -> None:
