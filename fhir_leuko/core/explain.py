@@ -154,7 +154,7 @@ def explain(finding: Finding) -> Explanation:
             f"{finding.grading_name} edges."
         )
     if limit.note:
-        limit_text += f" The laboratory's reference range was not used: {limit.note}."
+        limit_text += f" The laboratory's reference range was not used: {quoted(limit.note, 3 * QUOTE_LIMIT)}."
     trend = ""
     if len(finding.trend) > 1:
         trend = (

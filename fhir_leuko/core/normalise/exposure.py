@@ -57,7 +57,8 @@ from ..fhirjson import (
     MedicationStatement,
     Quantity,
 )
-from ..fhirtime import parse_fhir_datetime
+from ..fhirtime import parse_fhir_datetime, shift
+from ..model import quoted
 
 __all__ = [
     "ADMINISTRATION_STATUSES",
@@ -137,6 +138,10 @@ _ENDED = frozenset({"completed", "stopped"})
 # RequestGroup: none says the drug was ordered for the patient (R4 RequestIntent).
 _NOT_AN_ORDER = frozenset({"proposal", "plan", "option"})
 _GIVEN = frozenset({"completed", "in-progress"})
+
+# A supply longer than this is a data error, not a treatment; it is read as this long (and the
+# date arithmetic stays inside the calendar).
+_MAX_SUPPLY_DAYS = 3660.0
 
 # UCUM time units (R4 Timing.repeat.periodUnit and the usual daysSupply codes), in days.
 _DAYS_PER_UNIT = {
@@ -284,9 +289,11 @@ def _dispense(med: MedicationDispense) -> Exposure | NotExposed:
     day = start.date().isoformat()
     if days is None:
         return Exposure(
-            start, start, event=f"dispensed {day}, supply length {how}, counted as taken that day only"
+            start,
+            start,
+            event=f"dispensed {day}, supply length {how}, counted as taken that day only",
         )
-    end = start + timedelta(days=days)
+    end = shift(start, timedelta(days=days))
     return Exposure(
         start,
         end,
@@ -299,7 +306,7 @@ def _days(n: int) -> str:
 
 
 def _unit(quantity: Quantity) -> str:
-    return (quantity.code or quantity.unit or "").strip()
+    return quoted((quantity.code or quantity.unit or "").strip(), 40)
 
 
 def _same_unit(a: Quantity, b: Quantity) -> bool:
@@ -321,7 +328,7 @@ def _supply_days(med: MedicationDispense) -> tuple[int | None, str]:
         unit = _unit(supply)
         per = _DAYS_PER_UNIT.get(unit, _DAYS_PER_UNIT.get(unit.lower())) if unit else 1.0
         if per is not None:
-            days = max(1, round(supply.value * per))
+            days = max(1, round(min(supply.value * per, _MAX_SUPPLY_DAYS)))
             shown = "daysSupply" if per == 1.0 else f"daysSupply {_fmt(supply.value)} {unit}"
             return days, shown
         not_from_supply = f"daysSupply unit {unit!r} not understood"
@@ -343,8 +350,8 @@ def _supply_days(med: MedicationDispense) -> tuple[int | None, str]:
             f"not known ({not_from_supply}; quantity in {_unit(quantity) or 'no unit'}, "
             f"dose in {_unit(dose) or 'no unit'})"
         )
-    days = max(1, math.floor(quantity.value / (dose.value * times)))
-    unit = quantity.unit or _unit(quantity)
+    days = max(1, math.floor(min(quantity.value / (dose.value * times), _MAX_SUPPLY_DAYS)))
+    unit = quoted(quantity.unit, 40) if quantity.unit else _unit(quantity)
     return days, (
         f"quantity {_fmt(quantity.value)} {unit} at {_fmt(dose.value * times)} {unit} a day"
     )
@@ -356,7 +363,9 @@ def _per_day(dosage: DispenseDosage) -> tuple[Quantity, float] | None:
     first: DoseAndRate | None = rates if isinstance(rates, DoseAndRate) else next(iter(rates), None)
     dose = first.doseQuantity if first is not None else None
     repeat = dosage.timing.repeat if dosage.timing else None
-    if dose is None or repeat is None or not repeat.period or not repeat.periodUnit:
+    if dose is None or repeat is None or not repeat.periodUnit:
+        return None
+    if repeat.period is None or repeat.period <= 0 or (repeat.frequency or 1) <= 0:
         return None
     period_days = _DAYS_PER_UNIT.get(repeat.periodUnit)
     if period_days is None:

@@ -35,7 +35,7 @@ from datetime import date
 from ..fhirjson import CodeableConcept, Quantity, Range, ReferenceRange
 from ..fhirtime import age_reached
 from ..knowledge import UnitTable
-from ..model import LabResult, PatientRecord
+from ..model import LabResult, PatientRecord, quoted
 
 __all__ = ["PendingRanges", "choose_range"]
 
@@ -86,8 +86,10 @@ def _bound(quantity: Quantity | None, upper: bool) -> _Bound | str | None:
         return None
     unit = _AGE_UNITS.get((quantity.code or quantity.unit or "").strip().casefold())
     if unit is None:
-        return f"age unit {quantity.code or quantity.unit or '(none)'!r} not understood"
+        return f"age unit {quoted(quantity.code or quantity.unit or '(none)')!r} not understood"
     value = quantity.value
+    if not 0 <= value <= 200 * _DAYS_IN["y"]:  # also inf and nan
+        return f"age {quoted(str(value))} not plausible"
     if value == int(value):
         return _Bound(int(value) + (1 if upper else 0), unit)
     if unit == "y" and (value * 12) == int(value * 12):
@@ -108,7 +110,7 @@ def _sex_of(concept: CodeableConcept) -> str | None:
 def _shown(concept: CodeableConcept) -> str:
     coding = next(iter(concept.coding), None)
     text = concept.text or (coding.display if coding else None) or (coding.code if coding else "")
-    return repr(text or "?")
+    return repr(quoted(text or "?"))
 
 
 def _age_text(age: Range) -> str:
@@ -192,12 +194,14 @@ def _entries(pending: PendingRanges) -> list[_Entry]:
                 low = _low(quantity.value, pending.table.factor(quantity.code, quantity.unit))
                 if low is None:
                     shown = quantity.code or quantity.unit
-                    unusable = unusable or f"the unit {shown!r} of its range is not known"
+                    unusable = (
+                        unusable or f"the unit {quoted(shown or '')!r} of its range is not known"
+                    )
         elif entry.text:
             low, why = _from_text(entry.text, pending)
             if why:
                 unusable = unusable or why
-            as_text = f"given as text {entry.text.strip()!r}"
+            as_text = f"given as text {quoted(entry.text.strip())!r}"
         else:
             continue  # no low end (only a high one): nothing to compare a low count with
         what = f"for {', '.join(conditions)}" if conditions else ""
@@ -208,13 +212,13 @@ def _entries(pending: PendingRanges) -> list[_Entry]:
 
 def _from_text(text: str, pending: PendingRanges) -> tuple[float | None, str]:
     match = _PLAIN.match(text)
-    refused = f"its text {text.strip()!r} is not a plain 'low-high unit' range"
+    refused = f"its text {quoted(text.strip())!r} is not a plain 'low-high unit' range"
     if match is None or float(match[1]) >= float(match[2]):
         return None, refused
     unit = match[3]
     factor = pending.factor if not unit else pending.table.factor(None, unit)
     if factor is None:
-        return None, f"the unit of its text {text.strip()!r} is not known"
+        return None, f"the unit of its text {quoted(text.strip())!r} is not known"
     return _low(float(match[1]), factor), ""
 
 
