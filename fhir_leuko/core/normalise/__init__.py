@@ -22,14 +22,18 @@ The rooms, in the order a resource meets them (each module's docstring says more
 * :mod:`.normaliser` — the coordinator: one pass over the input (:meth:`Normaliser.feed`,
   :meth:`Normaliser.feed_lines`) hands each resource to its room as it is read, then
   :meth:`Normaliser.run` finishes the rooms in order. Nothing is read twice.
-* :mod:`.results` — lab Observations: LOINC mapping, status, value, unit, plausibility, reference
-  range, the newest version of each; a result is built as it is read (the hot path).
+* :mod:`.results` — lab Observations: LOINC mapping, status, value, unit, plausibility, the usual
+  single reference range, the newest version of each; a result is built as it is read (the hot
+  path).
+* :mod:`.ranges` — the reference range that applies to the patient, when an Observation gives
+  several (by sex, by age), conditional ones or text; chosen once the patient is known.
 * :mod:`.reports` — DiagnosticReport ``result`` and panel ``hasMember``: subject, time and grouping
-  passed down to the results they list.
+  passed down to the results they list; a withdrawn or cancelled report takes its results out.
 * :mod:`.identity` — which resource a reference names (fullUrl, ``Type/id``, versioned URLs) and
-  which patient a subject reference is; Patient resources (birth dates).
-* :mod:`.medications` — MedicationRequest / MedicationStatement (and their Medications) into drug
-  exposures; :func:`drugs_of` for a single record.
+  which patient a subject reference is; Patient resources (birth date, sex, death).
+* :mod:`.medications` — MedicationStatement, MedicationRequest, MedicationAdministration and
+  MedicationDispense (and their Medications) into drug exposures; :func:`drugs_of` for a single
+  record. :mod:`.exposure` decides, in one place, whether a record is an exposure and when.
 * :mod:`.conditions` — Conditions into contributing causes, Conditions and Flags into patient flags.
 * :mod:`.derivation` — absolute counts derived from WBC x fraction where a group has none.
 * :mod:`.dataset` — the :class:`Dataset` built, and the problems found with where each was read.
