@@ -45,6 +45,7 @@ from typing import Any, Literal
 import orjson
 import requests
 
+from ..core.fhirjson import INPUT_TYPES
 from ..errors import FhirError, FhirFatalError, FhirTemporaryError, UsageError
 from .client import FhirClient, operation_outcome_text
 
@@ -59,17 +60,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-EXPORT_TYPES: tuple[str, ...] = (
-    "Patient",
-    "Observation",
-    "DiagnosticReport",
-    "MedicationRequest",
-    "MedicationStatement",
-    "Medication",
-    "Condition",
-    "Flag",
-)
-"""The resource types the profiles read (the ``_type`` of a kick-off)."""
+EXPORT_TYPES: tuple[str, ...] = INPUT_TYPES
+"""The resource types the profiles read (the ``_type`` of a kick-off): the one list,
+:data:`fhir_leuko.core.fhirjson.INPUT_TYPES`, that the job's searches and the CDS service's
+prefetch cover too."""
 
 Level = Literal["system", "patient", "group"]
 NDJSON = "application/fhir+ndjson"

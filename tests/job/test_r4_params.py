@@ -12,6 +12,7 @@ import requests
 from fhir_leuko.core.fhirjson import INPUT_TYPES
 from fhir_leuko.core.knowledge import Knowledge
 from fhir_leuko.core.profiles import ProfileSet
+from fhir_leuko.fhir.bulk import EXPORT_TYPES
 from fhir_leuko.fhir.client import FhirClient
 from fhir_leuko.fhir.r4search import R4_SEARCH_PARAMS, check_search_params
 from fhir_leuko.testing.seed import seed_paths
@@ -79,6 +80,7 @@ def test_non_r4_parameters_are_refused(rtype: str, param: str) -> None:
 
 def test_the_table_covers_every_type_the_job_searches() -> None:
     assert set(R4_SEARCH_PARAMS) >= {*INPUT_TYPES, "DetectedIssue"}
+    assert EXPORT_TYPES == INPUT_TYPES  # a Bulk Data export asks for the same types (_type)
     check_search_params("Observation", {"patient": "Patient/1", "code": "x", "date": ["ge1", "le2"]})
     check_search_params("DetectedIssue", {"identifier": "s|v", "patient": "Patient/1"})
     check_search_params(
