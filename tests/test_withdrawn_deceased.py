@@ -86,3 +86,15 @@ def test_evaluate_command_says_how_many_were_not_alerted() -> None:
         "(2 deceased: no alert)" in done.stderr.splitlines()
     )
     assert "Observation/wd-withdrawn-anc: not counted" in done.stderr
+
+
+def test_explain_says_why_there_is_no_alert() -> None:
+    dead = fhir_leuko("explain", "dc-deceased", str(DATA / "deceased.json"), "--as-of", "2024-05-02")
+    assert "leukopenia: no alert: the patient is recorded as deceased at as-of" in dead.stdout
+    withdrawn = fhir_leuko(
+        "explain", "wd-withdrawn", str(DATA / "withdrawn.json"), "--as-of", "2024-05-02"
+    )
+    assert (
+        "Observation/wd-withdrawn-anc: not counted: DiagnosticReport/wd-withdrawn-dr, which lists "
+        "it, is withdrawn (entered-in-error)" in withdrawn.stdout
+    )
