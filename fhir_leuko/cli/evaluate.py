@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import sys
-import tempfile
 from pathlib import Path
-from typing import IO
 
 from tqdm import tqdm
 
 from ..core.pipeline import Evaluation, evaluate_dataset
-from ..errors import ExitCode, UsageError, exit_code_table
+from ..errors import ExitCode, exit_code_table
 from ..files.bulkread import normalise_files
-from ..files.reader import input_files
+from ..files.reader import STDIN, input_files
 from ..present.silence import silence_line
 from .formats import add_format_option, chosen_format, render
 from .options import add_as_of, add_profile_options, as_of_or_latest, profiles_from
+from .output import check_output, write_output
 
 __all__ = ["register"]
 
@@ -31,6 +29,8 @@ input:
   Observations (LOINC-coded WBC and differential), Patients (age), MedicationStatements and
   MedicationRequests with their Medications, DiagnosticReports (result, hasMember) and Conditions
   are read; references resolve within the input (relative, urn:uuid fullUrl, contained #id).
+  - reads standard input (one JSON document or NDJSON, also gzipped); FIFOs and devices are read
+  like files.
 
 sources:
   Each PATH is a source of its own (a directory, or a file; the NDJSON files of one Bulk Data
@@ -46,7 +46,9 @@ output:
   a transaction Bundle of conditional creates (--format bundle) ready to POST to a FHIR server's
   base URL. The same input and --as-of always give byte-identical output. A summary (findings by
   kind and severity; when nothing is found, why) and one line per
-  input problem (file, resource, reason) go to stderr.
+  input problem (file, resource, reason) go to stderr. --output FILE replaces a regular file
+  atomically (a new file gets the umask's mode, a replaced one keeps its mode), writes a device or
+  pipe in place and follows a symlink to its target; --output - is stdout.
 
 examples:
   fhir-leuko evaluate examples/
@@ -54,6 +56,7 @@ examples:
   fhir-leuko evaluate export/ --as-of 2024-05-01 --output issues.ndjson
   fhir-leuko evaluate Observation.ndjson.gz MedicationRequest.ndjson.gz Patient.ndjson.gz
   fhir-leuko evaluate bundle.json --format bundle --output tx.json
+  zcat Observation.ndjson.gz | fhir-leuko evaluate - --output -
   fhir-leuko evaluate data/ --profile clozapine --profiles /etc/fhir-leuko/profiles
 
 """ + exit_code_table(
@@ -70,11 +73,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("paths", metavar="PATH", nargs="+", type=Path, help="files or directories")
+    parser.add_argument(
+        "paths",
+        metavar="PATH",
+        nargs="+",
+        type=Path,
+        help="files or directories; - reads standard input (a JSON document or NDJSON, also gzipped)",
+    )
     add_as_of(parser, latest=True)
     add_profile_options(parser)
     parser.add_argument(
-        "--output", "-o", metavar="FILE", type=Path, help="write here instead of stdout"
+        "--output",
+        "-o",
+        metavar="FILE",
+        help="write here instead of stdout (- is stdout; a regular file is replaced atomically, a "
+        "device or pipe written in place, a symlink's target written)",
     )
     add_format_option(parser)
     parser.add_argument(
@@ -87,26 +100,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
 
     parser.set_defaults(handler=run)
-
-
-def _write(output: Path | None, data: bytes) -> None:
-    if output is None:
-        stream: IO[bytes] = sys.stdout.buffer
-        stream.write(data)
-        stream.flush()
-        return
-    # Write beside the target and rename: a reader never sees half a file.
-    directory = output.resolve().parent
-    if not directory.is_dir():
-        raise UsageError(f"--output {output}: directory {directory} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _summary(result: Evaluation, files: int) -> list[str]:
@@ -154,10 +147,11 @@ def run(args: argparse.Namespace) -> int:
     # collector would only rescan them again and again (normalise.Normaliser.collecting).
     gc.disable()
     as_of = as_of_or_latest(args)
+    check_output(args.output)  # before the work: a directory or a missing one is exit 2 at once
     knowledge, profiles = profiles_from(args)
     files = input_files(args.paths, same_source=args.same_source)
     show = sys.stderr.isatty() and not args.no_progress
-    total = sum(f.stat().st_size for f, _input in files)
+    total = sum(f.stat().st_size for f, _input in files if f != STDIN)
     with tqdm(
         total=total, unit="B", unit_scale=True, disable=not show, desc="reading", leave=False
     ) as bar:
@@ -166,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate_dataset(dataset, profiles, as_of=as_of)
     fmt = chosen_format(args, sys.stdout.isatty())
     data = render(fmt, result, dataset=dataset, profiles=profiles, inputs=args.paths)
-    _write(args.output, data)
+    write_output(args.output, data)
     for problem in result.problems:
         print(f"problem: {problem}", file=sys.stderr)
     for line in _summary(result, len(files)):

@@ -14,8 +14,10 @@ that holds it.
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import re
+import sys
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -38,6 +40,7 @@ from ..errors import InputError
 __all__ = [
     "INPUT_SUFFIXES",
     "READ_ERRORS",
+    "STDIN",
     "expand_paths",
     "input_files",
     "input_label",
@@ -47,6 +50,9 @@ __all__ = [
     "read_file",
     "read_paths",
 ]
+
+STDIN = Path("-")
+"""The path that means standard input (``fhir-leuko evaluate -``)."""
 
 INPUT_SUFFIXES = (".json", ".ndjson", ".jsonl", ".json.gz", ".ndjson.gz", ".jsonl.gz")
 
@@ -73,18 +79,24 @@ def _is_input(path: Path) -> bool:
 def expand_paths(paths: Iterable[Path]) -> list[Path]:
     """Files to read, in a stable order; directories are walked recursively.
 
+    ``-`` is standard input (once, however often it is named); a FIFO or device (``/dev/stdin``,
+    a shell's ``<(zcat x.gz)``) is read like a file.
+
     Raises:
         InputError: a path does not exist.
     """
     files: list[Path] = []
     for path in paths:
-        if path.is_dir():
+        if path == STDIN:
+            if STDIN not in files:
+                files.append(STDIN)
+        elif path.is_dir():
             for root, dirnames, filenames in os.walk(path):
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
                 files.extend(
                     Path(root) / name for name in sorted(filenames) if _is_input(Path(name))
                 )
-        elif path.is_file():
+        elif path.exists():
             files.append(path)
         else:
             raise InputError(f"{path}: no such file or directory")
@@ -168,7 +180,15 @@ def _iter_lines(
 
 
 def open_input(path: Path) -> IO[bytes]:
-    """An input file opened for reading bytes, gunzipped on the fly when its name ends in .gz."""
+    """An input file opened for reading bytes, gunzipped on the fly when its name ends in .gz.
+
+    Standard input (``-``) is read whole, and gunzipped when it starts with gzip's magic number.
+    """
+    if path == STDIN:
+        data = sys.stdin.buffer.read()
+        if data[:2] == b"\x1f\x8b":
+            data = gzip.decompress(data)
+        return io.BytesIO(data)
     if path.name.lower().endswith(".gz"):
         return cast(IO[bytes], gzip.open(path, "rb"))
     return path.open("rb")
@@ -200,8 +220,9 @@ def _holds_ndjson(data: bytes, reason: str) -> bool:
 def read_file(
     path: Path, progress: Progress | None = None, input: str | None = None
 ) -> Iterator[Sourced | Problem]:
-    """Resources of one file, and its problems; ``input`` names the input it belongs to."""
-    source = str(path)
+    """Resources of one file (``-``: standard input), and its problems; ``input`` names the input
+    it belongs to."""
+    source = "<stdin>" if path == STDIN else str(path)
     name = path.name.lower().removesuffix(".gz")
     try:
         if name.endswith((".ndjson", ".jsonl")):
