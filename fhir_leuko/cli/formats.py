@@ -123,7 +123,7 @@ def write_report(
     """``run --report FILE``: the pass's findings as the HTML report, written atomically."""
     from ..present.report import DEFAULT_MAX_PLOTS, PatientPart, ReportInput, render_report
     from ..present.trend import trend_data
-    from .evaluate import _write  # the one output writer of the CLI (atomic rename)
+    from .output import write_output  # the one output writer of the CLI
 
     parts: list[PatientPart] = []
     findings: list[Finding] = []
@@ -150,4 +150,4 @@ def write_report(
         nothing_found="" if findings else "no patient evaluated in this pass has a finding",
         notes=[f"Patients that failed this pass: {len(report.failed)}."] if report.failed else [],
     )
-    _write(path, render_report(data).encode())
+    write_output(str(path), render_report(data).encode())

@@ -344,6 +344,18 @@ class FhirClient:
                 )
                 if not idempotent:
                     raise failure from None
+            except (
+                requests.exceptions.ChunkedEncodingError,
+                requests.exceptions.ContentDecodingError,
+            ) as exc:
+                # The answer was cut off mid-body (or its gzip is broken): like a lost connection,
+                # retried; but the server did process the request, so a plain POST is not resent.
+                failure = FhirTemporaryError(
+                    f"{short}: {exc.__class__.__name__} (the response was cut off)",
+                    url=_strip_query(url),
+                )
+                if not idempotent:
+                    raise failure from None
             else:
                 status = response.status_code
                 log.debug("%s -> %s", short, status)
@@ -449,7 +461,8 @@ class FhirClient:
         """Search; yield each searchset page's raw bytes, following ``link[next]`` verbatim.
 
         Raises:
-            FhirFatalError: not a searchset Bundle, a repeated/cyclic/foreign next link.
+            FhirFatalError: not a searchset Bundle (a page that is not JSON is asked for twice), a
+                repeated/cyclic/foreign next link.
             FhirTemporaryError, AuthError: as :meth:`request`.
         """
         what = f"{resource_type} search"
@@ -458,13 +471,23 @@ class FhirClient:
         previous: list[str | None] | None = None
         origin = _origin(self.base_url)
         pages = 0
+        url: str = resource_type
+        query: Mapping[str, str | Sequence[str]] | Sequence[tuple[str, str]] | None = params
         while True:
             pages += 1
             data = response.content
             try:
                 page = decode_json(_PAGE, data)
             except (msgspec.DecodeError, msgspec.ValidationError):
-                raise FhirFatalError(f"{what}: page {pages} is not a FHIR Bundle") from None
+                # A page cut short (a proxy, a server that died mid-write) is asked for once more.
+                log.warning("%s: page %d is not a FHIR Bundle; asking for it once more", what, pages)
+                data = self.request("GET", url, params=query, headers=headers).content
+                try:
+                    page = decode_json(_PAGE, data)
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    raise FhirFatalError(
+                        f"{what}: page {pages} is not a FHIR Bundle (twice)"
+                    ) from None
             if page.resourceType != "Bundle" or page.type not in ("searchset", None):
                 raise FhirFatalError(
                     f"{what}: page {pages} is a {page.resourceType} "
@@ -494,6 +517,7 @@ class FhirClient:
                 )
             if pages >= self.max_pages:
                 raise FhirFatalError(f"{what}: more than {self.max_pages} pages")
+            url, query = next_url, None
             response = self.request("GET", next_url, headers=headers)
 
     def read(self, resource_type: str, resource_id: str) -> dict[str, Any]:

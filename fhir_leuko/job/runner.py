@@ -40,7 +40,7 @@ from ..core.fhirjson import DiagnosticReport as DiagnosticReportStruct
 from ..core.fhirjson import MedicationRequest, MedicationStatement, Observation, Sourced
 from ..core.fhirtime import format_instant, parse_fhir_datetime
 from ..core.knowledge import LOINC_SYSTEM, Knowledge
-from ..core.model import Finding, FindingKind, PatientRecord, Problem
+from ..core.model import Finding, FindingKind, PatientRecord, Problem, quoted
 from ..core.normalise import normalise
 from ..core.profiles import ProfileSet
 from ..errors import AuthError, FhirError, FhirLeukoError, FhirTemporaryError, LockError
@@ -334,6 +334,14 @@ class Job:
         return report
 
 
+def _unusable(what: str, exc: Exception) -> str:
+    """Why a patient failed on an error nobody planned for: one line naming it (capped: it may
+    quote input), its traceback in the debug log (-vv)."""
+    log.debug("%s could not be used", what, exc_info=exc)
+    detail = quoted(str(exc).replace("\n", " "))
+    return f"{what} could not be used ({type(exc).__name__}{': ' + detail if detail else ''})"
+
+
 class _Pass:
     """One pass over its patients, group by group: fetch, evaluate, plan, write, checkpoint.
 
@@ -481,8 +489,13 @@ class _Pass:
         self.job.point("checkpoint")
 
     def group(self, group: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
-        """Fetch, evaluate and write a group of patients; a fetch that fails for good is retried
-        patient by patient so that one bad record fails only its patient."""
+        """Fetch, evaluate and write a group of patients.
+
+        One bad record, or one bad answer, fails only its patient: a fetch that fails for good
+        (a search refused, a page that is not JSON twice, a cyclic next link) and data the rule
+        core cannot use (anything it raises) send the group's patients through again one by one,
+        and what still fails then fails that patient alone, named with the reason; the pass goes on
+        with every other patient."""
         try:
             items, existing = fetch(self.job, group, self.as_of)
         except (AuthError, LockError):
@@ -494,18 +507,17 @@ class _Pass:
                 return [], [(group[0], str(exc))]
             return self.split(group)
         except FhirError as exc:
-            if len(group) == 1:
-                return [], [(group[0], str(exc))]
-            log.warning(
-                "a group fetch failed (%s); fetching its patients one by one",
-                self.scrub(str(exc), group),
-            )
-            return self.split(group)
+            return self.one_by_one(group, "a group fetch failed", str(exc))
+        except Exception as exc:  # an answer fhir-leuko cannot use: fails its group, not the pass
+            return self.one_by_one(group, "a group fetch failed", _unusable("the answer", exc))
         self.outages = 0
         self.job.point("fetched")
         if self.fetched is not None:
             self.fetched.update(_versions(items))
-        dataset = normalise(items, self.job.knowledge)
+        try:
+            dataset = normalise(items, self.job.knowledge)
+        except Exception as exc:  # a resource the core cannot use: find whose, fail only them
+            return self.one_by_one(group, "reading a group's data failed", _unusable("its data", exc))
         self.report.problems.extend(dataset.problems)
         planned: dict[str, list[Write]] = {}
         done: list[str] = []
@@ -513,8 +525,14 @@ class _Pass:
         for patient in group:
             if self.job.stop.is_set():
                 break
+            if self.bar is not None:
+                self.bar.update(1)
             record = dataset.patients.get(patient) or PatientRecord(patient)
-            findings = evaluate(record, self.job.profiles, as_of=self.as_of)
+            try:
+                findings = evaluate(record, self.job.profiles, as_of=self.as_of)
+            except Exception as exc:  # a record the core cannot evaluate fails alone
+                failed.append((patient, _unusable("its record", exc)))
+                continue
             self.report.patients += 1
             for finding in findings:
                 self.report.findings[(finding.kind.value, finding.severity)] += 1
@@ -524,10 +542,10 @@ class _Pass:
                 planned[patient] = self.planner.plan(
                     patient, record, findings, existing.get(patient, {})
                 )
-            except ValueError as exc:
+            except ValueError as exc:  # the planner's own refusals say what to do
                 failed.append((patient, str(exc)))
-            if self.bar is not None:
-                self.bar.update(1)
+            except Exception as exc:
+                failed.append((patient, _unusable("its DetectedIssues", exc)))
         ok, bad = self.writer.write(planned)
         self.evaluated.update(ok)
         done.extend(ok)
@@ -536,6 +554,16 @@ class _Pass:
 
     def scrub(self, text: str, patients: Iterable[str]) -> str:
         return scrub(text, self.server, patients)
+
+    def one_by_one(
+        self, group: list[str], what: str, reason: str
+    ) -> tuple[list[str], list[tuple[str, str]]]:
+        """A group failed for a reason that may be one patient's: its patients one by one (one
+        alone fails with ``reason``)."""
+        if len(group) == 1:
+            return [], [(group[0], reason)]
+        log.warning("%s (%s); its patients one by one", what, self.scrub(reason, group))
+        return self.split(group)
 
     def split(self, group: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
         done: list[str] = []

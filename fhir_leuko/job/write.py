@@ -83,6 +83,12 @@ class Writer:
                 else:
                     log.warning("transaction failed (%s); writing one by one", exc)
                 pending = writes
+            except Exception as exc:  # an answer it cannot read: every write is conditional or
+                # If-Match, so writing them one by one again cannot duplicate anything
+                log.warning(
+                    "transaction answer unusable (%s); writing one by one", type(exc).__name__
+                )
+                pending = writes
         for w in pending:
             if w.patient in failed:
                 continue
@@ -95,6 +101,8 @@ class Writer:
                 if isinstance(exc, FhirTemporaryError):
                     self.deferred.add(w.patient)
                     self.outage(exc)
+            except Exception as exc:  # an answer it cannot read fails this patient only
+                failed[w.patient] = f"the answer to a write could not be used ({type(exc).__name__})"
         return [p for p in planned if p not in failed], sorted(failed.items())
 
     def _record(self, w: Write, resource_id: str | None, version: str | None, action: str) -> None:
