@@ -350,6 +350,9 @@ class FhirClient:
             ) as exc:
                 # The answer was cut off mid-body (or its gzip is broken): like a lost connection,
                 # retried; but the server did process the request, so a plain POST is not resent.
+                # A streamed body belongs to the caller, which resumes it its own way (Range).
+                if stream:
+                    raise
                 failure = FhirTemporaryError(
                     f"{short}: {exc.__class__.__name__} (the response was cut off)",
                     url=_strip_query(url),
