@@ -8,13 +8,18 @@
 5. evaluates everyone again (``--full``) to show that nothing is written twice.
 
 Extra arguments are passed to ``fhir-leuko run`` (e.g. ``--log-format json``). The server and its
-data are removed at the end.
+data are removed at the end; with ``--keep`` (``./dev demo --keep``) the server keeps running until
+Ctrl-C, and the demo prints how to explore it: curl lines, ``run`` again, and ``serve`` against it.
 """
 
 from __future__ import annotations
 
+import json
+import shlex
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import requests
@@ -22,7 +27,7 @@ import requests
 from fhir_leuko.cli import main
 from fhir_leuko.core.detectedissue import FINDING_SYSTEM
 from fhir_leuko.testing.seed import seed_paths
-from fhir_leuko.testing.sekmet import SekmetServer
+from fhir_leuko.testing.sekmet import SekmetServer, free_port
 
 EXAMPLES = Path(__file__).resolve().parent
 AS_OF = "2026-11-20"
@@ -49,7 +54,73 @@ def _show_issues(base_url: str) -> int:
     return len(entries)
 
 
+def _service_config(tmp: Path, base_url: str) -> tuple[Path, int]:
+    """A CDS Hooks service configuration that may fetch from the demo server (local tests only)."""
+    port = free_port()
+    path = tmp / "service.toml"
+    path.write_text(
+        "# Written by ./dev demo --keep: LOCAL TESTS ONLY (no JWT, http allowed, fixed as-of).\n"
+        "[service]\n"
+        f"port = {port}\n"
+        f'feedback_database = "{tmp / "cds-feedback.sqlite3"}"\n'
+        "[[service.clients]]\n"
+        'iss = "demo"\n'
+        'jwks_url = "http://127.0.0.1:9/unused-jwks.json"\n'
+        f'fhir_servers = ["{base_url}"]\n'
+        "[service.testing]\n"
+        "disable_jwt = true\n"
+        "allow_http = true\n"
+        f"as_of = {AS_OF}T12:00:00Z\n",
+        encoding="utf-8",
+    )
+    return path, port
+
+
+def _explore(tmp: Path, base_url: str, run_args: list[str]) -> None:
+    """Print how to explore the demo server while it keeps running."""
+    config, port = _service_config(tmp, base_url)
+    fhir_leuko = shlex.quote(str(Path(sys.executable).parent / "fhir-leuko"))
+    hook = json.dumps(
+        {
+            "hook": "patient-view",
+            "hookInstance": "d1577c69-dfbe-44ad-ba6d-3e05e953b2ea",
+            "fhirServer": base_url,
+            "fhirAuthorization": {
+                "access_token": "demo",
+                "token_type": "Bearer",
+                "expires_in": 300,
+                "scope": "patient/*.read",
+                "subject": "demo",
+            },
+            "context": {"userId": "Practitioner/demo", "patientId": "ex-cloz-1"},
+        }
+    )
+    print(
+        f"""
+demo: the FHIR server keeps running at {base_url} until you press Ctrl-C
+      (it and its data in {tmp} are removed then). In another terminal:
+
+  # what is on the server
+  curl -s '{base_url}/DetectedIssue?_count=5' -H 'Accept: application/fhir+json'
+  curl -s '{base_url}/Observation?patient=ex-cloz-1&_sort=-date&_count=3'
+  curl -s '{base_url}/metadata' | head -c 300
+
+  # the job again (incremental: nothing changed, nothing is written)
+  {fhir_leuko} {" ".join(shlex.quote(a) for a in run_args)}
+
+  # the CDS Hooks service against this server (no JWT: local tests only), then a patient-view call
+  # that sends no prefetch, so the service fetches the patient's data from the demo server
+  {fhir_leuko} serve --config {config}
+  curl -s http://127.0.0.1:{port}/cds-services/leuko-patient-view \\
+       -H 'Content-Type: application/json' --data '{hook}'
+""",
+        flush=True,
+    )
+
+
 def demo(extra: list[str]) -> int:
+    keep = "--keep" in extra
+    extra = [a for a in extra if a != "--keep"]
     with tempfile.TemporaryDirectory(prefix="fhir-leuko-demo-") as tmp, SekmetServer(
         Path(tmp) / "server"
     ) as server:
@@ -73,7 +144,16 @@ def demo(extra: list[str]) -> int:
         _show_issues(server.base_url)
         again = [*args, "--full"]
         print(f"\n$ fhir-leuko {' '.join(again)}   # everyone again: nothing is written twice", flush=True)
-        return main(again)
+        code = main(again)
+        if keep and code == 0:
+            _explore(Path(tmp), server.base_url, args)
+            # SIGTERM as Ctrl-C, so that the server and the temporary directory are removed too.
+            signal.signal(signal.SIGTERM, signal.default_int_handler)
+            try:
+                threading.Event().wait()
+            except KeyboardInterrupt:
+                print("\ndemo: stopping the FHIR server and removing its data", flush=True)
+        return code
 
 
 if __name__ == "__main__":
