@@ -207,7 +207,43 @@ def test_profiles_validate_names_file_and_field() -> None:
         f"error: {directory / 'misspelt.toml'}: settings.lookback: unknown field (see profiles/README.md for the grammar)",
         f"error: {directory / 'unordered.yaml'}: gradings.ctcae-v5-wbc: Value error, band '3': edges must strictly decrease (got 3.0 after 2.0)",
     ]
-    assert done.stderr.splitlines()[-1] == "4 invalid file(s)"
+    assert done.stderr.splitlines()[-1] == "4 error(s) in 4 invalid file(s)"
+
+
+def test_profiles_validate_reports_every_error_of_every_file() -> None:
+    directory = DATA / "site-profiles-errors"
+    done = fhir_leuko("profiles", "validate", str(directory))
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    three, unknown = directory / "three-fields.toml", directory / "unknown-ids.toml"
+    assert errors == [
+        f"error: {three}: settings.lookback: unknown field (see profiles/README.md for the grammar)",
+        f"error: {three}: gradings.simple.bands[0].grade: Input should be a valid string",
+        f"error: {three}: rules[0].lower_limit.value: Input should be greater than 0",
+        f"error: {unknown}: applies.drugs: unknown drug or group id 'clozapin'",
+        f"error: {unknown}: rules[0].when_flags: unknown flag 'benign-ethnic'",
+    ]
+    assert done.stderr.splitlines()[-1] == "5 error(s) in 2 invalid file(s)"
+    assert done.stdout == ""
+
+
+def test_profiles_validate_one_file() -> None:
+    good = fhir_leuko("profiles", "validate", str(DATA / "site-profiles" / "adult-local.toml"))
+    assert (good.returncode, good.stdout) == (0, "ok: adult-local 2.1.0\n"), good.stderr
+    bad = fhir_leuko("profiles", "validate", str(DATA / "site-profiles-errors" / "unknown-ids.toml"))
+    assert bad.returncode == 2
+    assert bad.stderr.splitlines()[-1] == "2 error(s) in 1 invalid file(s)"
+    wrong = fhir_leuko("profiles", "validate", str(DATA / "units.ndjson"))
+    assert wrong.returncode == 2
+    assert "not a profile file (*.toml, *.yaml, *.yml)" in wrong.stderr
+
+
+def test_profiles_validate_empty_directory_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not a profile")
+    done = fhir_leuko("profiles", "validate", str(tmp_path))
+    assert done.returncode == 2
+    assert f"profiles validate {tmp_path}: no profile files" in done.stderr
+    assert done.stdout == ""
 
 
 def test_profiles_validate_missing_directory() -> None:

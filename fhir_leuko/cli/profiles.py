@@ -21,12 +21,14 @@ examples:
   fhir-leuko profiles list
   fhir-leuko profiles list --profiles /etc/fhir-leuko/profiles
   fhir-leuko profiles validate /etc/fhir-leuko/profiles
+  fhir-leuko profiles validate /etc/fhir-leuko/profiles/adult-local.toml
 
 Profiles are TOML or YAML files; their grammar is documented in profiles/README.md (shipped in the
 package as fhir_leuko/profiles/README.md). A site directory adds profiles, or replaces a shipped one
 by using its id; a site profile may 'extends' a shipped one and change only what differs.
 
-validate exits 2 when a file is invalid, or when DIR is missing or holds no profile file.
+validate reports every error of every file (each naming the file and the field), and exits 2 when
+a file is invalid, or when PATH is missing or a directory that holds no profile file.
 
 """ + exit_code_table(
     (ExitCode.OK, ExitCode.USAGE, ExitCode.INTERNAL), "stopped by signal N (130 Ctrl-C)"
@@ -59,11 +61,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     listing.set_defaults(handler=_list)
     validate = actions.add_parser(
         "validate",
-        help="check every profile file in DIR; errors name the file and the field",
+        help="check every profile file in DIR (or one FILE); every error, naming file and field",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    validate.add_argument("directory", metavar="DIR", type=Path)
+    validate.add_argument(
+        "path", metavar="DIR|FILE", type=Path, help="a site profile directory, or one profile file"
+    )
     validate.set_defaults(handler=_validate)
 
 
@@ -85,22 +89,29 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    directory: Path = args.directory
-    if not directory.is_dir():
-        raise UsageError(f"profiles validate {directory}: not a directory")
-    if not any(p.suffix in DOCUMENT_SUFFIXES for p in directory.iterdir()):
+    path: Path = args.path
+    if path.is_file():
+        if path.suffix not in DOCUMENT_SUFFIXES:
+            raise UsageError(
+                f"profiles validate {path}: not a profile file "
+                f"({', '.join('*' + s for s in DOCUMENT_SUFFIXES)})"
+            )
+    elif not path.is_dir():
+        raise UsageError(f"profiles validate {path}: not a directory or a profile file")
+    elif not any(p.suffix in DOCUMENT_SUFFIXES for p in path.iterdir()):
         # Validating nothing must not look like "all valid" (a typo in a CI script).
         raise UsageError(
-            f"profiles validate {directory}: no profile files "
+            f"profiles validate {path}: no profile files "
             f"({', '.join('*' + s for s in DOCUMENT_SUFFIXES)}) in it"
         )
     knowledge = load_knowledge()
-    profiles, errors = validate_profile_dir(directory, knowledge)
+    profiles, errors = validate_profile_dir(path, knowledge)
     for error in errors:
         print(f"error: {error}", file=sys.stderr)
     for profile in profiles:
         print(f"ok: {profile.id} {profile.version}")
     if errors:
-        print(f"{len(errors)} invalid file(s)", file=sys.stderr)
+        files = len({error.file for error in errors})
+        print(f"{len(errors)} error(s) in {files} invalid file(s)", file=sys.stderr)
         return int(ExitCode.USAGE)
     return int(ExitCode.OK)

@@ -10,7 +10,7 @@ reading the files is an edge's job (:func:`fhir_leuko.files.load_profiles`).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -21,7 +21,7 @@ from ..errors import ProfileError
 from .fhirtime import parse_duration
 from .knowledge import Knowledge
 from .model import Analyte, FindingKind
-from .validation import validate_document
+from .validation import document_errors, validate_document
 
 __all__ = [
     "Band",
@@ -264,22 +264,28 @@ class ProfileSet:
 
 
 def _check_against_knowledge(profile: Profile, knowledge: Knowledge, file: str) -> None:
+    for error in _knowledge_errors(profile, knowledge, file):
+        raise error
+
+
+def _knowledge_errors(profile: Profile, knowledge: Knowledge, file: str) -> Iterator[ProfileError]:
+    """Drug, group and flag ids the profile names that the knowledge files do not define."""
     drug_ids = {d.id for d in knowledge.drugs.drug} | {g.id for g in knowledge.drugs.group}
     flag_ids = {f.id for f in knowledge.conditions.flag}
     for drug in profile.applies.drugs:
         if drug not in drug_ids:
-            raise ProfileError(file, "applies.drugs", f"unknown drug or group id {drug!r}")
+            yield ProfileError(file, "applies.drugs", f"unknown drug or group id {drug!r}")
     for index, item in enumerate(profile.monitoring):
         for drug in item.drugs:
             if drug not in drug_ids:
-                raise ProfileError(
+                yield ProfileError(
                     file, f"monitoring[{index}].drugs", f"unknown drug or group id {drug!r}"
                 )
     for index, rule in enumerate(profile.rules):
         for name in ("when_flags", "unless_flags"):
             for flag in getattr(rule, name):
                 if flag not in flag_ids:
-                    raise ProfileError(file, f"rules[{index}].{name}", f"unknown flag {flag!r}")
+                    yield ProfileError(file, f"rules[{index}].{name}", f"unknown flag {flag!r}")
 
 
 _INHERITED = ("applies", "settings", "gradings", "rules", "monitoring", "card", "references")
@@ -368,24 +374,40 @@ def build_profiles(
     documents: ProfileDocuments,
     knowledge: Knowledge,
     only: set[Path] | None = None,
+    *,
+    every_error: bool = False,
 ) -> tuple[list[LoadedProfile], list[ProfileError]]:
     """Resolve ``extends``, validate and check each profile document against the knowledge.
 
     ``only``: build only the profiles read from these files (the others may still be extended).
-    All errors are returned, each naming the file and the field.
+    Errors are returned, each naming the file and the field: the first of each profile, or with
+    ``every_error`` all of them (``fhir-leuko profiles validate``).
     """
     loaded: list[LoadedProfile] = []
     errors: list[ProfileError] = []
     for profile_id in sorted(documents):
-        path = documents[profile_id][1]
+        document, path = documents[profile_id]
         if only is not None and path not in only:
             continue
         try:
             merged = _resolve(profile_id, documents)
+        except ProfileError as exc:
+            errors.append(exc)
+            continue
+        if every_error:
+            profile, found = document_errors(Profile, merged, str(path))
+            found = [_as_in_file(e, document, merged) for e in found]
+            if profile is not None:
+                found.extend(_knowledge_errors(profile, knowledge, str(path)))
+            errors.extend(found)
+            if profile is not None and not found:
+                loaded.append(LoadedProfile(profile, path))
+            continue
+        try:
             try:
                 profile = validate_document(Profile, merged, str(path))
             except ProfileError as exc:
-                raise _as_in_file(exc, documents[profile_id][0], merged) from None
+                raise _as_in_file(exc, document, merged) from None
             _check_against_knowledge(profile, knowledge, str(path))
         except ProfileError as exc:
             errors.append(exc)

@@ -1,4 +1,7 @@
-"""Validating a profile or knowledge document already read: the first error names file and field.
+"""Validating a profile or knowledge document already read: errors name the file and the field.
+
+Loading stops at the first error (:func:`validate_document`); ``fhir-leuko profiles validate`` wants
+every error of a file at once (:func:`document_errors`).
 
 The documents are read from disk by :mod:`fhir_leuko.files.documents`; here they are only data.
 """
@@ -11,7 +14,7 @@ import pydantic
 
 from ..errors import ProfileError
 
-__all__ = ["validate_document"]
+__all__ = ["document_errors", "validate_document"]
 
 _Model = TypeVar("_Model", bound=pydantic.BaseModel)
 
@@ -28,6 +31,16 @@ def _field_path(loc: tuple[int | str, ...]) -> str:
     return "".join(parts)
 
 
+def _profile_error(error: Any, file: str) -> ProfileError:
+    field = _field_path(tuple(error["loc"]))
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        message = "unknown field (see profiles/README.md for the grammar)"
+    elif error["type"] == "missing":
+        message = "required field is missing"
+    return ProfileError(file, field, message)
+
+
 def validate_document(model: type[_Model], data: dict[str, Any], file: str) -> _Model:
     """Validate ``data`` against ``model``; the first error becomes a :class:`ProfileError`.
 
@@ -37,11 +50,14 @@ def validate_document(model: type[_Model], data: dict[str, Any], file: str) -> _
     try:
         return model.model_validate(data)
     except pydantic.ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        field = _field_path(tuple(first["loc"]))
-        message = first["msg"]
-        if first["type"] == "extra_forbidden":
-            message = "unknown field (see profiles/README.md for the grammar)"
-        elif first["type"] == "missing":
-            message = "required field is missing"
-        raise ProfileError(file, field, message) from None
+        raise _profile_error(exc.errors(include_url=False)[0], file) from None
+
+
+def document_errors(
+    model: type[_Model], data: dict[str, Any], file: str
+) -> tuple[_Model | None, list[ProfileError]]:
+    """Validate ``data`` against ``model``: the model, or ``None`` and every error found."""
+    try:
+        return model.model_validate(data), []
+    except pydantic.ValidationError as exc:
+        return None, [_profile_error(e, file) for e in exc.errors(include_url=False)]

@@ -104,14 +104,17 @@ def load_knowledge(directory: Path | None = None) -> Knowledge:
 
 
 def collect_profile_documents(
-    directories: Sequence[Path],
+    directories: Sequence[Path], *, file_too: bool = False
 ) -> tuple[ProfileDocuments, list[ProfileError]]:
-    """Profile documents by id; a later directory's profile replaces an earlier one with its id."""
+    """Profile documents by id; a later directory's profile replaces an earlier one with its id.
+
+    ``file_too``: an entry may also be a single profile file (``profiles validate FILE``).
+    """
     documents: ProfileDocuments = {}
     errors: list[ProfileError] = []
     for directory in directories:
         try:
-            files = _profile_files(directory)
+            files = _profile_files(directory, file_too=file_too)
         except ProfileError as exc:
             errors.append(exc)
             continue
@@ -140,7 +143,13 @@ def collect_profile_documents(
     return documents, errors
 
 
-def _profile_files(directory: Path) -> list[Path]:
+def _profile_files(directory: Path, *, file_too: bool = False) -> list[Path]:
+    """The profile files of a directory (or, with ``file_too``, the one profile file given)."""
+    if file_too and directory.is_file():
+        if directory.suffix not in DOCUMENT_SUFFIXES:
+            suffixes = ", ".join("*" + s for s in DOCUMENT_SUFFIXES)
+            raise ProfileError(str(directory), "", f"not a profile file ({suffixes})")
+        return [directory]
     if not directory.is_dir():
         raise ProfileError(str(directory), "", "not a directory")
     return sorted(
@@ -168,14 +177,17 @@ def load_profiles(knowledge: Knowledge, site_dirs: Sequence[Path] = ()) -> Profi
 
 
 def validate_profile_dir(
-    directory: Path, knowledge: Knowledge
+    path: Path, knowledge: Knowledge
 ) -> tuple[list[Profile], list[ProfileError]]:
-    """Check every profile file of a site directory (it may extend the shipped profiles).
+    """Check every profile file of a site directory, or one profile file (it may extend the
+    shipped profiles).
 
-    All errors are returned, not only the first.
+    Every error of every file is returned, not only the first.
     """
     shipped, _ = collect_profile_documents([shipped_profiles_dir()])
-    site, errors = collect_profile_documents([directory])
-    site_paths = {path for _doc, path in site.values()}
-    loaded, build_errors = build_profiles({**shipped, **site}, knowledge, only=site_paths)
+    site, errors = collect_profile_documents([path], file_too=True)
+    site_paths = {p for _doc, p in site.values()}
+    loaded, build_errors = build_profiles(
+        {**shipped, **site}, knowledge, only=site_paths, every_error=True
+    )
     return [lp.profile for lp in loaded], errors + build_errors
