@@ -2,7 +2,9 @@
 
 The public API is small: load the knowledge and profiles, read or receive resources, normalise,
 evaluate, and build DetectedIssues. Everything takes its data and ``as_of`` as parameters; nothing
-here reads the clock or does I/O except :func:`read_paths`.
+here reads the clock or does I/O except reading the paths it is given. :func:`normalise` and
+:func:`evaluate_resources` take paths, resources already in memory (dicts from ``json.loads`` or
+fhirpy, ``fhir.resources`` models, JSON bytes), or what :func:`read_paths` yields, mixed freely.
 
 Example::
 
@@ -17,6 +19,9 @@ Example::
     for record in dataset.patients.values():
         for finding in fl.evaluate(record, profiles, as_of=as_of):
             print(fl.build_detected_issue(finding, identified=as_of)["detail"])
+
+    bundle = {"resourceType": "Bundle", "type": "collection", "entry": [...]}  # or a model
+    result = fl.evaluate_resources(bundle, knowledge, profiles, as_of=as_of)
 """
 
 from ._version import __version__
@@ -25,11 +30,12 @@ from .core.evaluate import evaluate
 from .core.fhirjson import Origin
 from .core.knowledge import Knowledge
 from .core.model import Finding, FindingKind, LabResult, PatientRecord, Problem
-from .core.normalise import Dataset, normalise
-from .core.pipeline import Evaluation, evaluate_dataset, evaluate_resources
+from .core.normalise import Dataset
+from .core.pipeline import Evaluation, evaluate_dataset
 from .core.profiles import Profile, ProfileSet
 from .errors import ExitCode, FhirLeukoError, InputError, ProfileError, UsageError
 from .files.documents import load_knowledge, load_profiles
+from .files.inputs import evaluate_resources, normalise
 from .files.reader import read_paths
 
 __all__ = [
