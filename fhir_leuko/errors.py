@@ -17,8 +17,8 @@ class ExitCode(enum.IntEnum):
     """Documented process exit codes (``fhir-leuko --help``, README, docs/scheduled-job.md); what
     each means is :attr:`meaning`.
 
-    ``evaluate`` and ``profiles`` use 0, 1, 2 and 70; ``run`` all of them. A process stopped by
-    signal N exits 128 + N, as shells report it (130 Ctrl-C, 143 SIGTERM).
+    ``evaluate`` and ``profiles`` use 0, 1, 2 and 70; ``run`` all but 5; ``serve`` 0, 2, 5 and 70.
+    A process stopped by signal N exits 128 + N, as shells report it (130 Ctrl-C, 143 SIGTERM).
     """
 
     OK = 0
@@ -26,6 +26,7 @@ class ExitCode(enum.IntEnum):
     USAGE = 2
     INCOMPLETE = 3
     LOCKED = 4
+    CANNOT_LISTEN = 5
     INTERNAL = 70  # EX_SOFTWARE of sysexits.h
 
     @property
@@ -42,6 +43,8 @@ _MEANINGS = {
     ExitCode.INCOMPLETE: "run: some patients failed or the pass stopped early (server "
     "unavailable); the rest was written and the failed patients are retried next pass",
     ExitCode.LOCKED: "run: another run holds this server's lock; nothing was done",
+    ExitCode.CANNOT_LISTEN: "serve: cannot listen on the host and port (in use, or not "
+    "allowed); nothing was served",
     ExitCode.INTERNAL: "an unexpected error (a bug): one line names it, -vv shows the traceback",
 }
 
@@ -83,6 +86,12 @@ class ProfileError(FhirLeukoError):
         self.reason = reason
         where = f"{file}: {field}" if field else file
         super().__init__(f"{where}: {reason}")
+
+
+class ListenError(FhirLeukoError):
+    """``serve`` cannot listen on its host and port (in use, not allowed, no such address)."""
+
+    exit_code = ExitCode.CANNOT_LISTEN
 
 
 class InputError(FhirLeukoError):

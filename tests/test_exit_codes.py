@@ -25,7 +25,15 @@ from fhir_leuko.testing.sekmet import free_port
 
 from .conftest import DATA, REPO, fhir_leuko
 
-PUBLISHED = {"OK": 0, "INPUT_PROBLEMS": 1, "USAGE": 2, "INCOMPLETE": 3, "LOCKED": 4, "INTERNAL": 70}
+PUBLISHED = {
+    "OK": 0,
+    "INPUT_PROBLEMS": 1,
+    "USAGE": 2,
+    "INCOMPLETE": 3,
+    "LOCKED": 4,
+    "CANNOT_LISTEN": 5,
+    "INTERNAL": 70,
+}
 """Every exit code ever released, with its number. Add new codes here; never change or remove one
 (a code no longer used moves to RETIRED_EXIT_CODES, and its number is never used again)."""
 
@@ -59,7 +67,7 @@ def test_the_docs_show_the_table_of_the_code(path: str, marker: str) -> None:
 
 
 def test_help_shows_the_table(capsys: pytest.CaptureFixture[str]) -> None:
-    for argv in (["--help"], ["run", "--help"], ["evaluate", "--help"], ["watch", "--help"]):
+    for argv in (["--help"], ["run", "--help"], ["evaluate", "--help"], ["watch", "--help"], ["serve", "--help"]):
         with pytest.raises(SystemExit):
             main(argv)
     out = " ".join(capsys.readouterr().out.split())

@@ -2,6 +2,10 @@
 
 The service lives in :mod:`fhir_leuko.service` and needs the ``service`` extra; it is imported only
 when this command runs, so the rest of the command line works without it.
+
+The listening socket is bound here, before uvicorn starts: a port in use (or a host that is not
+this machine's) is one clear error line and exit code 5, printed before anything claims to be
+listening, and the "listening" line is printed only once the socket listens.
 """
 
 from __future__ import annotations
@@ -9,23 +13,26 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import socket
 import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import ExitCode, ListenError, UsageError, exit_code_table
 
-__all__ = ["register"]
+__all__ = ["bind", "register", "startup_line"]
 
 _DESCRIPTION = """\
 Run the CDS Hooks 2.0 service: GET /cds-services (discovery), POST /cds-services/{id} for the
 patient-view, order-select and order-sign services, POST /cds-services/{id}/feedback. Every
-request must carry a JWT from a configured client (ES384 or RS384). The OpenAPI document is at
+request must carry a JWT from a configured client (ES384 or RS384). GET /healthz (liveness) and
+GET /readyz (readiness) need no JWT and answer no configuration detail. The OpenAPI document is at
 /openapi.json. Configuration: the [service] table of --config FILE and FHIR_LEUKO_SERVICE_*
 environment variables (docs/cds-hooks.md; example: examples/cds/service.toml).
 """
 
-_EPILOG = """\
+_EPILOG = (
+    """\
 examples:
   fhir-leuko serve --config /etc/fhir-leuko/service.toml
   fhir-leuko serve --config service.toml --host 0.0.0.0 --port 8443   # behind a TLS proxy
@@ -33,7 +40,24 @@ examples:
 
 Requests are logged (-v) with service, hookInstance, iss, tenant and jti; never tokens or patient
 data. The service itself speaks plain HTTP: put it behind TLS (CDS Hooks requires https).
+
 """
+    + exit_code_table(
+        (ExitCode.OK, ExitCode.USAGE, ExitCode.CANNOT_LISTEN, ExitCode.INTERNAL),
+        "stopped by signal N, after a graceful shutdown (143 SIGTERM, 130 Ctrl-C)",
+    )
+)
+
+
+def _port(text: str) -> int:
+    """A TCP port, 1-65535, as the configuration's ``port`` is checked."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1-65535)") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (1-65535)")
+    return port
 
 
 def register(sub: Any) -> None:
@@ -47,7 +71,9 @@ def register(sub: Any) -> None:
     parser.add_argument(
         "--host", help="interface to listen on (default: [service] host, else 127.0.0.1)"
     )
-    parser.add_argument("--port", type=int, help="TCP port (default: [service] port, else 8080)")
+    parser.add_argument(
+        "--port", type=_port, help="TCP port, 1-65535 (default: [service] port, else 8080)"
+    )
     parser.add_argument(
         "--config",
         metavar="FILE",
@@ -55,6 +81,48 @@ def register(sub: Any) -> None:
         help="TOML file with a [service] table (default: FHIR_LEUKO_SERVICE_* variables only)",
     )
     parser.set_defaults(handler=_serve)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (IPv4 or IPv6, as the host resolves).
+
+    Raises:
+        ListenError: the address is in use, not allowed, or not this machine's.
+    """
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as exc:
+        raise ListenError(f"cannot listen on {host}:{port}: unknown host ({exc.strerror})") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        # As uvicorn does: a restart may reuse a port whose old connections are in TIME_WAIT; a
+        # port another process listens on is still refused.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        reason = exc.strerror or str(exc)
+        hint = ""
+        if exc.errno is not None and exc.errno == getattr(socket, "EADDRINUSE", 98):
+            hint = ": another process listens there (another fhir-leuko serve?); choose --port"
+        elif port < 1024:
+            hint = ": ports below 1024 need privileges; use a higher --port behind a proxy"
+        raise ListenError(f"cannot listen on {host}:{port}: {reason}{hint}") from None
+    return sock
+
+
+def startup_line(host: str, port: int, public_base_url: str | None) -> str:
+    """What ``serve`` prints once it listens: where, and the URL clients call."""
+    where = f"http://{host}:{port}/cds-services"
+    if public_base_url:
+        return (
+            f"fhir-leuko: CDS Hooks service listening on {where}; "
+            f"clients call {public_base_url}/cds-services"
+        )
+    return f"fhir-leuko: CDS Hooks service listening on {where} (no JWT checked: local tests only)"
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -70,20 +138,24 @@ def _serve(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     host = args.host or settings.host
     port = args.port if args.port is not None else settings.port
+    # Bound first, so a port in use fails at once, before the profiles are loaded.
+    sock = bind(host, port)
     # The service logs one line per request at INFO; show them unless the user asked for less.
     service_log = logging.getLogger("fhir_leuko")
     if service_log.getEffectiveLevel() > logging.INFO:
         service_log.setLevel(logging.INFO)
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except BaseException:
+        sock.close()
+        raise
     # Everything loaded so far (knowledge, profiles, the FHIR models) lives as long as the process:
     # keep it out of the garbage collector's full passes, which otherwise show as latency spikes
     # of tens of milliseconds on hook calls (benchmarks/README.md, "cds").
     gc.collect()
     gc.freeze()
-    print(
-        f"fhir-leuko: CDS Hooks service listening on http://{host}:{port}/cds-services "
-        f"(clients call {settings.public_base_url or '(JWT disabled)'}/cds-services)",
-        file=sys.stderr,
-    )
-    uvicorn.run(app, host=host, port=port, server_header=False, log_level="info")
+    print(startup_line(host, port, settings.public_base_url), file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, server_header=False, log_level="info")
+    with sock:
+        uvicorn.Server(config).run(sockets=[sock])
     return 0

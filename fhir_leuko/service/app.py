@@ -43,9 +43,10 @@ from ..errors import (
 from ..files.documents import load_knowledge, load_profiles
 from .feedback import FeedbackStore
 from .fetch import FhirClientFetcher, FhirFetcher
+from .health import Readiness, install_health
 from .hooks import CdsEngine
 from .models import FeedbackRequest, HookRequest
-from .routes import install_routes
+from .routes import install_routes, run_with_deadline
 from .security import JwksCache, JwtVerifier, keys_from_jwks
 from .settings import ServiceSettings
 
@@ -204,16 +205,13 @@ def create_app(
         executor=executor,
         clock=now,
     )
-    verifier = JwtVerifier(
-        settings,
-        jwks=JwksCache(
-            session=jwks_session,
-            cache_seconds=settings.jwks_cache_seconds,
-            refetch_seconds=settings.jwks_refetch_seconds,
-            timeout=settings.jwks_timeout_seconds,
-        ),
-        clock=lambda: now().timestamp(),
+    jwks = JwksCache(
+        session=jwks_session,
+        cache_seconds=settings.jwks_cache_seconds,
+        refetch_seconds=settings.jwks_refetch_seconds,
+        timeout=settings.jwks_timeout_seconds,
     )
+    verifier = JwtVerifier(settings, jwks=jwks, clock=lambda: now().timestamp())
     if settings.testing.disable_jwt:
         logger.warning("JWT checking is DISABLED ([service.testing] disable_jwt): tests only")
 
@@ -238,6 +236,11 @@ def create_app(
     app.add_exception_handler(FhirLeukoError, _on_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
+    install_health(
+        app,
+        Readiness(store, jwks, verifier.key_locations()),
+        lambda work: run_with_deadline(settings.request_timeout_seconds, work),
+    )
     install_routes(
         app,
         engine=engine,

@@ -59,6 +59,10 @@ CREATE TABLE IF NOT EXISTS feedback (
     known_card           INTEGER NOT NULL,
     received_at          TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS readiness (   -- one row, written by GET /readyz
+    id         INTEGER PRIMARY KEY CHECK (id = 1),
+    checked_at TEXT NOT NULL
+);
 CREATE INDEX IF NOT EXISTS feedback_card ON feedback (card);
 CREATE INDEX IF NOT EXISTS issued_card_time ON issued_card (issued_at);  -- retention pruning
 """
@@ -123,6 +127,7 @@ class FeedbackStore:
                 )
             self._db.executescript(_SCHEMA)
             self._db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+            self._inode = None if str(path) == ":memory:" else path.stat().st_ino
         except (OSError, sqlite3.Error) as exc:
             raise UsageError(f"{path}: cannot open the feedback database: {exc}") from None
         self._lock = threading.Lock()
@@ -130,6 +135,21 @@ class FeedbackStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    def check_writable(self) -> None:
+        """Write one row (readiness probe).
+
+        Raises:
+            OSError: the file was removed or replaced since it was opened (a volume wiped or
+                remounted): writes would go to a file nobody will read.
+            sqlite3.Error: the write failed.
+        """
+        if self._inode is not None and self.path.stat().st_ino != self._inode:
+            raise OSError(f"{self.path} was replaced since it was opened")
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO readiness (id, checked_at) VALUES (1, datetime('now'))"
+            )
 
     def record_cards(
         self,

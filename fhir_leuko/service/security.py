@@ -141,15 +141,30 @@ class JwksCache:
                 return cached.keys[kid]
             if fresh and now - cached.fetched < self._refetch_seconds:
                 return cached.keys.get(kid)  # fetched moments ago: do not refetch yet
+        return self._refresh(location, cached, now).get(kid)
+
+    def usable(self, location: str) -> bool:
+        """Whether the JWK Set at ``location`` has a usable key: cached while fresh, else loaded
+        again (at most once per ``refetch_seconds``; kept keys count through an outage)."""
+        now = self._monotonic()
+        with self._lock:
+            cached = self._sets.get(location)
+        if cached is not None:
+            age = now - cached.fetched
+            if (cached.keys and age < self._cache_seconds) or age < self._refetch_seconds:
+                return bool(cached.keys)
+        return bool(self._refresh(location, cached, now))
+
+    def _refresh(self, location: str, cached: _KeySet | None, now: float) -> dict[str, _Key]:
         keys = self._load(location)
         with self._lock:
             if keys is None:
                 # Keep serving the old keys through an outage, and wait before retrying.
                 old = cached.keys if cached is not None else {}
                 self._sets[location] = _KeySet(old, now)
-                return old.get(kid)
+                return old
             self._sets[location] = _KeySet(keys, now)
-        return keys.get(kid)
+        return keys
 
     def _load(self, location: str) -> dict[str, _Key] | None:
         try:
@@ -329,6 +344,20 @@ class JwtVerifier:
             jti,
             tuple(client.fhir_servers),
         )
+
+    def key_locations(self) -> list[str]:
+        """Where the configured clients' keys are (readiness); none when JWT checking is off."""
+        if self._disabled:
+            return []
+        found: list[str] = []
+        for client in self._clients.values():
+            if client.jwks_url:
+                found.append(client.jwks_url)
+            elif client.jwks_file is not None:
+                found.append(f"file:{client.jwks_file}")
+            else:
+                found.extend(client.jku)
+        return list(dict.fromkeys(found))
 
     @staticmethod
     def _key_location(client: ClientSettings, jku: object) -> str:
