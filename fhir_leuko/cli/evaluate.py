@@ -51,7 +51,7 @@ output:
   pipe in place and follows a symlink to its target; --output - is stdout.
 
 examples:
-  fhir-leuko evaluate examples/
+  fhir-leuko evaluate examples/ward examples/bulk-export --as-of 2026-11-20   # in a checkout
   fhir-leuko evaluate export/ --as-of latest --format csv --output findings.csv
   fhir-leuko evaluate export/ --as-of 2024-05-01 --output issues.ndjson
   fhir-leuko evaluate Observation.ndjson.gz MedicationRequest.ndjson.gz Patient.ndjson.gz
