@@ -75,9 +75,10 @@ def test_fhirpy_resources(from_file: fl.Evaluation, knowledge: Knowledge, profil
 def test_mixed_with_paths_and_normalise(knowledge: Knowledge) -> None:
     oncology = REPO / "examples" / "ward" / "oncology-patient.json"
     dataset = fl.normalise([_bundle(), oncology], knowledge)
-    assert sorted(dataset.patients) == sorted(
-        fl.normalise([WARD, oncology], knowledge).patients
-    )
+    # Two inputs, so keys name their source: the Bundle's entries name their server (fullUrl),
+    # whether the Bundle was read from a file or handed over in memory.
+    assert sorted(dataset.patients) == sorted(fl.normalise([WARD, oncology], knowledge).patients)
+    assert "https://ehr.example.org/fhir|Patient/ex-cloz-1" in dataset.patients
     assert len(dataset.patients) == 2
 
 

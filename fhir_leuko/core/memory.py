@@ -20,8 +20,8 @@ from .model import Problem
 __all__ = ["IN_MEMORY", "in_memory_json", "iter_in_memory"]
 
 IN_MEMORY = "<in memory>"
-"""The source named in problems (and the one source all in-memory resources share, so references
-between them resolve as within one file)."""
+"""The source named in problems, and the one input all in-memory resources share (``Origin.input``),
+so references between them resolve as within one file."""
 
 
 def in_memory_json(obj: Any) -> bytes | None:
@@ -65,4 +65,6 @@ def iter_in_memory(obj: Any, position: str = "") -> Iterator[Sourced | Problem]:
             f"{position or 'input'}: a {type(obj).__name__} is not a FHIR resource: give a dict, "
             "a fhir.resources model, JSON bytes, or a path"
         )
-    yield from iter_document(data, IN_MEMORY, position)
+    # One input for everything held in memory, as one file holding it all would be: a Bundle
+    # entry's RESTful fullUrl still names its server (core/normalise/sources.py).
+    yield from iter_document(data, IN_MEMORY, position, IN_MEMORY)
