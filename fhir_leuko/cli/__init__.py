@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from .._version import __version__
 from ..core.model import quoted
 from ..errors import ExitCode, FhirLeukoError, exit_code_table
-from . import evaluate, explain, export, profiles, serve
+from . import cards, evaluate, explain, export, profiles, serve
 from . import run as run_job  # `run` is also the console-script function below
 
 __all__ = ["build_parser", "main"]
@@ -39,7 +39,7 @@ Run 'fhir-leuko COMMAND --help' for the options, examples and exit codes of each
 )
 
 # Each module adds one subcommand with `register(subparsers)`; its handler returns an exit code.
-_COMMANDS = [evaluate, explain, export, profiles, run_job, serve]
+_COMMANDS = [evaluate, explain, export, profiles, run_job, serve, cards]
 
 
 def build_parser() -> argparse.ArgumentParser:

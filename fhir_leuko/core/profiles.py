@@ -181,6 +181,9 @@ class CardText(_Strict):
     source_label: Text = "fhir-leuko"
     source_url: str = ""
     order_advice: str = ""
+    snooze_after_override_hours: float | None = pydantic.Field(default=None, ge=0, le=24 * 365)
+    """How long an override of a card holds this profile's findings back (CDS service); unset:
+    the service's setting."""
 
 
 class Profile(_Strict):

@@ -29,7 +29,15 @@ from .rows import SEVERITY_RANK, finding_rows, sort_findings
 from .silence import silence_line
 from .trend import TrendData, trend_data
 
-__all__ = ["DEFAULT_MAX_PLOTS", "ReportInput", "render_report", "report_from_evaluation"]
+__all__ = [
+    "DEFAULT_MAX_PLOTS",
+    "PatientPart",
+    "ReportInput",
+    "environment",
+    "render_report",
+    "report_from_evaluation",
+    "svg_uri",
+]
 
 DEFAULT_MAX_PLOTS = 1000
 """Plots drawn at most (most severe patients first); a plot takes about 0.1-0.3 s."""
@@ -43,6 +51,11 @@ _ENV = jinja2.Environment(
     trim_blocks=True,
     lstrip_blocks=True,
 )
+
+
+def environment() -> jinja2.Environment:
+    """The templates of the report and the card page (autoescaped)."""
+    return _ENV
 
 
 @dataclass(frozen=True)
@@ -114,7 +127,7 @@ def report_from_evaluation(
     )
 
 
-def _svg_uri(data: TrendData) -> str:
+def svg_uri(data: TrendData) -> str:
     from .plot import render_svg  # matplotlib: imported when a plot is drawn
 
     svg = render_svg(data).encode()
@@ -160,7 +173,7 @@ def render_report(data: ReportInput) -> str:
             "key": part.key,
             "anchor": anchors[part.key],
             "as_of": format_instant(part.as_of),
-            "plot": _svg_uri(part.plot) if part.plot is not None else "",
+            "plot": svg_uri(part.plot) if part.plot is not None else "",
             "findings": [
                 {"headline": explain(f).headline, "lines": explain(f).lines()[1:]}
                 for f in part.findings

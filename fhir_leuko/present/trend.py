@@ -20,10 +20,10 @@ from ..core.fhirtime import format_instant, parse_fhir_datetime
 from ..core.model import FINDING_ANALYTE, Analyte, Finding, Form, Measure
 from .rows import grade_short
 
-__all__ = ["BandArea", "DrugBar", "Panel", "Point", "TrendData", "trend_data"]
+__all__ = ["SHORT", "BandArea", "DrugBar", "Panel", "Point", "TrendData", "trend_data"]
 
 _ORDER = list(Analyte)
-_SHORT = {
+SHORT = {
     Analyte.WBC: "WBC",
     Analyte.NEUTROPHILS: "ANC",
     Analyte.LYMPHOCYTES: "Lymphocytes",
@@ -174,7 +174,7 @@ def trend_data(
                 _ORDER.index(analyte),
                 Panel(
                     analyte=analyte.value,
-                    title=f"{_SHORT[analyte]} ({analyte.label})",
+                    title=f"{SHORT[analyte]} ({analyte.label})",
                     points=tuple(points),
                     lower_limit=limit,
                     bands=_bands(decision, limit),

@@ -46,6 +46,7 @@ from .fetch import FhirClientFetcher, FhirFetcher
 from .health import Readiness, install_health
 from .hooks import CdsEngine
 from .models import FeedbackRequest, HookRequest
+from .pages import TokenScrubber, install_card_pages
 from .routes import install_routes, run_with_deadline
 from .security import JwksCache, JwtVerifier, keys_from_jwks
 from .settings import ServiceSettings
@@ -215,9 +216,15 @@ def create_app(
     if settings.testing.disable_jwt:
         logger.warning("JWT checking is DISABLED ([service.testing] disable_jwt): tests only")
 
+    scrubber = TokenScrubber()
+
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # After the server has configured its logging: card page tokens never reach a log line.
+        access = logging.getLogger("uvicorn.access")
+        access.addFilter(scrubber)
         yield
+        access.removeFilter(scrubber)
         executor.shutdown(wait=False, cancel_futures=True)
         store.close()
 
@@ -261,6 +268,7 @@ def create_app(
             allow_headers=["Authorization", "Content-Type"],
             max_age=600,
         )
+    install_card_pages(app, store=store, timeout=settings.request_timeout_seconds, clock=now)
     _install_openapi(app)
     return app
 

@@ -1,37 +1,54 @@
-"""The service's SQLite store: the cards it issued, and the feedback clients sent about them.
+"""The service's SQLite store (:class:`~fhir_leuko.service.store.CardStore` on one SQLite file):
+the cards it issued with their pages, the feedback clients sent about them, snoozes and what they
+held back.
 
 CDS Hooks 2.0 §Feedback: a client SHOULD send feedback when a user accepts or overrides a card, and
 "a CDS Service may receive feedback for the same card instance multiple times". Feedback is stored
 idempotently: an entry is identified by the hash of what it says (service, card, outcome, time,
 accepted suggestions, override reason), so the same feedback sent twice is one row.
 
-Issued cards are kept (uuid, service, hook instance, indicator, topic, suggestion uuids and labels)
-so feedback can be matched to what was shown, for ``retention`` (default 90 days: feedback comes
-within minutes of a card, so that is generous) and then deleted, checked at most once an hour of
-issue time so the table stays small without a cron job. Feedback rows are kept. Nothing identifying
-the patient, and never a token, is stored. One connection, serialised by a lock: writes are small
-and SQLite in WAL mode is fast enough for a hook's budget (see benchmarks/README.md).
+Issued cards are kept (uuid, service, hook instance, indicator, topic, summary, suggestion uuids and
+labels, the page data behind the card's link, the SHA-256 of the link's token, the findings an
+override would snooze and the patient's pseudonym) so feedback can be matched to what was shown,
+for ``retention`` (default 90 days: feedback comes within minutes of a card, so that is generous)
+and then deleted with their snoozes and held-back records, checked at most once an hour of issue
+time so the tables stay small without a cron job. Feedback rows are kept. The patient appears only
+as a keyed pseudonym (HMAC-SHA-256 with a random key kept in this file); the page data holds the
+clinical values, dates and drug names of the card, as the card itself did. Never a token. One
+connection, serialised by a lock: writes are small and SQLite in WAL mode is fast enough for a
+hook's budget (see benchmarks/README.md).
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
+import secrets
 import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import orjson
 
 from ..core.fhirtime import format_instant
 from ..errors import UsageError
 from .models import FeedbackEntry
+from .store import (
+    CardFinding,
+    CardPage,
+    HeldBack,
+    IssuedCard,
+    Snooze,
+    StoredCard,
+    StoredFeedback,
+)
 
-__all__ = ["FeedbackStore", "IssuedCard", "StoredFeedback"]
+__all__ = ["FeedbackStore", "IssuedCard", "StoredFeedback", "token_hash"]
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS issued_card (
@@ -67,25 +84,44 @@ CREATE INDEX IF NOT EXISTS feedback_card ON feedback (card);
 CREATE INDEX IF NOT EXISTS issued_card_time ON issued_card (issued_at);  -- retention pruning
 """
 
+# Version 2 (issue 14): the card's page, its token's hash, silent mode, snoozes.
+_SCHEMA_2 = """
+ALTER TABLE issued_card ADD COLUMN summary TEXT NOT NULL DEFAULT '';
+ALTER TABLE issued_card ADD COLUMN silent INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE issued_card ADD COLUMN subject TEXT NOT NULL DEFAULT '';
+ALTER TABLE issued_card ADD COLUMN findings TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE issued_card ADD COLUMN page TEXT;
+ALTER TABLE issued_card ADD COLUMN token_hash TEXT NOT NULL DEFAULT '';
+ALTER TABLE issued_card ADD COLUMN page_expires TEXT;
+CREATE TABLE IF NOT EXISTS store_key (id INTEGER PRIMARY KEY CHECK (id = 1), key BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS snooze (
+    id         INTEGER PRIMARY KEY,
+    card       TEXT NOT NULL,
+    service_id TEXT NOT NULL,
+    subject    TEXT NOT NULL,
+    kind       TEXT NOT NULL,
+    rank       INTEGER NOT NULL,
+    grade      TEXT NOT NULL,
+    value      REAL NOT NULL,
+    until      TEXT NOT NULL,
+    UNIQUE (card, kind)
+);
+CREATE INDEX IF NOT EXISTS snooze_subject ON snooze (service_id, subject);
+CREATE TABLE IF NOT EXISTS held_back (
+    id            INTEGER PRIMARY KEY,
+    card          TEXT NOT NULL,
+    service_id    TEXT NOT NULL,
+    hook_instance TEXT NOT NULL,
+    at            TEXT NOT NULL,
+    what          TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS held_back_card ON held_back (card);
+"""
 
-@dataclass(frozen=True, slots=True)
-class IssuedCard:
-    uuid: str
-    indicator: str
-    topic: str
-    suggestions: tuple[tuple[str, str], ...]
-    """``(uuid, label)`` of each suggestion."""
 
-
-@dataclass(frozen=True, slots=True)
-class StoredFeedback:
-    card: str
-    outcome: str
-    outcome_timestamp: str
-    accepted_suggestions: tuple[str, ...]
-    override_code: str | None
-    user_comment: str | None
-    known_card: bool
+def token_hash(token: str) -> str:
+    """What is stored of a card page's token: its SHA-256, hex."""
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def _entry_key(service_id: str, entry: FeedbackEntry) -> str:
@@ -104,8 +140,19 @@ def _entry_key(service_id: str, entry: FeedbackEntry) -> str:
     return hashlib.sha256(orjson.dumps(identity, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
+def _findings_json(findings: Sequence[CardFinding]) -> str:
+    return orjson.dumps(
+        [
+            {"kind": f.kind, "rank": f.rank, "grade": f.grade, "value": f.value,
+             "snooze_seconds": f.snooze_seconds}
+            for f in findings
+        ]
+    ).decode()  # fmt: skip
+
+
 class FeedbackStore:
-    """Issued cards and feedback in one SQLite file (created with its directory if missing)."""
+    """Issued cards, feedback and snoozes in one SQLite file (created with its directory if
+    missing). Implements :class:`~fhir_leuko.service.store.CardStore`."""
 
     def __init__(self, path: Path, *, retention: timedelta | None = timedelta(days=90)) -> None:
         """``retention``: how long issued cards are kept (``None``: forever)."""
@@ -119,18 +166,43 @@ class FeedbackStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA busy_timeout=5000")
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            self._migrate(path)
+            self._inode = None if str(path) == ":memory:" else path.stat().st_ino
+            row = self._db.execute("SELECT key FROM store_key WHERE id = 1").fetchone()
+            if row is None:
+                self._db.execute(
+                    "INSERT OR IGNORE INTO store_key VALUES (1, ?)", (secrets.token_bytes(32),)
+                )
+                row = self._db.execute("SELECT key FROM store_key WHERE id = 1").fetchone()
+            self._key = bytes(row[0])
+        except (OSError, sqlite3.Error) as exc:
+            raise UsageError(f"{path}: cannot open the feedback database: {exc}") from None
+        self._lock = threading.Lock()
+
+    def _migrate(self, path: Path) -> None:
+        """Create or upgrade the schema, in one transaction (another process may open it too)."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > _SCHEMA_VERSION:
                 raise UsageError(
                     f"{path}: feedback database schema {version} is newer than this fhir-leuko "
                     f"({_SCHEMA_VERSION})"
                 )
-            self._db.executescript(_SCHEMA)
-            self._db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
-            self._inode = None if str(path) == ":memory:" else path.stat().st_ino
-        except (OSError, sqlite3.Error) as exc:
-            raise UsageError(f"{path}: cannot open the feedback database: {exc}") from None
-        self._lock = threading.Lock()
+            if version < _SCHEMA_VERSION:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                if version < 2:
+                    for statement in _SCHEMA_2.split(";"):
+                        if statement.strip():
+                            db.execute(statement)
+                db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         with self._lock:
@@ -151,6 +223,9 @@ class FeedbackStore:
                 "INSERT OR REPLACE INTO readiness (id, checked_at) VALUES (1, datetime('now'))"
             )
 
+    def subject_of(self, patient_id: str) -> str:
+        return hmac.new(self._key, patient_id.encode(), hashlib.sha256).hexdigest()[:32]
+
     def record_cards(
         self,
         service_id: str,
@@ -170,12 +245,22 @@ class FeedbackStore:
                 c.indicator,
                 c.topic,
                 orjson.dumps([{"uuid": u, "label": label} for u, label in c.suggestions]).decode(),
+                c.summary,
+                1 if c.silent else 0,
+                c.subject,
+                _findings_json(c.findings),
+                orjson.dumps(c.page).decode() if c.page is not None else None,
+                c.token_hash,
+                format_instant(c.page_expires) if c.page_expires is not None else None,
             )
             for c in cards
         ]
         with self._lock:
             self._db.executemany(
-                "INSERT OR IGNORE INTO issued_card VALUES (?, ?, ?, ?, ?, ?, ?)", rows
+                "INSERT OR IGNORE INTO issued_card (uuid, service_id, hook_instance, issued_at, "
+                "indicator, topic, suggestions, summary, silent, subject, findings, page, "
+                "token_hash, page_expires) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
             )
             self._prune(issued_at)
 
@@ -183,12 +268,17 @@ class FeedbackStore:
         """Delete issued cards older than the retention, at most once an hour (of ``now``)."""
         if self.retention is None:
             return
-        if self._pruned_at is not None and timedelta(0) <= now - self._pruned_at < timedelta(hours=1):
+        if self._pruned_at is not None and timedelta(0) <= now - self._pruned_at < timedelta(
+            hours=1
+        ):
             return
         self._pruned_at = now
         # issued_at is written by format_instant: second precision, or ".ffffff" within a second;
         # a whole-second cutoff compares correctly as text except inside its own second.
         cutoff = format_instant((now - self.retention).replace(microsecond=0))
+        gone = "SELECT uuid FROM issued_card WHERE issued_at < ?"
+        self._db.execute(f"DELETE FROM snooze WHERE card IN ({gone})", (cutoff,))  # noqa: S608
+        self._db.execute(f"DELETE FROM held_back WHERE card IN ({gone})", (cutoff,))  # noqa: S608
         self._db.execute("DELETE FROM issued_card WHERE issued_at < ?", (cutoff,))
 
     def issued_cards(self) -> list[str]:
@@ -205,7 +295,8 @@ class FeedbackStore:
         client_iss: str | None,
         received_at: datetime,
     ) -> int:
-        """Store feedback entries; returns how many were new (a repeated entry is ignored)."""
+        """Store feedback entries; returns how many were new (a repeated entry is ignored). A new
+        ``overridden`` entry of a known card snoozes the card's findings from ``received_at``."""
         new = 0
         at = format_instant(received_at)
         with self._lock:
@@ -213,7 +304,8 @@ class FeedbackStore:
             try:
                 for entry in entries:
                     known = self._db.execute(
-                        "SELECT 1 FROM issued_card WHERE uuid = ? AND service_id = ?",
+                        "SELECT subject, findings FROM issued_card WHERE uuid = ? "
+                        "AND service_id = ?",
                         (entry.card, service_id),
                     ).fetchone()
                     reason = entry.overrideReason
@@ -240,17 +332,60 @@ class FeedbackStore:
                         ),
                     )
                     new += cursor.rowcount
+                    if cursor.rowcount and known and entry.outcome == "overridden":
+                        self._snooze(service_id, entry.card, known[0], known[1], received_at)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
         return new
 
+    def _snooze(
+        self, service_id: str, card: str, subject: str, findings: str, at: datetime
+    ) -> None:
+        for item in orjson.loads(findings):
+            seconds = int(item["snooze_seconds"])
+            if seconds <= 0 or not subject:
+                continue
+            self._db.execute(
+                "INSERT OR IGNORE INTO snooze (card, service_id, subject, kind, rank, grade, "
+                "value, until) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    card,
+                    service_id,
+                    subject,
+                    item["kind"],
+                    int(item["rank"]),
+                    str(item["grade"]),
+                    float(item["value"]),
+                    format_instant(at + timedelta(seconds=seconds)),
+                ),
+            )
+
+    def snoozes(self, service_id: str, subject: str, now: datetime) -> list[Snooze]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT card, kind, rank, grade, value, until FROM snooze WHERE service_id = ? "
+                "AND subject = ? AND until > ? ORDER BY id",
+                (service_id, subject, format_instant(now)),
+            ).fetchall()
+        return [Snooze(r[0], r[1], int(r[2]), r[3], float(r[4]), r[5]) for r in rows]
+
+    def record_held_back(self, held: Sequence[HeldBack]) -> None:
+        if not held:
+            return
+        with self._lock:
+            self._db.executemany(
+                "INSERT INTO held_back (card, service_id, hook_instance, at, what) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(h.card, h.service_id, h.hook_instance, h.at, h.what) for h in held],
+            )
+
     def feedback(self, card: str | None = None) -> list[StoredFeedback]:
         """Stored feedback (of one card), oldest first."""
         query = (
             "SELECT card, outcome, outcome_timestamp, accepted_suggestions, override_code, "
-            "user_comment, known_card FROM feedback"
+            "user_comment, known_card, override_display FROM feedback"
         )
         args: tuple[str, ...] = ()
         if card is not None:
@@ -259,6 +394,72 @@ class FeedbackStore:
         with self._lock:
             rows = self._db.execute(query + " ORDER BY id", args).fetchall()
         return [
-            StoredFeedback(r[0], r[1], r[2], tuple(orjson.loads(r[3])), r[4], r[5], bool(r[6]))
+            StoredFeedback(
+                r[0], r[1], r[2], tuple(orjson.loads(r[3])), r[4], r[5], bool(r[6]), r[7]
+            )
+            for r in rows
+        ]
+
+    def card_page(self, uuid: str, token: str, now: datetime) -> CardPage | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT service_id, issued_at, page, token_hash, page_expires FROM issued_card "
+                "WHERE uuid = ?",
+                (uuid,),
+            ).fetchone()
+        if row is None or row[2] is None or not row[3] or row[4] is None:
+            return None
+        if not hmac.compare_digest(row[3], token_hash(token)):
+            return None
+        if format_instant(now) >= row[4]:
+            return None
+        with self._lock:
+            held = self._db.execute(
+                "SELECT card, service_id, hook_instance, at, what FROM held_back WHERE card = ? "
+                "ORDER BY id",
+                (uuid,),
+            ).fetchall()
+        page: dict[str, Any] = orjson.loads(row[2])
+        return CardPage(
+            uuid=uuid,
+            service_id=row[0],
+            issued_at=row[1],
+            expires=row[4],
+            page=page,
+            feedback=self.feedback(uuid),
+            held_back=[HeldBack(*h) for h in held],
+        )
+
+    def cards(
+        self, *, silent_only: bool = False, since: datetime | None = None, limit: int = 1000
+    ) -> list[StoredCard]:
+        query = (
+            "SELECT c.uuid, c.service_id, c.issued_at, c.indicator, c.topic, c.summary, c.silent, "
+            "(SELECT group_concat(f.outcome, ',') FROM feedback f WHERE f.card = c.uuid), "
+            "(SELECT count(*) FROM held_back h WHERE h.card = c.uuid) "
+            "FROM issued_card c WHERE 1 = 1"
+        )
+        args: list[Any] = []
+        if silent_only:
+            query += " AND c.silent = 1"
+        if since is not None:
+            query += " AND c.issued_at >= ?"
+            args.append(format_instant(since))
+        query += " ORDER BY c.issued_at DESC, c.uuid LIMIT ?"
+        args.append(limit)
+        with self._lock:
+            rows = self._db.execute(query, args).fetchall()
+        return [
+            StoredCard(
+                uuid=r[0],
+                service_id=r[1],
+                issued_at=r[2],
+                indicator=r[3],
+                topic=r[4],
+                summary=r[5],
+                silent=bool(r[6]),
+                feedback=tuple(r[7].split(",")) if r[7] else (),
+                held_back=int(r[8]),
+            )
             for r in rows
         ]

@@ -24,26 +24,31 @@ import re
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 import msgspec
 
+from ..core.decision import Decision
 from ..core.evaluate import evaluate, is_deceased, latest_result, profile_applies
+from ..core.explain import value_text
 from ..core.fhirjson import MedicationRequest, Sourced, decode_json, iter_document
+from ..core.fhirtime import format_instant
 from ..core.knowledge import Knowledge
-from ..core.model import FINDING_ANALYTE, Analyte, FindingKind, PatientRecord, Problem
+from ..core.model import FINDING_ANALYTE, Analyte, Finding, FindingKind, PatientRecord, Problem
 from ..core.normalise import drugs_of, normalise
 from ..core.profiles import ProfileSet
-from ..errors import MalformedRequestError, UnknownServiceError
+from ..errors import MalformedRequestError, UnknownServiceError, UsageError
+from ..present.rows import grade_short
+from ..present.trend import SHORT, trend_data
 from .cards import CardContext, DraftOrder, MonitoringGap, order_card, patient_card
-from .feedback import FeedbackStore, IssuedCard
 from .fetch import FhirFetcher
 from .models import WireContext, WireRequest
 from .prefetch import PrefetchKey, Resolution, prefetch_keys, resolve_prefetch, server_access
 from .security import Caller
 from .settings import ServiceSettings
+from .store import CardStore, HeldBack, IssuedCard, Snooze
 
 __all__ = ["SERVICES", "CdsEngine", "ServiceDefinition"]
 
@@ -132,6 +137,28 @@ def _patient_id(context: WireContext) -> str:
     return value
 
 
+@dataclass
+class _Call:
+    """One hook call: its service, instance, time and the patient's pseudonym; what it held back."""
+
+    service: ServiceDefinition
+    hook_instance: str
+    as_of: datetime
+    subject: str
+    held: list[HeldBack] = field(default_factory=list)
+
+
+def _snooze_for(finding: Finding, snoozes: list[Snooze]) -> Snooze | None:
+    """The latest running snooze of this finding's kind."""
+    found = [s for s in snoozes if s.kind == finding.kind.value]
+    return found[-1] if found else None
+
+
+def _worse(finding: Finding, rank: int, snooze: Snooze) -> bool:
+    """A deeper band, or a lower value, than the finding that was overridden."""
+    return rank > snooze.rank or finding.result.value < snooze.value
+
+
 class CdsEngine:
     """Answers discovery and hook calls. Thread-safe: calls run in worker threads."""
 
@@ -142,7 +169,7 @@ class CdsEngine:
         profiles: ProfileSet,
         *,
         fetcher: FhirFetcher,
-        store: FeedbackStore,
+        store: CardStore,
         executor: Executor,
         clock: Callable[[], datetime],
     ) -> None:
@@ -155,6 +182,24 @@ class CdsEngine:
         self.clock = clock
         self.keys: tuple[PrefetchKey, ...] = prefetch_keys(knowledge)
         self.services = {s.id: s for s in SERVICES}
+        unknown = sorted(set(settings.silent_services) - set(self.services))
+        if unknown:
+            raise UsageError(
+                f"[service] silent_services: no service {', '.join(map(repr, unknown))} "
+                f"(the services: {', '.join(self.services)})"
+            )
+        self.silent = frozenset(settings.silent_services)
+        self.snooze_seconds = {
+            p.id: round(
+                3600
+                * (
+                    p.card.snooze_after_override_hours
+                    if p.card.snooze_after_override_hours is not None
+                    else settings.snooze_after_override_hours
+                )
+            )
+            for p in profiles.profiles
+        }
         self._discovery = {
             "services": [
                 {
@@ -228,24 +273,39 @@ class CdsEngine:
             )
 
         fetched: list[str] = []
+        call = _Call(service, request.hookInstance, as_of, self.store.subject_of(patient_id))
         if service.hook == "patient-view":
-            cards = self._patient_view(resolve, patient_id, context, as_of, fetched)
+            cards = self._patient_view(resolve, patient_id, context, call, fetched)
         else:
             cards = self._orders(
-                resolve, patient_id, context, as_of, fetched, signing=service.hook == "order-sign"
+                resolve, patient_id, context, call, fetched, signing=service.hook == "order-sign"
             )
         self.store.record_cards(service.id, request.hookInstance, as_of, [c[1] for c in cards])
+        self.store.record_held_back(call.held)
+        silent = service.id in self.silent
         logger.info(
-            "%s hookInstance=%s iss=%s tenant=%s jti=%s cards=%d fetched=%s %.1f ms",
+            "%s hookInstance=%s iss=%s tenant=%s jti=%s cards=%d%s held_back=%d fetched=%s %.1f ms",
             service.id,
             request.hookInstance,
             caller.iss,
             caller.tenant,
             caller.jti,
             len(cards),
+            " (silent: not returned)" if silent else "",
+            len(call.held),
             ",".join(fetched) or "-",
             (time.perf_counter() - started) * 1000,
         )
+        if silent:
+            for _card, issued in cards:
+                logger.info(
+                    "%s silent card %s indicator=%s topic=%s",
+                    service.id,
+                    issued.uuid,
+                    issued.indicator,
+                    issued.topic,
+                )
+            return {"cards": []}
         return {"cards": [c[0] for c in cards]}
 
     def _record(
@@ -262,18 +322,29 @@ class CdsEngine:
         self,
         patient_id: str,
         context: WireContext,
-        as_of: datetime,
+        call: _Call,
         resolution: Resolution,
         problems: list[Problem],
+        decisions: list[Decision],
+        findings: list[Finding],
     ) -> CardContext:
         labels = {k.name: k.what for k in self.keys}
         not_checked = {labels[name]: reason for name, reason in resolution.unavailable.items()}
         shown = [f"{p.resource or p.source}: {p.reason}" for p in problems[:_PROBLEMS_SHOWN]]
         if len(problems) > _PROBLEMS_SHOWN:
             shown.append(f"and {len(problems) - _PROBLEMS_SHOWN} more")
+        settings = self.settings
+        days = settings.card_page_days
+        if settings.issued_card_retention_days:
+            days = min(days, settings.issued_card_retention_days)
+        ranks: dict[FindingKind, int] = {}
+        for decision in decisions:
+            if decision.finding is not None:
+                grades = [b.grade for b in decision.bands]
+                ranks[decision.kind] = grades.index(decision.finding.grade)
         return CardContext(
             profiles=self.profiles,
-            as_of=as_of,
+            as_of=call.as_of,
             patient_id=patient_id,
             documentation_url=self.settings.documentation_url,
             override_reasons=self.settings.override_reasons,
@@ -284,23 +355,57 @@ class CdsEngine:
             user_id=context.userId,
             not_checked=not_checked,
             problems=tuple(shown),
+            page_base=settings.public_base_url if days else None,
+            page_expires=call.as_of + timedelta(days=days) if days else None,
+            subject=call.subject,
+            ranks=ranks,
+            snooze_seconds=self.snooze_seconds,
+            trend=trend_data(decisions, findings),
+            silent=call.service.id in self.silent,
         )
+
+    def _unsnoozed(self, findings: list[Finding], ctx: CardContext, call: _Call) -> list[Finding]:
+        """The findings not held back by a snooze (an override of an earlier card of this service
+        for this patient, still running, and the finding not worse); the others are recorded with
+        the overridden card."""
+        snoozes = self.store.snoozes(call.service.id, call.subject, call.as_of)
+        if not snoozes:
+            return findings
+        shown: list[Finding] = []
+        for finding in findings:
+            snooze = _snooze_for(finding, snoozes)
+            if snooze is None or _worse(finding, ctx.ranks.get(finding.kind, 0), snooze):
+                shown.append(finding)
+                continue
+            result = finding.result
+            call.held.append(
+                HeldBack(
+                    card=snooze.card,
+                    service_id=call.service.id,
+                    hook_instance=call.hook_instance,
+                    at=format_instant(call.as_of),
+                    what=f"{grade_short(finding)}, {finding.severity} severity: "
+                    f"{SHORT[result.analyte]} {value_text(result)} on {result.effective_text[:10]} "
+                    f"(snoozed until {snooze.until})",
+                )
+            )
+        return shown
 
     def _patient_view(
         self,
         resolve: Callable[[], Resolution],
         patient_id: str,
         context: WireContext,
-        as_of: datetime,
+        call: _Call,
         fetched: list[str],
     ) -> list[tuple[dict[str, Any], IssuedCard]]:
         resolution = resolve()
         fetched.extend(resolution.fetched)
         record, problems = self._record(resolution, patient_id)
-        findings = evaluate(record, self.profiles, as_of=as_of)
-        card = patient_card(
-            findings, self._context(patient_id, context, as_of, resolution, problems)
-        )
+        decisions: list[Decision] = []
+        findings = evaluate(record, self.profiles, as_of=call.as_of, trace=decisions)
+        ctx = self._context(patient_id, context, call, resolution, problems, decisions, findings)
+        card = patient_card(self._unsnoozed(findings, ctx, call), ctx)
         return [card] if card is not None else []
 
     def _drafts(self, context: WireContext, *, signing: bool) -> list[DraftOrder]:
@@ -373,7 +478,7 @@ class CdsEngine:
         resolve: Callable[[], Resolution],
         patient_id: str,
         context: WireContext,
-        as_of: datetime,
+        call: _Call,
         fetched: list[str],
         *,
         signing: bool,
@@ -384,15 +489,18 @@ class CdsEngine:
         resolution = resolve()
         fetched.extend(resolution.fetched)
         record, problems = self._record(resolution, patient_id)
+        decisions: list[Decision] = []
+        as_of = call.as_of
         if is_deceased(record, as_of):
             return []  # no alert for a deceased patient (issue 13 §5; docs/cds-hooks.md)
-        findings = evaluate(record, self.profiles, as_of=as_of)
-        card_context = self._context(patient_id, context, as_of, resolution, problems)
+        findings = evaluate(record, self.profiles, as_of=as_of, trace=decisions)
+        ctx = self._context(patient_id, context, call, resolution, problems, decisions, findings)
+        shown = self._unsnoozed(findings, ctx, call)
         cards: list[tuple[dict[str, Any], IssuedCard]] = []
         for order in drafts:
-            relevant = [f for f in findings if f.kind.value in order.effects]
+            relevant = [f for f in shown if f.kind.value in order.effects]
             card = order_card(
-                order, relevant, self._gaps(order, record, as_of), card_context, signing=signing
+                order, relevant, self._gaps(order, record, as_of), ctx, signing=signing
             )
             if card is not None:
                 cards.append(card)

@@ -26,10 +26,10 @@ from ..errors import (
     ServiceError,
     ServiceTimeoutError,
 )
-from .feedback import FeedbackStore
 from .hooks import CdsEngine
 from .models import CardsResponse, DiscoveryResponse, FeedbackRequest, OperationOutcome
 from .security import JwtVerifier
+from .store import CardStore
 
 __all__ = ["install_routes"]
 
@@ -102,7 +102,7 @@ def install_routes(
     *,
     engine: CdsEngine,
     verifier: JwtVerifier,
-    store: FeedbackStore,
+    store: CardStore,
     public_base_url: str,
     max_body_bytes: int,
     timeout: float,

@@ -179,6 +179,17 @@ class ServiceSettings(BaseSettings):
     feedback_database: Path = pydantic.Field(default_factory=_default_database)
     issued_card_retention_days: int = pydantic.Field(default=90, ge=0)
     """Days the issued cards are kept for matching feedback (0: forever)."""
+    card_page_days: int = pydantic.Field(default=7, ge=0)
+    """Days a card's page link (``GET /cards/{uuid}?token=...``: the full explanation and the
+    trend plot) works, at most the retention; 0: cards get no page link. Needs
+    ``public_base_url``."""
+    snooze_after_override_hours: float = pydantic.Field(default=0.0, ge=0, le=24 * 365)
+    """After a clinician overrides a card, the same finding for that patient is not shown again
+    by that service for this long, unless it worsens (a deeper grade or a lower value); 0: off.
+    A profile's ``[card] snooze_after_override_hours`` takes precedence for its findings."""
+    silent_services: list[str] = []
+    """Services (ids, e.g. ``leuko-patient-view``) in silent mode: cards are computed, stored
+    and logged but not returned (a pilot); review them with ``fhir-leuko cards list``."""
     profiles: list[Path] = []
     """Site profile directories, as ``fhir-leuko evaluate --profiles``."""
     profile_ids: list[str] = []

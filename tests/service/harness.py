@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 import base64
+import html as htmllib
 import json
+import re
 import threading
 import time
 import uuid
@@ -21,6 +23,7 @@ from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import jwt
 import requests
@@ -189,6 +192,22 @@ class Result:
 
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def page_url(base_url: str, card: Mapping[str, Any]) -> str:
+    """A card's page link (``GET /cards/{uuid}?token=...``), on the test server: the link itself
+    names the public base URL the service is configured with."""
+    link = next(
+        item["url"] for item in card["links"] if item["label"] == "Full explanation and trend plot"
+    )
+    parts = urlsplit(link)
+    return f"{base_url}{parts.path}?{parts.query}"
+
+
+def page_text(html: str) -> str:
+    """The text of a page, one element a line, entities decoded."""
+    text = htmllib.unescape(re.sub(r"<[^>]+>", "\n", html))
+    return "\n".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from pathlib import Path
 
 from fhir_leuko.core.evaluate import evaluate
@@ -61,6 +62,8 @@ terms = []
         documentation_url="https://fhir-leuko.github.io/",
         override_reasons=DEFAULT_OVERRIDE_REASONS,
         cbc_order=DEFAULT_CBC_ORDER,
+        page_base="https://cds.example.org",
+        page_expires=AS_OF + timedelta(days=7),
     )
     made = patient_card(findings, context)
     assert made is not None
@@ -69,7 +72,12 @@ terms = []
         card["summary"] == "Neutropenia (high severity): 0.4 ×10⁹/L on 2026-11-19; also leukopenia"
     )
     assert card["source"]["label"] == "St Elsewhere haematology <b>rules</b>"  # plain text field
-    assert "with a very long local description" in card["detail"]
+    # The long local term is on the card's page (behind its link); the card stays short (issue 14).
+    assert "with a very long local description" not in card["detail"]
+    assert issued.page is not None
+    assert "with a very long local description" in issued.page["sections"][0]["title"]
+    assert card["links"][0]["label"] == "Full explanation and trend plot"
+    assert card["links"][0]["url"].startswith(f"https://cds.example.org/cards/{card['uuid']}?token=")
     check_card(card, "$.cards[0]")
     check_cards_response({"cards": [card]})
     assert issued.uuid == card["uuid"] and issued.indicator == "critical"

@@ -7,13 +7,15 @@ import copy
 import json
 from typing import Any
 
+import requests
+
 from fhir_leuko.core.evaluate import evaluate
 from fhir_leuko.core.fhir_models import check_resource
 from fhir_leuko.core.fhirjson import iter_document
 from fhir_leuko.core.normalise import normalise
 
 from .conftest import FHIR_TOKEN, ServiceEnv
-from .harness import CdsClient, Result, clozapine_draft, hook_request, prefetch
+from .harness import CdsClient, Result, clozapine_draft, hook_request, page_text, page_url, prefetch
 
 SELECT, SIGN = "leuko-order-select", "leuko-order-sign"
 
@@ -69,10 +71,18 @@ def test_clozapine_without_an_anc_in_7_days_gets_a_monitoring_card(ehr: CdsClien
     [card] = result.cards
     assert card["indicator"] == "warning"
     assert card["summary"] == "Clozapine order: no absolute neutrophil count in the last 7 days"
-    assert "Latest absolute neutrophil count: 2.2 ×10⁹/L on 2026-11-05T09:00:00Z" in card["detail"]
-    assert "15 days before now" in card["detail"]
-    assert "Clozaril PI §5.1" in card["detail"]  # the monitoring's source, from the profile
-    assert "**Advice:** Clozapine is started, continued or interrupted" in card["detail"]
+    # Short (issue 14 §3); the monitoring's source and the whole advice are on the card's page.
+    assert card["detail"].split("\n\n")[1:] == [
+        "**No absolute neutrophil count in the last 7 days** (latest 2.2 ×10⁹/L on 2026-11-05, "
+        "15 days ago)",
+        "**Action:** Clozapine is started, continued or interrupted according to the label's ANC "
+        "table: check the current ANC (a CBC with differential) before signing.",
+    ]
+    text = page_text(requests.get(page_url(ehr.base_url, card), timeout=30).text)
+    assert "Latest absolute neutrophil count: 2.2 ×10⁹/L on 2026-11-05T09:00:00Z" in text
+    assert "15 days before now" in text
+    assert "Clozaril PI §5.1" in text  # the monitoring's source, from the profile
+    assert "Advice: Clozapine is started, continued or interrupted" in text
     assert card["selectionBehavior"] == "any"
     assert suggestion_labels(card) == ["Order a CBC with differential"]
     [action] = card["suggestions"][0]["actions"]
