@@ -168,15 +168,29 @@ def _draw_panel(ax: object, panel: Panel, start: datetime, end: datetime) -> Non
         ax.spines[side].set_visible(False)
 
 
+_MIN_SPAN = timedelta(days=21)
+
+
 def _span(data: TrendData) -> tuple[datetime, datetime]:
-    """From a little before the first value or drug start (at most ``data.start``) to as-of."""
+    """From a little before the first value (at most ``data.start``, at least three weeks) to
+    as-of; a drug that started earlier is drawn from the left edge and says since when."""
     start, end = parse_time(data.start), parse_time(data.end)
     firsts = [parse_time(p.points[0].at) for p in data.panels if p.points]
-    firsts += [parse_time(d.start) for d in data.drugs if d.start]
     if firsts:
-        margin = max((end - min(firsts)) / 12, timedelta(days=2))
-        start = max(start, min(firsts) - margin)
+        first = min(firsts)
+        margin = max((end - first) / 12, timedelta(days=2))
+        start = max(start, min(first - margin, end - _MIN_SPAN))
     return start, end
+
+
+def _drug_label(label: str, begin: datetime | None, end: datetime | None, left: datetime) -> str:
+    when = []
+    if begin is None:
+        when.append("start unknown")
+    elif begin < left:
+        when.append(f"since {begin.date().isoformat()}")
+    when.append("active" if end is None else f"to {end.date().isoformat()}")
+    return f"  {label} ({', '.join(when)})"
 
 
 def render_svg(data: TrendData) -> str:
@@ -192,27 +206,28 @@ def render_svg(data: TrendData) -> str:
             _draw_panel(ax, panel, start, end)
         bar = axes[-1]
         for row, drug in enumerate(data.drugs):
-            begin = max(parse_time(drug.start), start) if drug.start else start
-            finish = min(parse_time(drug.end), end) if drug.end else end
+            started = parse_time(drug.start) if drug.start else None
+            stopped = parse_time(drug.end) if drug.end else None
+            begin = max(started, start) if started is not None else start
+            finish = min(stopped, end) if stopped is not None else end
             y = drug_rows - row - 1
-            bar.barh(
-                y,
-                _num(finish) - _num(begin),
-                left=_num(begin),
-                height=0.55,
-                color=_DRUG,
-                alpha=0.85,
-            )
-            open_end = "" if drug.end else " (active)"
-            unknown = "" if drug.start else " (start unknown)"
+            if finish > begin:
+                bar.barh(
+                    y,
+                    _num(finish) - _num(begin),
+                    left=_num(begin),
+                    height=0.55,
+                    color=_DRUG,
+                    alpha=0.85,
+                )
             bar.text(
                 _num(begin),
                 y,
-                f"  {drug.label}{unknown}{open_end}",
+                _drug_label(drug.label, started, stopped, start),
                 va="center",
                 ha="left",
                 fontsize=8,
-                color="white",
+                color="white" if finish > begin else _DRUG,
                 fontweight="bold",
                 clip_on=True,
             )
