@@ -23,7 +23,14 @@ from .._version import __version__
 from .explain import explain, reference_of
 from .fhir_models import check_resource
 from .fhirtime import format_instant
-from .model import Finding, FindingKind, local_key, source_reference
+from .model import (
+    PATIENT_IDENTIFIER_KEY,
+    Finding,
+    FindingKind,
+    local_key,
+    patient_reference,
+    source_reference,
+)
 
 __all__ = [
     "FINDING_SYSTEM",
@@ -52,6 +59,15 @@ _FINDING_DISPLAY = {
     FindingKind.EOSINOPENIA: "Eosinopenia",
     FindingKind.BASOPENIA: "Basopenia",
 }
+
+
+def _patient(key: str, source: str) -> dict[str, Any]:
+    """DetectedIssue.patient: a reference to the Patient, or the identifier of a patient known
+    only by one (a contained Patient without a Patient resource: normalise/identity.py)."""
+    local = local_key(key, source)
+    if local.startswith(PATIENT_IDENTIFIER_KEY):
+        return patient_reference(local)
+    return {"reference": source_reference(source, local)}
 
 
 def issue_id(patient: str, kind: FindingKind) -> str:
@@ -112,7 +128,7 @@ def build_detected_issue(
             "text": finding.term,
         },
         "severity": finding.severity,
-        "patient": {"reference": source_reference(source, local_key(finding.patient, source))},
+        "patient": _patient(finding.patient, source),
         "identifiedDateTime": format_instant(identified),
         "author": {"reference": "#fhir-leuko", "display": f"fhir-leuko {version}"},
     }

@@ -349,6 +349,7 @@ def _decide(
         conditions=_conditions(record, result.effective),
         trend=tuple(recent),
         flags=tuple(sorted(f for f in record.flags if f in set(rule.when_flags))),
+        merged_from=tuple(record.merged_from),
         source=record.source,
     )
 
@@ -423,7 +424,9 @@ def evaluate(
                     findings.append(finding)
             if trace is not None and skipped is not None:
                 trace.append(
-                    _traced(record, kind, profile, rule, result, finding, as_of, skipped, by_analyte)
+                    _traced(
+                        record, kind, profile, rule, result, finding, as_of, skipped, by_analyte
+                    )
                 )
             break
         else:

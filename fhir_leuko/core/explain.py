@@ -95,12 +95,15 @@ class Explanation:
     conditions: list[str]
     recommendation: str
     rule: str
+    merged: str = ""
 
     def body(self) -> list[str]:
         """The sentences between the headline and the recommendation: value, derivation, limit,
         trend, drugs, other causes."""
         out = [self.source] if self.source else []
         out.append(self.value)
+        if self.merged:
+            out.append(self.merged)
         if self.derivation:
             out.append(self.derivation)
         out.append(self.limit)
@@ -184,4 +187,11 @@ def explain(finding: Finding) -> Explanation:
         conditions=conditions,
         recommendation=finding.recommendation,
         rule=rule,
+        merged=(
+            "Also counted: the records of "
+            + ", ".join(_cited(k) for k in finding.merged_from)
+            + ", replaced by this patient's record (Patient.link)."
+            if finding.merged_from
+            else ""
+        ),
     )

@@ -96,6 +96,8 @@ class Identifier(_Element):
 class Reference(_Element):
     reference: str | None = None
     type: str | None = None
+    # A logical reference (a subject given only by identifier): normalise/identity.py.
+    identifier: Identifier | None = None
     display: str | None = None
 
 

@@ -13,6 +13,7 @@ from datetime import date, datetime
 
 __all__ = [
     "FINDING_ANALYTE",
+    "PATIENT_IDENTIFIER_KEY",
     "QUOTE_LIMIT",
     "Analyte",
     "ConditionMatch",
@@ -29,6 +30,7 @@ __all__ = [
     "Problem",
     "UnusedResult",
     "local_key",
+    "patient_reference",
     "quoted",
     "source_reference",
 ]
@@ -256,6 +258,9 @@ class PatientRecord:
     conditions: list[ConditionMatch] = field(default_factory=list)
     flags: set[str] = field(default_factory=set)
     flag_sources: dict[str, str] = field(default_factory=dict)
+    merged_from: list[str] = field(default_factory=list)
+    """Patient.link: the retired records (``Patient/…``, as the source wrote them) whose resources
+    count for this patient."""
     source: str = ""
     """The source of this patient's resources when the input holds several (a server base, or the
     directory or file read), else ``""``: see :func:`source_reference`."""
@@ -311,8 +316,26 @@ class Finding:
     trend: tuple[LabResult, ...]
     """Recent values of the same analyte, oldest first, including ``result``."""
     flags: tuple[str, ...] = ()
+    merged_from: tuple[str, ...] = ()
+    """Patient.link: retired records whose resources count for this patient."""
     source: str = ""
     """The patient's source when the input holds several (:attr:`PatientRecord.source`)."""
+
+
+PATIENT_IDENTIFIER_KEY = "Patient?identifier="
+"""The key of a patient known only by an identifier (a contained Patient that no Patient resource
+of its source carries): ``Patient?identifier=<system>|<value>``; its DetectedIssue refers to the
+patient by that identifier (normalise/identity.py)."""
+
+
+def patient_reference(key: str) -> dict[str, object]:
+    """The FHIR Reference of a patient key (a local key: :func:`local_key`): ``{"reference":
+    "Patient/1"}``, or by identifier for a patient known only by one."""
+    if key.startswith(PATIENT_IDENTIFIER_KEY):
+        system, _, value = key[len(PATIENT_IDENTIFIER_KEY) :].partition("|")
+        identifier = {"system": system, "value": value} if system else {"value": value}
+        return {"type": "Patient", "identifier": identifier}
+    return {"reference": key}
 
 
 def local_key(key: str, source: str) -> str:

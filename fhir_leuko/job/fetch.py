@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from ..core.detectedissue import IDENTIFIER_SYSTEM
+from ..core.fhirjson import Patient as PatientStruct
 from ..core.fhirjson import Sourced, iter_document
 from ..core.fhirtime import format_instant
 from ..core.model import Problem
@@ -36,6 +37,9 @@ if TYPE_CHECKING:
     from .runner import Job
 
 __all__ = ["Existing", "fetch"]
+
+_MERGING = frozenset({"replaced-by", "replaces"})
+_LINK_ROUNDS = 3
 
 Existing = dict[str, dict[str, list[dict[str, Any]]]]
 """fhir-leuko's DetectedIssues on the server, by patient and by identifier value."""
@@ -47,13 +51,13 @@ def fetch(job: Job, group: list[str], as_of: datetime) -> tuple[list[Sourced | P
     Raises:
         FhirError: a search failed (the caller retries patient by patient).
     """
-    refs = ",".join(group)
-    ids = ",".join(p.split("/", 1)[1] for p in group)
     count = ("_count", str(job.options.page_size))
+    patients, linked = _patients(job, group, count)
+    everyone = [*group, *linked]
+    refs = ",".join(everyone)
     start = format_instant(as_of - job.window)
     end = format_instant(as_of)
     searches: list[tuple[str, list[tuple[str, str]]]] = [
-        ("Patient", [("_id", ids), count]),
         (
             "Observation",
             [
@@ -98,7 +102,7 @@ def fetch(job: Job, group: list[str], as_of: datetime) -> tuple[list[Sourced | P
         ("Condition", [("patient", refs), count]),
         ("Flag", [("patient", refs), count]),
     ]
-    items: list[Sourced | Problem] = []
+    items: list[Sourced | Problem] = list(patients)
     for rtype, params in searches:
         for number, page in enumerate(job.walker.pages(rtype, params), start=1):
             items.extend(iter_document(page, f"{rtype} search", f"page {number}"))
@@ -117,3 +121,40 @@ def fetch(job: Job, group: list[str], as_of: datetime) -> tuple[list[Sourced | P
                         resource
                     )
     return items, existing
+
+
+def _patients(
+    job: Job, group: list[str], count: tuple[str, str]
+) -> tuple[list[Sourced | Problem], list[str]]:
+    """The group's Patients, and the patients linked to them by ``replaced-by``/``replaces``
+    (either side of the link, chains followed a few rounds): a retired record's resources count
+    for its survivor (``normalise/identity.py``), so both are fetched together."""
+    items: list[Sourced | Problem] = []
+    known = set(group)
+    linked: list[str] = []
+    frontier = list(group)
+    for _round in range(_LINK_ROUNDS):
+        if not frontier:
+            break
+        ids = ",".join(p.split("/", 1)[1] for p in frontier)
+        found: list[str] = []
+        for params in ([("_id", ids), count], [("link", ",".join(frontier)), count]):
+            for number, page in enumerate(job.walker.pages("Patient", params), start=1):
+                for item in iter_document(page, "Patient search", f"page {number}"):
+                    items.append(item)
+                    if isinstance(item, Problem) or not isinstance(item[0], PatientStruct):
+                        continue
+                    patient = item[0]
+                    others = [
+                        patient_key(link.other.reference if link.other else None)
+                        for link in patient.link
+                        if link.type in _MERGING
+                    ]
+                    own = patient_key(f"Patient/{patient.id}") if patient.id else None
+                    for key in [own, *others]:
+                        if key and key not in known:
+                            known.add(key)
+                            found.append(key)
+        linked.extend(found)
+        frontier = found
+    return items, linked

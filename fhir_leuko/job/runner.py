@@ -527,6 +527,14 @@ class _Pass:
                 break
             if self.bar is not None:
                 self.bar.update(1)
+            # A record replaced by another (Patient.link): its resources count for the survivor,
+            # who is evaluated (once) and alerted instead; nothing is written for the retired one.
+            target = dataset.merged.get(patient, patient)
+            if target != patient:
+                planned[patient] = []
+            if target in planned:
+                continue
+            patient = target
             record = dataset.patients.get(patient) or PatientRecord(patient)
             try:
                 findings = evaluate(record, self.job.profiles, as_of=self.as_of)

@@ -312,7 +312,9 @@ class CdsEngine:
         self, resolution: Resolution, patient_id: str
     ) -> tuple[PatientRecord, list[Problem]]:
         dataset = normalise(resolution.items, self.knowledge)
-        key = f"Patient/{patient_id}"
+        # A chart replaced by another record (Patient.link replaced-by): its data counts for the
+        # surviving record, which is the patient the cards are about.
+        key = dataset.merged.get(f"Patient/{patient_id}", f"Patient/{patient_id}")
         record = dataset.patients.get(key) or PatientRecord(key)
         for problem in dataset.problems:
             logger.info("input problem: %s", problem)

@@ -212,3 +212,29 @@ def test_run_command_against_the_server(server: SekmetServer, tmp_path: Path) ->
     assert issue["implicated"] == [{"reference": "MedicationDispense/md-supply-md"}]
     assert "Recommendation: Continue clozapine." in issue["detail"]
     assert issue["reference"].startswith("https://fhir-leuko.github.io/fhir/profiles/clozapine|")
+
+
+def test_a_replaced_patient_record_is_alerted_on_its_survivor(
+    server: SekmetServer, state_path: Path, knowledge: Knowledge, profiles: ProfileSet
+) -> None:
+    """Patient.link replaced-by: the retired record's count, found by change detection on the
+    retired record, is evaluated and alerted on the surviving record (fetched with Patient?link)."""
+    base = server.base_url
+    seed(
+        base,
+        patient("p-new"),
+        {**patient("p-old"), "link": [{"other": {"reference": "Patient/p-new"}, "type": "replaced-by"}]},
+        anc("p-old-anc", "p-old", 0.8, "2026-11-19T08:00:00Z"),
+    )
+    report = run_pass(base, state_path, knowledge, profiles, as_of=at("2026-11-20T12:00:00"))
+    assert report.ok, report.summary_lines()
+    [issue] = issues(base)
+    assert issue["patient"] == {"reference": "Patient/p-new"}
+    assert issue["evidence"][0]["detail"] == [{"reference": "Observation/p-old-anc"}]
+    assert "Also counted: the records of Patient/p-old" in issue["detail"]
+    # Asked for the survivor alone, the job finds the retired record through Patient?link.
+    again = run_pass(
+        base, state_path, knowledge, profiles, as_of=at("2026-11-20T12:00:00"),
+        mode="patients", patients=["p-new"],
+    )
+    assert again.ok and again.actions == {"unchanged": 1}

@@ -229,9 +229,10 @@ def test_single_requests_without_transactions(
         patients_per_request=2,
     )
     assert report.ok and report.actions["create"] == 4
-    # metadata, 2 first-run searches, 6 recent-change searches (CHANGE_TYPES), 3 groups x 10
-    # searches (INPUT_TYPES but Medication, which comes by _include, and DetectedIssue), 4 creates
-    assert report.requests == 1 + 2 + len(CHANGE_TYPES) + 3 * 10 + 4
+    # metadata, 2 first-run searches, 6 recent-change searches (CHANGE_TYPES), 3 groups x 11
+    # searches (INPUT_TYPES but Medication, which comes by _include, DetectedIssue, and the
+    # Patients linked to the group: Patient?link=), 4 creates
+    assert report.requests == 1 + 2 + len(CHANGE_TYPES) + 3 * 11 + 4
     assert len(issues(base)) == 4
 
 

@@ -57,11 +57,10 @@ class Conditions:
         abatement = parse_fhir_datetime(condition.abatementDateTime)
         if clinical & {"resolved", "inactive"} and abatement is None:
             return  # over, and we do not know since when: not a current cause
-        patient = self.identity.patient_key(
-            condition.subject.reference if condition.subject else None
-        )
+        subject = self.identity.subject_of(condition.subject, key, condition.contained)
+        patient = self.identity.patient_key(subject)
         if patient is None:
-            self.problems.report(origin, key, "no subject")
+            self.problems.report(origin, key, *self.identity.no_patient(subject))
             return
         concepts = [condition.code]
         for system, code in codings(concepts):
@@ -91,9 +90,10 @@ class Conditions:
     def finish_flag(self, data: Dataset, flag: Flag, key: str, origin: Origin) -> None:
         if flag.status != "active":
             return
-        patient = self.identity.patient_key(flag.subject.reference if flag.subject else None)
+        subject = self.identity.subject_of(flag.subject, key, flag.contained)
+        patient = self.identity.patient_key(subject)
         if patient is None:
-            self.problems.report(origin, key, "no subject")
+            self.problems.report(origin, key, *self.identity.no_patient(subject))
             return
         for system, code in codings([flag.code]):
             entry = self.knowledge.flag_for(system, code)

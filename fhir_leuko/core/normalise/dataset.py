@@ -23,6 +23,9 @@ class Dataset:
     counts: Counter[str] = field(default_factory=Counter)
     """Resources read by type, and what happened to lab results (``results:used`` …)."""
     unused: dict[str, list[UnusedResult]] = field(default_factory=dict)
+    merged: dict[str, str] = field(default_factory=dict)
+    """Patient.link: the key of each retired patient record → the key of the record that replaced
+    it (whose patient the retired record's resources count for)."""
     """By patient key: the lab Observations of that patient that could not be used at all."""
 
     def patient(self, key: str) -> PatientRecord:

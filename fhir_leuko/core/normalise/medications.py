@@ -96,9 +96,10 @@ class Medications:
             # …): counted, so that every medication record is accounted for.
             data.counts["medications:not-exposures"] += 1
             return None
-        patient = self.identity.patient_key(med.subject.reference if med.subject else None)
+        subject = self.identity.subject_of(med.subject, key, med.contained)
+        patient = self.identity.patient_key(subject)
         if patient is None:
-            self.problems.report(origin, key, "no subject")
+            self.problems.report(origin, key, *self.identity.no_patient(subject))
             return None
         names = tuple(dict.fromkeys([*texts(concepts), *extra])) or tuple(h.label for h in hits)
         return DrugExposure(

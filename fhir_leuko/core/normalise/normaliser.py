@@ -160,7 +160,7 @@ class Normaliser:
         ):
             into.medications.add(resource, key, origin)
         elif isinstance(resource, Patient):
-            into.identity.patients.append((resource, key))
+            into.identity.patients.append((resource, key, origin))
         elif isinstance(resource, Condition):
             into.conditions.add_condition(resource, key, origin)
         elif isinstance(resource, Flag):
@@ -202,9 +202,10 @@ class Normaliser:
         results = list(labs.results.values())
         labs.results.clear()
         labs.versions.clear()
-        data.counts["results:used"] += len(results)
         first = len(data.patients)
-        self.place(source, results)
+        source.identity.prepare(self.problems)
+        results = self.place(source, results)
+        data.counts["results:used"] += len(results)
         del results
         patient_key = source.identity.patient_key
         for subject, unused in labs.unused.values():
@@ -214,6 +215,7 @@ class Normaliser:
             if record.results:
                 record.results.extend(derive(record.results, data.counts))
         source.identity.demographics(data)
+        data.merged.update(source.identity.merged())
         self.choose_ranges(source, first)
         source.medications.finish(data)
         source.conditions.finish(data)
@@ -232,17 +234,30 @@ class Normaliser:
                     choose_range(result, ranges, record)
         pending.clear()
 
-    def place(self, source: Source, results: list[LabResult]) -> None:
-        """Each result into its patient's record, and into a group.
+    def place(self, source: Source, results: list[LabResult]) -> list[LabResult]:
+        """Each result into its patient's record, and into a group; the results placed.
 
         Now that every Patient is read, subjects resolve to patient keys; results without a
-        specimen or report are grouped by time (clinical.md §4.5: same specimen or time).
+        specimen or report are grouped by time (clinical.md §4.5: same specimen or time). A
+        subject that names no patient (a contained Patient without identifier, an identifier no
+        Patient has: :mod:`.identity`) is a problem, and its result is not placed.
         """
-        patient_key = source.identity.patient_key
+        identity = source.identity
+        patient_key = identity.patient_key
         patient_of = self.data.patient
         time_groups: dict[datetime, str] = {}
+        placed: list[LabResult] = []
         for result in results:
-            who = patient_key(result.patient) or result.patient
+            who = patient_key(result.patient)
+            if who is None:
+                origin = source.labs.subject_origins.get(result.key)
+                self.problems.report(
+                    origin if origin is not None else Origin(source.label or "input"),
+                    result.key,
+                    *identity.no_patient(result.patient),
+                )
+                continue
+            placed.append(result)
             result.patient = who
             if not result.group:
                 known = time_groups.get(result.effective)
@@ -250,6 +265,7 @@ class Normaliser:
                     known = time_groups[result.effective] = f"time:{result.effective.isoformat()}"
                 result.group = known
             patient_of(who).results.append(result)
+        return placed
 
 
 def normalise(items: Iterable[Sourced | Problem], knowledge: Knowledge) -> Dataset:

@@ -60,7 +60,7 @@ class Reports:
         kept: list[tuple[DiagnosticReport, str, Origin]] = []
         for report, key, origin in sorted(self.reports, key=lambda item: item[1]):
             if report.status in _WITHDRAWN:
-                subject = report.subject.reference if report.subject else None
+                subject = self.labs.identity.subject_of(report.subject, key, report.contained)
                 why = _WITHDRAWN[report.status]
                 self.withdraw(report.result, key, key, why, origin, subject, {key})
             else:
@@ -69,7 +69,7 @@ class Reports:
             effective = effective_text(
                 report.effectiveDateTime, report.effectivePeriod, report.issued
             )
-            subject = report.subject.reference if report.subject else None
+            subject = self.labs.identity.subject_of(report.subject, key, report.contained)
             self.link_members(report.result, key, subject, effective, key, {key})
         for panel in sorted(self.labs.panels.values(), key=lambda p: p.key):
             self.link_members(
@@ -105,9 +105,7 @@ class Reports:
             if isinstance(target, Panel):
                 if target.key not in seen:
                     seen.add(target.key)
-                    self.withdraw(
-                        target.members, target.key, report, why, origin, subject, seen
-                    )
+                    self.withdraw(target.members, target.key, report, why, origin, subject, seen)
                 continue
             labs.forget(target.key)
             # Kept with its patient as a result that could not be used (fhir-leuko explain).

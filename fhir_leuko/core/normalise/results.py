@@ -28,6 +28,7 @@ from ..fhirtime import parse_fhir_datetime
 from ..knowledge import LOINC_SYSTEM, CodeInfo, Knowledge
 from ..model import LabResult, Measure, UnusedResult
 from .dataset import Dataset, Problems, Where
+from .identity import Identity, special_subject
 from .ranges import PendingRanges
 
 __all__ = [
@@ -190,7 +191,13 @@ def _unit_problem(quantity: Quantity, info: CodeInfo) -> str:
 class LabResults:
     """The lab Observations read so far, by key: results built, results waiting, panels."""
 
-    def __init__(self, knowledge: Knowledge, data: Dataset, problems: Problems) -> None:
+    def __init__(
+        self,
+        knowledge: Knowledge,
+        data: Dataset,
+        problems: Problems,
+        identity: Identity | None = None,
+    ) -> None:
         self.loinc = knowledge.loinc
         self.count_units = knowledge.count_units
         self.fraction_units = knowledge.fraction_units
@@ -214,6 +221,10 @@ class LabResults:
         """Observation keys by the fullUrl a DiagnosticReport may use to point at them."""
         self.ranges: dict[str, PendingRanges] = {}
         """The reference ranges of results whose range depends on the patient (by key)."""
+        self.identity = identity if identity is not None else Identity()
+        self.subject_origins: dict[str, Where] = {}
+        """Where results with a contained or identifier-only subject were read (a subject that
+        names no patient is reported there)."""
         self.reported_texts: dict[tuple[str | None, str | None], dict[float, str]] = {}
         self.times: dict[str, tuple[str, datetime | None]] = {}
 
@@ -223,7 +234,7 @@ class LabResults:
             if obs.hasMember:
                 self.panels[key] = Panel(
                     key,
-                    obs.subject.reference if obs.subject else None,
+                    self.identity.subject_of(obs.subject, key, obs.contained),
                     effective_text(
                         obs.effectiveDateTime, obs.effectivePeriod, obs.effectiveInstant
                     ),
@@ -244,7 +255,13 @@ class LabResults:
                 return
             self.forget(key)
         versions[key] = version
-        subject = obs.subject.reference if obs.subject is not None else None
+        subject_ref = obs.subject
+        subject = subject_ref.reference if subject_ref is not None else None
+        if not subject or subject[0] == "#":
+            # Rare: a contained Patient, or a subject given only by identifier (.identity).
+            subject = self.identity.subject_of(subject_ref, key, obs.contained)
+            if subject is not None:
+                self.subject_origins[key] = origin
         text = obs.effectiveDateTime or effective_text(
             None, obs.effectivePeriod, obs.effectiveInstant
         )
@@ -490,6 +507,8 @@ class LabResults:
                 if not result.group:
                     result.group = pending.group
                 self.results[pending.key] = result
+                if special_subject(pending.subject):
+                    self.subject_origins[pending.key] = pending.origin
             else:
                 self._unused(pending)
         self.pending.clear()

@@ -51,7 +51,7 @@ class Source:
     def __init__(self, knowledge: Knowledge, data: Dataset, problems: Problems) -> None:
         self.label = ""
         self.identity = Identity()
-        self.labs = LabResults(knowledge, data, problems)
+        self.labs = LabResults(knowledge, data, problems, self.identity)
         self.reports = Reports(self.labs, problems)
         self.medications = Medications(knowledge, self.identity, problems)
         self.conditions = Conditions(knowledge, self.identity, problems)
