@@ -31,10 +31,12 @@ from .model import Problem
 
 __all__ = [
     "INPUT_TYPES",
+    "R4_RESOURCE_TYPES",
     "TOO_DEEP",
     "Bundle",
     "CodeableConcept",
     "Coding",
+    "Component",
     "Condition",
     "DetectedIssue",
     "DiagnosticReport",
@@ -55,8 +57,10 @@ __all__ = [
     "Reference",
     "Resource",
     "Sourced",
+    "Unread",
     "bundle_entries",
     "convert_resource",
+    "decode_any",
     "decode_json",
     "decode_resource",
     "iter_document",
@@ -203,6 +207,18 @@ class _Resource(_Element, tag_field="resourceType"):
     contained: list[msgspec.Raw] = []
 
 
+class Component(_Element):
+    """An ``Observation.component``: a result of its own (a CBC sent as one Observation with WBC,
+    ANC and the differential as components), with the Observation's subject, time, status and
+    specimen. The elements a result reads are named as on Observation."""
+
+    code: CodedOnly | None = None
+    valueQuantity: Quantity | None = None
+    valueString: str | None = None
+    dataAbsentReason: CodeableConcept | None = None
+    referenceRange: list[ReferenceRange] = []
+
+
 class Observation(_Resource, tag="Observation"):
     status: str | None = None
     code: CodedOnly | None = None
@@ -216,6 +232,7 @@ class Observation(_Resource, tag="Observation"):
     referenceRange: list[ReferenceRange] = []
     specimen: Reference | None = None
     hasMember: list[Reference] = []
+    component: list[Component] = []
 
 
 class PatientLink(_Element):
@@ -364,7 +381,61 @@ read back by the job as its own output, ``Bundle`` is a container: neither is pa
 """
 
 _DECODER: msgspec.json.Decoder[Resource] = msgspec.json.Decoder(Resource)
-_UNKNOWN_TYPE = re.compile(r"^Invalid value '[^']*' - at `\$\.resourceType`$")
+_UNKNOWN_TYPE = re.compile(r"^Invalid value '([^']*)' - at `\$\.resourceType`$")
+
+_R4_NAMES = """
+    Account ActivityDefinition AdverseEvent AllergyIntolerance Appointment AppointmentResponse
+    AuditEvent Basic Binary BiologicallyDerivedProduct BodyStructure Bundle CapabilityStatement
+    CarePlan CareTeam CatalogEntry ChargeItem ChargeItemDefinition Claim ClaimResponse
+    ClinicalImpression CodeSystem Communication CommunicationRequest CompartmentDefinition
+    Composition ConceptMap Condition Consent Contract Coverage CoverageEligibilityRequest
+    CoverageEligibilityResponse DetectedIssue Device DeviceDefinition DeviceMetric DeviceRequest
+    DeviceUseStatement DiagnosticReport DocumentManifest DocumentReference
+    EffectEvidenceSynthesis Encounter Endpoint EnrollmentRequest EnrollmentResponse
+    EpisodeOfCare EventDefinition Evidence EvidenceVariable ExampleScenario ExplanationOfBenefit
+    FamilyMemberHistory Flag Goal GraphDefinition Group GuidanceResponse HealthcareService
+    ImagingStudy Immunization ImmunizationEvaluation ImmunizationRecommendation
+    ImplementationGuide InsurancePlan Invoice Library Linkage List Location Measure
+    MeasureReport Media Medication MedicationAdministration MedicationDispense
+    MedicationKnowledge MedicationRequest MedicationStatement MedicinalProduct
+    MedicinalProductAuthorization MedicinalProductContraindication MedicinalProductIndication
+    MedicinalProductIngredient MedicinalProductInteraction MedicinalProductManufactured
+    MedicinalProductPackaged MedicinalProductPharmaceutical MedicinalProductUndesirableEffect
+    MessageDefinition MessageHeader MolecularSequence NamingSystem NutritionOrder Observation
+    ObservationDefinition OperationDefinition OperationOutcome Organization
+    OrganizationAffiliation Parameters Patient PaymentNotice PaymentReconciliation Person
+    PlanDefinition Practitioner PractitionerRole Procedure Provenance Questionnaire
+    QuestionnaireResponse RelatedPerson RequestGroup ResearchDefinition
+    ResearchElementDefinition ResearchStudy ResearchSubject RiskAssessment RiskEvidenceSynthesis
+    Schedule SearchParameter ServiceRequest Slot Specimen SpecimenDefinition StructureDefinition
+    StructureMap Subscription Substance SubstanceNucleicAcid SubstancePolymer SubstanceProtein
+    SubstanceReferenceInformation SubstanceSourceMaterial SubstanceSpecification SupplyDelivery
+    SupplyRequest Task TerminologyCapabilities TestReport TestScript ValueSet VerificationResult
+    VisionPrescription
+"""
+R4_RESOURCE_TYPES = frozenset(_R4_NAMES.split())
+"""Every resource type of FHIR R4 (https://hl7.org/fhir/R4/resourcelist.html), as the R4 JSON
+schema's ``discriminator`` lists them."""
+
+class Unread(NamedTuple):
+    """A resource fhir-leuko does not read that may hold what must not be lost without a word:
+    its type is no FHIR R4 type (``observation``: FHIR type names are case-sensitive; a misspelt
+    or local type). The rule core looks inside (an analyte's LOINC code, a medication) and names
+    it as a problem when it finds one. An R4 type fhir-leuko does not read (Encounter, Claim …)
+    holds nothing it needs (every medication record type is read) and is skipped as before."""
+
+    resource_type: str
+    data: bytes
+
+    @property
+    def id(self) -> str | None:
+        """The resource's id, when it has one (read only for the problem line)."""
+        try:
+            obj = orjson.loads(self.data)
+        except orjson.JSONDecodeError:
+            return None
+        rid = obj.get("id") if isinstance(obj, dict) else None
+        return rid if isinstance(rid, str) else None
 
 TOO_DEEP = "JSON nested too deeply"
 """The reason given for JSON nested deeper than can be decoded (see :func:`decode_json`)."""
@@ -478,11 +549,26 @@ def decode_resource(data: bytes | msgspec.Raw) -> Resource | None:
         MalformedResourceError: invalid JSON (nested too deeply included), or an element
             fhir-leuko uses has the wrong type.
     """
+    found = decode_any(data)
+    return None if isinstance(found, Unread) else found
+
+
+def decode_any(data: bytes | msgspec.Raw) -> Resource | Unread | None:
+    """:func:`decode_resource`, and :class:`Unread` for a resource that is not read but must be
+    looked into (the edges that read input for the rule core use this one).
+
+    Raises:
+        MalformedResourceError: as :func:`decode_resource`.
+    """
     try:
         return decode_json(_DECODER, data)
     except msgspec.ValidationError as exc:
-        if _UNKNOWN_TYPE.match(str(exc)):
-            return None
+        unknown = _UNKNOWN_TYPE.match(str(exc))
+        if unknown:
+            rtype = unknown.group(1)
+            if rtype in R4_RESOURCE_TYPES:
+                return None
+            return Unread(rtype, bytes(data))
         raise MalformedResourceError(_label_of(bytes(data)), _reason(exc)) from None
     except msgspec.DecodeError as exc:
         label = _label_of(bytes(data)) if str(exc) == TOO_DEEP else ""
@@ -519,7 +605,8 @@ class Origin(NamedTuple):
     searches, a CDS Hooks prefetch, ``evaluate --same-source``)."""
 
 
-Sourced = tuple[Resource, Origin]
+Sourced = tuple[Resource | Unread, Origin]
+"""A resource read (or one not read that the rule core must look into), and where."""
 
 # A RESTful fullUrl: [base]/[type]/[id], optionally versioned (https://hl7.org/fhir/R4/bundle.html
 # #bundle-unique, https://hl7.org/fhir/R4/references.html#literal). Ids: [A-Za-z0-9\-\.]{1,64}.
@@ -543,7 +630,7 @@ def iter_document(
     """Resources in one JSON document: a single resource, or a Bundle flattened (nested ones
     too). ``input`` goes into each :class:`Origin` (see :attr:`Origin.input`)."""
     try:
-        resource = decode_resource(data)
+        resource = decode_any(data)
     except MalformedResourceError as exc:
         yield from malformed_document(exc, data, source, position, input)
         return
@@ -648,7 +735,7 @@ def _entry_items(
         # Transaction responses and deletes carry no resource: nothing to read.
         return
     try:
-        resource = decode_resource(entry.resource)
+        resource = decode_any(entry.resource)
     except MalformedResourceError as exc:
         yield Problem(source, exc.reason, exc.label or (entry.fullUrl or ""), where)
         return

@@ -30,7 +30,7 @@ from ..core.fhirjson import (
     Origin,
     Sourced,
     bundle_entries,
-    decode_resource,
+    decode_any,
     iter_document,
     malformed_document,
 )
@@ -167,7 +167,7 @@ def _iter_lines(
         if not line or line.isspace():
             continue
         try:
-            resource = decode_resource(line)
+            resource = decode_any(line)
         except MalformedResourceError as exc:
             yield from malformed_document(exc, line, source, f"line {number}", input)
             continue

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from ..core.detectedissue import FINDING_SYSTEM
 from ..core.evaluate import evaluate
 from ..core.fhirjson import DiagnosticReport as DiagnosticReportStruct
-from ..core.fhirjson import MedicationRequest, MedicationStatement, Observation, Sourced
+from ..core.fhirjson import MedicationRequest, MedicationStatement, Observation, Sourced, Unread
 from ..core.fhirtime import format_instant, parse_fhir_datetime
 from ..core.knowledge import LOINC_SYSTEM, Knowledge
 from ..core.model import Finding, FindingKind, PatientRecord, Problem, quoted
@@ -604,6 +604,8 @@ def _versions(items: Iterable[Sourced | Problem]) -> Iterator[tuple[str, str]]:
         if isinstance(item, Problem):
             continue
         resource = item[0]
+        if isinstance(resource, Unread):
+            continue
         rtype = _CHANGEABLE.get(type(resource))
         meta = getattr(resource, "meta", None)
         if rtype and meta is not None and meta.lastUpdated:

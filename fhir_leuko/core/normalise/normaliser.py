@@ -34,8 +34,9 @@ from ..fhirjson import (
     Patient,
     Resource,
     Sourced,
+    Unread,
     bundle_entries,
-    decode_resource,
+    decode_any,
     malformed_document,
 )
 from ..knowledge import Knowledge
@@ -44,6 +45,7 @@ from .dataset import Dataset, Problems
 from .derivation import derive
 from .ranges import choose_range
 from .sources import Source, Sources
+from .unread import UnreadResources
 
 __all__ = ["Normaliser", "normalise"]
 
@@ -58,6 +60,7 @@ class Normaliser:
         self.data = Dataset()
         self.problems = Problems(self.data.problems)
         self.sources = Sources(knowledge, self.data, self.problems)
+        self.unread = UnreadResources(knowledge, self.problems)
 
     # -- one pass: every resource to its room, as it is read -------------------------------------
 
@@ -104,7 +107,7 @@ class Normaliser:
             if not line or line.isspace():
                 continue
             try:
-                resource = decode_resource(line)
+                resource = decode_any(line)
             except MalformedResourceError as exc:
                 # (a Bundle too deep because of some entries still gives the others)
                 self.feed(malformed_document(exc, line, source, f"line {number}", input))
@@ -121,7 +124,10 @@ class Normaliser:
                 self.add(resource, Origin(source, f"line {number}", None, input))
         into.observations += observations
 
-    def add(self, resource: Resource, origin: Origin) -> None:
+    def add(self, resource: Resource | Unread, origin: Origin) -> None:
+        if isinstance(resource, Unread):
+            self.unread.look(resource, origin)
+            return
         into = self.sources.of(origin)
         rid = resource.id
         if type(resource) is Observation and rid:
@@ -199,6 +205,7 @@ class Normaliser:
         data.counts["Observation"] += source.observations
         labs = source.labs
         labs.finish_pending()
+        labs.account()
         results = list(labs.results.values())
         labs.results.clear()
         labs.versions.clear()

@@ -23,9 +23,18 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from ..fhirjson import CodedOnly, Meta, Observation, Origin, Period, Quantity, Reference
+from ..fhirjson import (
+    CodedOnly,
+    Component,
+    Meta,
+    Observation,
+    Origin,
+    Period,
+    Quantity,
+    Reference,
+)
 from ..fhirtime import parse_fhir_datetime
-from ..knowledge import LOINC_SYSTEM, CodeInfo, Knowledge
+from ..knowledge import LOINC_SYSTEM, LOINC_SYSTEMS, CodeInfo, Knowledge, normalise_system
 from ..model import LabResult, Measure, UnusedResult
 from .dataset import Dataset, Problems, Where
 from .identity import Identity, special_subject
@@ -105,7 +114,7 @@ class Pending:
     are built at once, without this detour.
     """
 
-    __slots__ = ("effective_text", "group", "info", "key", "obs", "origin", "subject")
+    __slots__ = ("effective_text", "group", "info", "key", "obs", "origin", "part", "subject")
 
     def __init__(
         self,
@@ -115,6 +124,7 @@ class Pending:
         origin: Origin,
         subject: str | None,
         effective_text: str | None,
+        part: Component | None = None,
     ) -> None:
         self.obs = obs
         self.key = key
@@ -123,6 +133,7 @@ class Pending:
         self.subject = subject
         self.effective_text = effective_text
         self.group = ""
+        self.part = part
 
 
 class Panel:
@@ -151,6 +162,7 @@ def effective_text(
 
 
 def _loinc_info(code: CodedOnly | None, table: dict[str, CodeInfo]) -> CodeInfo | None:
+    """The analyte of a code written as LOINC writes it (the fast path: once per Observation)."""
     if code is None:
         return None
     for coding in code.coding:
@@ -159,6 +171,39 @@ def _loinc_info(code: CodedOnly | None, table: dict[str, CodeInfo]) -> CodeInfo 
             if info is not None:
                 return info
     return None
+
+
+def near_loinc(code: CodedOnly, table: dict[str, CodeInfo]) -> tuple[CodeInfo | None, str | None]:
+    """An analyte's LOINC code not written as :func:`_loinc_info` reads it: ``(info, None)`` when
+    what differs is safe to normalise (LOINC's OID ``urn:oid:2.16.840.1.113883.6.1`` as the system,
+    whitespace around the code or system, the case of the system's scheme and host), ``(None,
+    reason)`` when an analyte's code comes with another system or none (reported, never guessed),
+    ``(None, None)`` when nothing here is an analyte's code, or the concept is LOINC-coded as
+    something else. Only codes of the analyte table are looked at, so an Observation of anything
+    else (vital signs …) costs a dictionary lookup per coding."""
+    candidate = None
+    for coding in code.coding:
+        raw = coding.code
+        if not raw:
+            continue
+        info = table.get(raw.strip())
+        if info is None:
+            continue
+        if coding.system is not None and normalise_system(coding.system) in LOINC_SYSTEMS:
+            return info, None
+        if candidate is None:
+            candidate = (info, coding.system, raw)
+    if candidate is None:
+        return None, None
+    for coding in code.coding:
+        if coding.system is not None and normalise_system(coding.system) in LOINC_SYSTEMS:
+            return None, None  # LOINC says it is something else; the other coding is not LOINC
+    info, system, raw = candidate
+    written = f"system {system!r}" if system is not None else "no system"
+    return None, (
+        f"code {raw!r} ({info.analyte.value}) has {written}, not LOINC's {LOINC_SYSTEM}: not read "
+        "as LOINC (fix the system)"
+    )
 
 
 def format_number(value: float) -> str:
@@ -231,16 +276,51 @@ class LabResults:
     def add(self, obs: Observation, key: str, origin: Where) -> None:
         info = _loinc_info(obs.code, self.loinc)
         if info is None:
-            if obs.hasMember:
-                self.panels[key] = Panel(
-                    key,
-                    self.identity.subject_of(obs.subject, key, obs.contained),
-                    effective_text(
-                        obs.effectiveDateTime, obs.effectivePeriod, obs.effectiveInstant
-                    ),
-                    obs.hasMember,
-                )
-            return
+            # Not as LOINC writes an analyte: almost (near_loinc), a CBC in components, a panel.
+            code = obs.code
+            if code is not None and code.coding:
+                info, reason = near_loinc(code, self.loinc)
+                if reason is not None:
+                    self.problems.report(origin, key, reason, "code")
+            members = obs.hasMember
+            if obs.component:
+                members = [*members, *self.add_components(obs, key, origin)]
+            if info is None:
+                if members:
+                    self.panels[key] = Panel(
+                        key,
+                        self.identity.subject_of(obs.subject, key, obs.contained),
+                        effective_text(
+                            obs.effectiveDateTime, obs.effectivePeriod, obs.effectiveInstant
+                        ),
+                        members,
+                    )
+                return
+        self.admit(obs, key, info, origin, None)
+
+    def add_components(self, obs: Observation, key: str, origin: Where) -> list[Reference]:
+        """The components of an Observation that carry an analyte's code, each a result of the
+        Observation's subject, time and status (``<key>#component[i]``); references to them, so
+        that a report listing the Observation reaches them as it reaches a panel's members."""
+        refs: list[Reference] = []
+        for index, part in enumerate(obs.component):
+            part_key = f"{key}#component[{index}]"
+            info = _loinc_info(part.code, self.loinc)
+            if info is None and part.code is not None and part.code.coding:
+                info, reason = near_loinc(part.code, self.loinc)
+                if reason is not None:
+                    self.problems.report(origin, part_key, reason, "code")
+            if info is None:
+                continue
+            self.admit(obs, part_key, info, origin, part)
+            refs.append(Reference(reference=part_key))
+        return refs
+
+    def admit(
+        self, obs: Observation, key: str, info: CodeInfo, origin: Where, part: Component | None
+    ) -> None:
+        """One mapped result (an Observation's value or a component's) in: the version that
+        counts, then built at once, or waiting for its report's subject or time."""
         meta = obs.meta
         if meta is None:  # version_of(meta), inlined: this runs once per Observation
             version = ""
@@ -251,6 +331,7 @@ class LabResults:
         versions = self.versions
         if key in versions:
             # The same Observation read twice: one version counts (supersedes).
+            self.counts["results:superseded"] += 1
             if not supersedes(version, obs.status, versions[key], self.kept_status(key)):
                 return
             self.forget(key)
@@ -267,10 +348,10 @@ class LabResults:
         )
         if subject is None or text is None:
             self.pending[key] = Pending(
-                obs, key, info, self.problems.origin_of(origin), subject, text
+                obs, key, info, self.problems.origin_of(origin), subject, text, part
             )
             return
-        result = self.make_result(obs, key, info, origin, subject, text)
+        result = self.make_result(obs, key, info, origin, subject, text, part)
         if result is not None:
             self.results[key] = result
         else:
@@ -297,10 +378,12 @@ class LabResults:
         """Take in the Observations read into another part of the same source (:mod:`.sources`);
         an Observation read in both counts once, as if both were read here (:func:`supersedes`)."""
         for key, version in other.versions.items():
-            if key in self.versions and not supersedes(
-                version, other.kept_status(key), self.versions[key], self.kept_status(key)
-            ):
-                continue
+            if key in self.versions:
+                self.counts["results:superseded"] += 1
+                if not supersedes(
+                    version, other.kept_status(key), self.versions[key], self.kept_status(key)
+                ):
+                    continue
             self.forget(key)
             self.versions[key] = version
             if key in other.results:
@@ -355,8 +438,10 @@ class LabResults:
         origin: Where,
         subject: str,
         effective_text: str,
+        part: Component | None = None,
     ) -> LabResult | None:
-        """Check one mapped Observation and build its result, or report why it cannot count.
+        """Check one mapped Observation (or its component ``part``: the value, its unit and range
+        are the component's) and build its result, or report why it cannot count.
 
         This runs once per lab Observation of a bulk export (millions of times): keep it lean.
         """
@@ -376,14 +461,15 @@ class LabResults:
         if effective is None:
             self.problems.report(origin, key, f"invalid effective time {effective_text!r}")
             return None
-        quantity = obs.valueQuantity
-        if obs.dataAbsentReason is not None:
-            absent = obs.dataAbsentReason
+        value = obs if part is None else part
+        quantity = value.valueQuantity
+        if value.dataAbsentReason is not None:
+            absent = value.dataAbsentReason
             reason = next((c.code for c in absent.coding if c.code), absent.text or "?")
             self.problems.report(origin, key, f"no value: dataAbsentReason {reason!r}", "value")
             return None
         if quantity is None or quantity.value is None:
-            detail = f" (valueString {obs.valueString!r})" if obs.valueString else ""
+            detail = f" (valueString {value.valueString!r})" if value.valueString else ""
             self.problems.report(origin, key, f"no numeric valueQuantity{detail}", "value")
             return None
         comparator = quantity.comparator
@@ -422,7 +508,7 @@ class LabResults:
             )
             return None
         ref_low = None
-        ranges = obs.referenceRange
+        ranges = value.referenceRange
         if ranges:
             # The usual case, at once: one range, no conditions, a low end in the value's unit (or
             # none), normal (a range without a type is a normal one). Anything else waits for the
@@ -476,6 +562,7 @@ class LabResults:
     def finish_pending(self) -> None:
         """Build the results that waited for their report's subject or time (after linking)."""
         for pending in self.pending.values():
+            self.dropped[pending.key] = pending.obs.status
             if pending.obs.status not in _KEPT_STATUSES:
                 self.status_dropped(pending.obs, pending.key, pending.origin)
                 self._unused(pending)
@@ -502,8 +589,10 @@ class LabResults:
                 pending.origin,
                 pending.subject,
                 pending.effective_text,
+                pending.part,
             )
             if result is not None:
+                del self.dropped[pending.key]
                 if not result.group:
                     result.group = pending.group
                 self.results[pending.key] = result
@@ -519,3 +608,16 @@ class LabResults:
                 pending.key, pending.info.analyte, pending.obs.status, pending.effective_text
             )
             self.unused[pending.key] = (pending.subject, unused)
+
+    def account(self) -> None:
+        """Every mapped Observation read either gives a result or was reported or counted as not
+        counting (a status that never counts, an older version): the one place that guarantees
+        it, whatever a future check forgets. One that did neither is named here (issue 7 §3)."""
+        results, dropped = self.results, self.dropped
+        if len(results) + len(dropped) == len(self.versions):
+            return  # the usual case: every key is in exactly one of them
+        for key in self.versions:
+            if key not in results and key not in dropped:
+                self.problems.report(
+                    Origin("(input)"), key, "read but neither used nor reported (please report)"
+                )
