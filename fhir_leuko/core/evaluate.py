@@ -7,7 +7,9 @@ counts are judged by the pediatric profile, a clozapine patient's ANC by the clo
    whose flag conditions hold (``when_flags`` / ``unless_flags``).
 2. The result that counts is the most recent valid absolute count (measured, or derived from WBC x
    percentage) with an accepted status, taken within the lookback before ``as_of``. A patient whose
-   latest count has recovered gets no finding.
+   latest count has recovered gets no finding. Two valid counts of that time with different values
+   (a CBC's and a manual differential's): the lower counts, as a missed low is worse than a noisy
+   one, and the finding names the other (``Finding.alternatives``).
 3. A profile restricted to drugs (``applies.drugs``) only decides when one of them is implicated in
    that result; otherwise the next profile decides.
 4. "Low" means below the lower limit: the lab's reference range when the Observation has one,
@@ -117,7 +119,7 @@ def latest_result(
     analyte = FINDING_ANALYTE[kind]
     earliest = shift(as_of, -lookback)
     best: LabResult | None = None
-    best_key: tuple[datetime, bool, bool, str] | None = None
+    best_key: tuple[datetime, float, bool, bool, bool, str] | None = None
     usable: list[LabResult] = []
     for result in record.results if results is None else results:
         if result.analyte is not analyte:
@@ -136,9 +138,17 @@ def latest_result(
             continue
         if uses is not None:
             usable.append(result)
-        # Latest first; at the same time a measured value beats a derived one, a corrected WBC an
-        # uncorrected one; the key breaks remaining ties so the choice is stable.
-        rank = (result.effective, not result.derived, result.corrected, result.key)
+        # Latest first; at the same time the lower value (an upper bound "< x" below x itself),
+        # then a measured value over a derived one, a corrected WBC over an uncorrected one; the
+        # key breaks remaining ties so the choice is stable.
+        rank = (
+            result.effective,
+            -result.value,
+            result.comparator in ("<", "<="),
+            not result.derived,
+            result.corrected,
+            result.key,
+        )
         if best_key is None or rank > best_key:
             best, best_key = result, rank
     if uses is not None:
@@ -320,14 +330,28 @@ def _decide(
         and r.status in settings.statuses
         and trend_from <= r.effective <= result.effective
     ]
-    # One value per time point (a measured count and one derived from the same specimen).
+    # One value per time point: the one latest_result would take at that time.
     by_time: dict[datetime, LabResult] = {}
     for r in trend:
         current = by_time.get(r.effective)
-        if current is None or (current.derived and not r.derived):
+        if current is None or _counts_before(r, current):
             by_time[r.effective] = r
     by_time[result.effective] = result
     recent = sorted(by_time.values(), key=lambda r: r.effective)[-settings.trend_count :]
+    alternatives = tuple(
+        sorted(
+            (
+                r
+                for r in trend
+                if r.effective == result.effective
+                and r is not result
+                and (r.value, r.comparator) != (result.value, result.comparator)
+            ),
+            key=lambda r: (r.value, r.key),
+        )
+    )
+    applied = set(rule.when_flags)
+    profile_flags = {f for r in profile.rules for f in (*r.when_flags, *r.unless_flags)}
     return Finding(
         patient=record.key,
         kind=rule.finding,
@@ -348,10 +372,23 @@ def _decide(
         implicated=tuple(implicated),
         conditions=_conditions(record, result.effective),
         trend=tuple(recent),
-        flags=tuple(sorted(f for f in record.flags if f in set(rule.when_flags))),
+        flags=tuple(sorted(f for f in record.flags if f in applied)),
         merged_from=tuple(record.merged_from),
         source=record.source,
+        alternatives=alternatives,
+        flag_notes=tuple(
+            note
+            for flag, note in sorted(record.flag_notes.items())
+            if flag in profile_flags and flag not in record.flags
+        ),
     )
+
+
+def _counts_before(a: LabResult, b: LabResult) -> bool:
+    """Whether ``a`` is the count taken over ``b`` of the same time (as :func:`latest_result`)."""
+    rank_a = (-a.value, a.comparator in ("<", "<="), not a.derived, a.corrected, a.key)
+    rank_b = (-b.value, b.comparator in ("<", "<="), not b.derived, b.corrected, b.key)
+    return rank_a > rank_b
 
 
 def evaluate(

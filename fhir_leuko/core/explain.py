@@ -83,13 +83,19 @@ def _cited(key: str) -> str:
     return quoted(reference_of(key))
 
 
+def _derived_from(result: LabResult) -> str:
+    return "derived from " + " and ".join(dict.fromkeys(_cited(k) for k in result.sources))
+
+
 @dataclass(frozen=True)
 class Explanation:
     headline: str
     source: str
     value: str
     derivation: str
+    alternatives: str
     limit: str
+    flags: str
     trend: str
     drugs: list[str]
     conditions: list[str]
@@ -106,7 +112,11 @@ class Explanation:
             out.append(self.merged)
         if self.derivation:
             out.append(self.derivation)
+        if self.alternatives:
+            out.append(self.alternatives)
         out.append(self.limit)
+        if self.flags:
+            out.append(self.flags)
         if self.trend:
             out.append(self.trend)
         if self.drugs:
@@ -147,7 +157,28 @@ def explain(finding: Finding) -> Explanation:
     if result.derived:
         # Built from two or three cited results: room for each of them.
         how = quoted(result.derivation, 3 * QUOTE_LIMIT)
-        derivation = f"Derived from the same specimen: {how}."
+        derivation = (
+            f"Derived from one blood draw, matched by {quoted(result.matched)}: {how}."
+            if result.matched
+            else f"Derived from the same specimen: {how}."
+        )
+    alternatives = ""
+    if finding.alternatives:
+        others = ", ".join(
+            f"{_value(r)} ({_derived_from(r) if r.derived else _cited(r.key)})"
+            for r in finding.alternatives
+        )
+        alternatives = (
+            f"Also at this time: {others}; the lower value is graded (a missed low is worse than "
+            "a noisy one)."
+        )
+    flags = ""
+    if finding.flag_notes:
+        flags = (
+            "Not applied: "
+            + "; ".join(finding.flag_notes)
+            + " (only a confirmed Condition or an active Flag changes the thresholds)."
+        )
     limit = finding.lower_limit
     if limit.value is not None:
         limit_text = f"Lower limit used: {format_count(limit.value)} {UNIT}, from {limit.source}."
@@ -181,7 +212,9 @@ def explain(finding: Finding) -> Explanation:
         source=read_from,
         value=value,
         derivation=derivation,
+        alternatives=alternatives,
         limit=limit_text,
+        flags=flags,
         trend=trend,
         drugs=drugs,
         conditions=conditions,

@@ -165,6 +165,12 @@ class LabResult:
     ref_note: str = ""
     """Why the lab's range was not used although the Observation has one (none applies to this
     patient, or it is text that is not a plain "low-high unit"); empty otherwise."""
+    report: str = ""
+    """The DiagnosticReport (or panel) that lists this value, if any (``group`` may be a
+    specimen instead): values of one report are one blood count."""
+    matched: str = ""
+    """For a derived value whose parts share no specimen or report: how they were matched (the
+    same collection time), for the explanation."""
 
     @property
     def derived(self) -> bool:
@@ -261,6 +267,9 @@ class PatientRecord:
     merged_from: list[str] = field(default_factory=list)
     """Patient.link: the retired records (``Patient/…``, as the source wrote them) whose resources
     count for this patient."""
+    flag_notes: dict[str, str] = field(default_factory=dict)
+    """Flags the input records but that do not apply (a Condition not confirmed), by flag id:
+    what to say about them in the explanation."""
     source: str = ""
     """The source of this patient's resources when the input holds several (a server base, or the
     directory or file read), else ``""``: see :func:`source_reference`."""
@@ -320,6 +329,12 @@ class Finding:
     """Patient.link: retired records whose resources count for this patient."""
     source: str = ""
     """The patient's source when the input holds several (:attr:`PatientRecord.source`)."""
+    alternatives: tuple[LabResult, ...] = ()
+    """Other valid counts of the analyte at ``result``'s time with other values: the lower one
+    is graded (``result``), these are named."""
+    flag_notes: tuple[str, ...] = ()
+    """Flags the profile uses that the input records but that do not apply (e.g. a BEN Condition
+    that is only provisional), with why: named in the explanation."""
 
 
 PATIENT_IDENTIFIER_KEY = "Patient?identifier="

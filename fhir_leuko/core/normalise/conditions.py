@@ -3,8 +3,11 @@
 A Condition that is not refuted or in error (nor over without an abatement date) names the
 contributing causes its codes and texts match (knowledge/conditions.toml: HIV, cancers, …), with
 its onset and abatement; a coding the knowledge lists as a flag (e.g. benign ethnic neutropenia)
-sets that flag on the patient while the Condition is not resolved or inactive. An active Flag with
-such a coding sets it too. Each flag keeps the resource that set it, for the explanation.
+sets that flag on the patient while the Condition is not resolved or inactive, and only when it is
+confirmed (no ``verificationStatus``, or ``confirmed``): a flag changes the thresholds (the BEN
+table), so an ``unconfirmed``, ``provisional``, ``differential`` or ``refuted`` Condition does not
+set it, and is noted for the explanation instead (issue 7 §4). An active Flag with such a coding
+sets it too. Each flag keeps the resource that set it, for the explanation.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 from ..fhirjson import Condition, Flag, Origin
 from ..fhirtime import parse_fhir_datetime
 from ..knowledge import Knowledge
-from ..model import ConditionMatch
+from ..model import ConditionMatch, quoted
 from .concepts import codings, texts
 from .dataset import Dataset, Problems
 from .identity import Identity
@@ -49,11 +52,14 @@ class Conditions:
             c.code
             for c in (condition.verificationStatus.coding if condition.verificationStatus else [])
         }
-        if verification & {"refuted", "entered-in-error"}:
+        if "entered-in-error" in verification:
             return
         clinical = {
             c.code for c in (condition.clinicalStatus.coding if condition.clinicalStatus else [])
         }
+        if "refuted" in verification:
+            self.note_flags(data, condition, key, "refuted")
+            return
         abatement = parse_fhir_datetime(condition.abatementDateTime)
         if clinical & {"resolved", "inactive"} and abatement is None:
             return  # over, and we do not know since when: not a current cause
@@ -63,12 +69,19 @@ class Conditions:
             self.problems.report(origin, key, *self.identity.no_patient(subject))
             return
         concepts = [condition.code]
+        confirmed = not verification or "confirmed" in verification
         for system, code in codings(concepts):
             flag = self.knowledge.flag_for(system, code)
             if flag is not None and not clinical & {"resolved", "inactive"}:
                 record = data.patient(patient)
-                record.flags.add(flag.id)
-                record.flag_sources[flag.id] = key
+                if confirmed:
+                    record.flags.add(flag.id)
+                    record.flag_sources[flag.id] = key
+                else:
+                    status = ", ".join(sorted(c for c in verification if c))
+                    record.flag_notes[flag.id] = (
+                        f"{flag.label} ({key}: verificationStatus {quoted(status)})"
+                    )
         named = list(texts(concepts))
         onset = parse_fhir_datetime(
             condition.onsetDateTime
@@ -86,6 +99,20 @@ class Conditions:
                     abatement=abatement,
                 )
             )
+
+    def note_flags(self, data: Dataset, condition: Condition, key: str, status: str) -> None:
+        """A Condition that states a flag but is not one to act on: noted for the explanation."""
+        patient = self.identity.patient_key(
+            condition.subject.reference if condition.subject else None
+        )
+        if patient is None:
+            return
+        for system, code in codings([condition.code]):
+            flag = self.knowledge.flag_for(system, code)
+            if flag is not None:
+                data.patient(patient).flag_notes[flag.id] = (
+                    f"{flag.label} ({key}: verificationStatus {status})"
+                )
 
     def finish_flag(self, data: Dataset, flag: Flag, key: str, origin: Origin) -> None:
         if flag.status != "active":

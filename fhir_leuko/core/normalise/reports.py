@@ -168,3 +168,5 @@ class Reports:
                     target.effective_text = effective_text
             if not target.group:
                 target.group = group
+            if not target.report:
+                target.report = group

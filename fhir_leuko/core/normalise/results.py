@@ -114,7 +114,17 @@ class Pending:
     are built at once, without this detour.
     """
 
-    __slots__ = ("effective_text", "group", "info", "key", "obs", "origin", "part", "subject")
+    __slots__ = (
+        "effective_text",
+        "group",
+        "info",
+        "key",
+        "obs",
+        "origin",
+        "part",
+        "report",
+        "subject",
+    )
 
     def __init__(
         self,
@@ -133,6 +143,7 @@ class Pending:
         self.subject = subject
         self.effective_text = effective_text
         self.group = ""
+        self.report = ""
         self.part = part
 
 
@@ -595,6 +606,7 @@ class LabResults:
                 del self.dropped[pending.key]
                 if not result.group:
                     result.group = pending.group
+                result.report = pending.report
                 self.results[pending.key] = result
                 if special_subject(pending.subject):
                     self.subject_origins[pending.key] = pending.origin
