@@ -130,6 +130,28 @@ def _summary(result: Evaluation, files: int) -> list[str]:
             else ""
         ),
     ]
+    # What was read and deliberately not counted (README, "What is checked on input"): named in
+    # aggregate, so nothing is left out without a word.
+    ignored = [
+        f"{counts[k]} {k.removeprefix('results:ignored-')}"
+        for k in sorted(counts)
+        if k.startswith("results:ignored-") and counts[k]
+    ]
+    if counts["results:superseded"]:
+        ignored.append(f"{counts['results:superseded']} older version")
+    medications = [
+        f"{counts[k]} {word}"
+        for k, word in (
+            ("medications:not-an-exposure", "not taken"),
+            ("medications:no-known-drug", "naming no drug fhir-leuko knows"),
+        )
+        if counts[k]
+    ]
+    if ignored or medications:
+        parts = ([f"lab results {', '.join(ignored)}"] if ignored else []) + (
+            [f"medication records {', '.join(medications)}"] if medications else []
+        )
+        lines.append(f"not counted: {'; '.join(parts)}")
     by = result.summary()
     if by:
         parts = [f"{kind} {sev} {n}" for (kind, sev), n in sorted(by.items())]

@@ -135,7 +135,7 @@ def full_patients(job: Job, report: PassReport, as_of: datetime) -> list[str]:
         (
             "Observation",
             [
-                ("code", job.codes),
+                (job.code_param, job.codes),
                 ("date", f"ge{start}"),
                 ("date", f"le{end}"),
                 ("_elements", "subject,meta"),
@@ -185,7 +185,7 @@ class ChangeWalk:
         start = format_instant(moment - job.options.overlap)
         self.walks: dict[str, Iterator[bytes]] = {}
         for rtype in CHANGE_TYPES:
-            params = [("code", job.codes)] if rtype == "Observation" else []
+            params = [(job.code_param, job.codes)] if rtype == "Observation" else []
             params.append(("_count", str(job.options.page_size)))
             self.walks[rtype] = job.walker.pages(rtype, params, after=start)
 

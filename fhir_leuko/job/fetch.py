@@ -62,7 +62,7 @@ def fetch(job: Job, group: list[str], as_of: datetime) -> tuple[list[Sourced | P
             "Observation",
             [
                 ("patient", refs),
-                ("code", job.codes),
+                (job.code_param, job.codes),
                 ("date", f"ge{start}"),
                 ("date", f"le{end}"),
                 count,

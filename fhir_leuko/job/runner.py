@@ -39,7 +39,7 @@ from ..core.evaluate import evaluate
 from ..core.fhirjson import DiagnosticReport as DiagnosticReportStruct
 from ..core.fhirjson import MedicationRequest, MedicationStatement, Observation, Sourced, Unread
 from ..core.fhirtime import format_instant, parse_fhir_datetime
-from ..core.knowledge import LOINC_SYSTEM, Knowledge
+from ..core.knowledge import Knowledge
 from ..core.model import Finding, FindingKind, PatientRecord, Problem, quoted
 from ..core.normalise import normalise
 from ..core.profiles import ProfileSet
@@ -214,7 +214,12 @@ class Job:
         self.hook = checkpoint_hook
         self.now = now
         self.server = server_key(client.base_url)
-        self.codes = ",".join(f"{LOINC_SYSTEM}|{code}" for code in sorted(knowledge.loinc))
+        # The mapped LOINC codes without a system: a server matches them under LOINC's OID or a
+        # differently written system too, which the rule core reads or reports (issue 7 §3).
+        self.codes = ",".join(sorted(knowledge.loinc))
+        self.code_param = "code"
+        """``combo-code`` (the Observation's code or a component's: a CBC sent as components)
+        when the server lists it, else ``code`` (set from metadata by :meth:`run`)."""
         self.finding_codes = ",".join(f"{FINDING_SYSTEM}|{k.value}" for k in FindingKind)
         active = profiles.profiles or tuple(lp.profile for lp in profiles.loaded)
         self.lookback = timedelta(days=max((p.settings.lookback_days for p in active), default=30))
@@ -242,6 +247,20 @@ class Job:
     def search(self, rtype: str, params: list[tuple[str, str]]) -> Iterator[bytes]:
         check_search_params(rtype, params)  # only R4 parameters reach a server
         return self.client.search(rtype, params)
+
+    def observation_code_param(self) -> str:
+        """``combo-code`` when the server's CapabilityStatement lists it for Observation (R4:
+        code or component code), so a CBC sent as one Observation with components is found;
+        else ``code``, and a warning that such CBCs cannot be found on this server."""
+        listed = self.client.search_params("Observation")
+        if listed is not None and "combo-code" in listed:
+            return "combo-code"
+        log.warning(
+            "the server does not list the Observation search parameter combo-code: a blood count "
+            "sent as one Observation with components (WBC, ANC as component.code) cannot be "
+            "found by search on this server"
+        )
+        return "code"
 
     def sort(self, rtype: str) -> str:
         """The ``_sort`` of every paged search of a type: ``_lastUpdated``, with ``_id`` as the
@@ -278,6 +297,7 @@ class Job:
             # metadata first: a connectivity check, transaction support, and the server's clock
             # (its Date header) for the first watermark.
             self.client.capabilities()
+            self.code_param = self.observation_code_param()
             server_start = self.client.last_date
             stored = state.watermark(self.server) if state is not None else None
             report.watermark_from = stored

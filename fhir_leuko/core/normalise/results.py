@@ -212,8 +212,8 @@ def near_loinc(code: CodedOnly, table: dict[str, CodeInfo]) -> tuple[CodeInfo | 
     info, system, raw = candidate
     written = f"system {system!r}" if system is not None else "no system"
     return None, (
-        f"code {raw!r} ({info.analyte.value}) has {written}, not LOINC's {LOINC_SYSTEM}: not read "
-        "as LOINC (fix the system)"
+        f"code {raw!r} ({info.analyte.value}) comes with {written}, not LOINC's {LOINC_SYSTEM} "
+        "(or its OID): not read as LOINC; the system is never guessed"
     )
 
 
