@@ -29,8 +29,12 @@ from .conftest import DATA, SHARED_FIXTURES
 
 # Statuses that never count (R4 ObservationStatus; README "What is checked on input").
 NOT_COUNTED = {"entered-in-error", "cancelled", "registered", "unknown"}
-# Medication record statuses that are no exposure (README), and the records' types.
-NOT_TAKEN = {"not-taken", "entered-in-error", "cancelled", "draft", "intended"}
+# Medication records that say the drug was not taken (README, "Drug exposure"), by type.
+NOT_TAKEN = {
+    "MedicationStatement": {"not-taken", "entered-in-error", "intended"},
+    "MedicationRequest": {"cancelled", "entered-in-error", "draft"},
+    "MedicationAdministration": {"not-done", "entered-in-error"},
+}
 MEDICATION_RECORDS = {
     "MedicationRequest",
     "MedicationStatement",
@@ -197,10 +201,12 @@ def _outcome(
         return None
     if item.key in exposed:
         return "exposure"
-    status = item.raw.get("status")
-    if status in NOT_TAKEN or item.raw.get("doNotPerform") is True:
+    status, rtype = item.raw.get("status"), item.raw.get("resourceType")
+    if status in NOT_TAKEN.get(str(rtype), ()) or item.raw.get("doNotPerform") is True:
         return "not an exposure"
-    if item.raw.get("intent") in ("proposal", "plan"):
+    if rtype == "MedicationDispense" and status != "completed":
+        return "not an exposure"  # never handed over
+    if item.raw.get("intent") in ("proposal", "plan", "option"):
         return "not an exposure"
     if not _drug_readable(item.raw, medications):
         return None  # a drug that cannot be read must be named

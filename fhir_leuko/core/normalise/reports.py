@@ -107,7 +107,9 @@ class Reports:
                     seen.add(target.key)
                     self.withdraw(target.members, target.key, report, why, origin, subject, seen)
                 continue
-            labs.forget(target.key)
+            labs.set_aside(
+                target.key, target.obs.status if isinstance(target, Pending) else target.status
+            )
             # Kept with its patient as a result that could not be used (fhir-leuko explain).
             if isinstance(target, Pending):
                 unused = UnusedResult(

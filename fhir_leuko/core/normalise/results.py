@@ -385,6 +385,12 @@ class LabResults:
         self.unused.pop(key, None)
         self.ranges.pop(key, None)
 
+    def set_aside(self, key: str, status: str | None) -> None:
+        """Take a result out of the count for a reason reported where it is decided (its report
+        was withdrawn): it no longer counts, and it is accounted for (:meth:`account`)."""
+        self.forget(key)
+        self.dropped[key] = status
+
     def absorb(self, other: LabResults) -> None:
         """Take in the Observations read into another part of the same source (:mod:`.sources`);
         an Observation read in both counts once, as if both were read here (:func:`supersedes`)."""

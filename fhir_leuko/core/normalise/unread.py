@@ -1,9 +1,8 @@
 """Resources fhir-leuko does not read, looked into so that nothing it needs is lost in silence.
 
 A resource whose ``resourceType`` is no FHIR R4 type (``observation``: type names are
-case-sensitive; a misspelt or local type) is not read, and neither is a medication record of a
-type fhir-leuko does not read (MedicationAdministration, MedicationDispense). Each one that carries
-what the evaluation needs is named as a problem with its file, position, id and reason: an
+case-sensitive; a misspelt or local type) is not read. Each one that carries what the evaluation
+needs is named as a problem with its file, position, id and reason: an
 analyte's LOINC code in its ``code`` or a ``component.code`` (whatever the system: it is not read
 either way), or a medication (``medicationCodeableConcept`` / ``medicationReference``). Anything
 else of such a type is skipped like the R4 types fhir-leuko has no use for (Encounter, Claim …).
@@ -66,8 +65,6 @@ class UnreadResources:
                 f"resourceType {quoted(rtype)!r} is not a FHIR type (type names are "
                 f"case-sensitive: {meant!r}), so it is not read"
             )
-        elif rtype in ("MedicationAdministration", "MedicationDispense"):
-            why = f"{rtype} is not read (MedicationRequest and MedicationStatement are)"
         else:
             why = f"resourceType {quoted(rtype)!r} is not a FHIR R4 resource type: not read"
         self.problems.report(origin, quoted(key), f"{why}; it carries {', '.join(carries)}")
