@@ -500,11 +500,12 @@ def pass_exit_code(report: PassReport, signum: int | None = None) -> int:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    if args.report is not None:
+        check_report_target(args.report)  # before the state file is opened or the server asked
     config, job, state = _setup(args)
     fmt = config.run.log_format
     flagged: list[tuple[PatientRecord, list[Finding]]] = []
     if args.report is not None:
-        check_report_target(args.report)
         job.flagged = lambda record, findings: flagged.append((record, findings))
     try:
         with _stop_on_signals(job.stop) as received:

@@ -35,6 +35,10 @@ def test_run_writes_the_report_of_its_pass(server: SekmetServer, tmp_path: Path)
 
 
 def test_report_into_a_missing_directory_is_a_usage_error(tmp_path: Path) -> None:
-    done = cli("run", "--server", "http://127.0.0.1:9/fhir", "--report", str(tmp_path / "no" / "r.html"))
+    done = cli(
+        "run", "--server", "http://127.0.0.1:9/fhir", "--state", str(tmp_path / "state.sqlite3"),
+        "--report", str(tmp_path / "no" / "r.html"),
+    )  # fmt: skip
     assert done.returncode == 2
     assert "--report" in done.stderr and "does not exist" in done.stderr
+    assert not (tmp_path / "state.sqlite3").exists()  # refused before anything was opened
