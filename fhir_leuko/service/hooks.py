@@ -200,6 +200,7 @@ class CdsEngine:
             )
             for p in profiles.profiles
         }
+        self.snoozing = any(self.snooze_seconds.values())
         self._discovery = {
             "services": [
                 {
@@ -362,7 +363,7 @@ class CdsEngine:
             subject=call.subject,
             ranks=ranks,
             snooze_seconds=self.snooze_seconds,
-            trend=trend_data(decisions, findings),
+            trend=trend_data(decisions, findings) if days and settings.public_base_url else None,
             silent=call.service.id in self.silent,
         )
 
@@ -370,6 +371,8 @@ class CdsEngine:
         """The findings not held back by a snooze (an override of an earlier card of this service
         for this patient, still running, and the finding not worse); the others are recorded with
         the overridden card."""
+        if not self.snoozing:
+            return findings  # no snooze is configured anywhere: nothing to look up
         snoozes = self.store.snoozes(call.service.id, call.subject, call.as_of)
         if not snoozes:
             return findings
