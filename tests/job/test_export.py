@@ -150,7 +150,8 @@ def _paused(server: SekmetServer, out: Path, point: str, marker: Path) -> None:
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     deadline = time.monotonic() + 60
-    while not marker.exists():
+    # The pid is written after the file is created: wait for it, not only for the file.
+    while not (marker.exists() and marker.read_text().strip()):
         assert child.poll() is None, child.stderr.read() if child.stderr else ""
         assert time.monotonic() < deadline
         time.sleep(0.05)
