@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -27,6 +28,25 @@ Cmd = subprocess.CompletedProcess[str]
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
 SHARED_FIXTURES = REPO.parent / "shared" / "fixtures"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_user_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The default state and store files live in the user's XDG directories (platformdirs). A test
+    that relies on a default must not read or write the real ones: a file left there by another
+    checkout or version would change its outcome. Every test, and every command a test starts
+    (they inherit os.environ), gets XDG directories of its own for the session."""
+    base = tmp_path_factory.mktemp("xdg")
+    names = ("XDG_DATA_HOME", "XDG_STATE_HOME", "XDG_CONFIG_HOME")
+    saved = {name: os.environ.get(name) for name in names}
+    for name in names:
+        os.environ[name] = str(base / name.lower())
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(autouse=True)
