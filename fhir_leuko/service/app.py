@@ -268,7 +268,13 @@ def create_app(
             allow_headers=["Authorization", "Content-Type"],
             max_age=600,
         )
-    install_card_pages(app, store=store, timeout=settings.request_timeout_seconds, clock=now)
+    install_card_pages(
+        app,
+        store=store,
+        timeout=settings.request_timeout_seconds,
+        clock=now,
+        reasons={r.code: r.display for r in settings.override_reasons},
+    )
     _install_openapi(app)
     return app
 

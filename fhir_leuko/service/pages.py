@@ -52,7 +52,7 @@ class TokenScrubber(logging.Filter):
         return True
 
 
-def _view(page: CardPage) -> CardPageView:
+def _view(page: CardPage, reasons: dict[str, str]) -> CardPageView:
     return CardPageView(
         uuid=page.uuid,
         service_id=page.service_id,
@@ -63,7 +63,10 @@ def _view(page: CardPage) -> CardPageView:
             {
                 "outcome": f.outcome,
                 "at": f.outcome_timestamp,
-                "reason": f.override_display or f.override_code or "",
+                "reason": f.override_display
+                or reasons.get(f.override_code or "", "")
+                or f.override_code
+                or "",
                 "comment": f.user_comment or "",
             }
             for f in page.feedback
@@ -73,9 +76,16 @@ def _view(page: CardPage) -> CardPageView:
 
 
 def install_card_pages(
-    app: FastAPI, *, store: CardStore, timeout: float, clock: Callable[[], datetime]
+    app: FastAPI,
+    *,
+    store: CardStore,
+    timeout: float,
+    clock: Callable[[], datetime],
+    reasons: dict[str, str] | None = None,
 ) -> None:
-    """Add ``GET /cards/{uuid}`` to ``app``."""
+    """Add ``GET /cards/{uuid}`` to ``app``. ``reasons``: the displays of the override reason
+    codes (a client may send a reason's code without its display)."""
+    displays = dict(reasons or {})
 
     @app.get(
         "/cards/{card_uuid}",
@@ -90,7 +100,7 @@ def install_card_pages(
     async def card_page(card_uuid: str, token: str = "") -> Response:
         def work() -> str | None:
             found = store.card_page(card_uuid, token, clock()) if token else None
-            return render_card_page(_view(found)) if found is not None else None
+            return render_card_page(_view(found, displays)) if found is not None else None
 
         html = await run_with_deadline(timeout, work)
         if html is None:

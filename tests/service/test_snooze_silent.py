@@ -40,6 +40,10 @@ def with_anc(value: float) -> dict[str, Any]:
     return data
 
 
+def card_reason_display(card: dict[str, Any]) -> str:
+    return str(card["overrideReasons"][0]["display"])
+
+
 def override(client: CdsClient, card: dict[str, Any], at: str) -> None:
     reason = card["overrideReasons"][0]
     entry = {
@@ -73,6 +77,7 @@ def test_an_override_holds_the_finding_back_until_it_worsens_or_the_snooze_ends(
     # What was held back is shown on the overridden card's page, with the feedback.
     text = page_text(requests.get(page_url(client.base_url, first), timeout=30).text)
     assert "overridden" in text and "Known; haematology <b>involved</b>" in text
+    assert card_reason_display(first) in text  # the code's display, though only the code was sent
     assert "neutropenia grade 4, high severity: ANC 0.4 ×10⁹/L on 2026-11-19" in text
     assert "leukopenia grade 3, high severity: WBC 1.9 ×10⁹/L on 2026-11-19" in text
 
