@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..core.normalise import Dataset
 from ..core.pipeline import Evaluation, evaluate_dataset
 from ..errors import ExitCode, exit_code_table
 from ..files.bulkread import normalise_files
@@ -17,6 +18,7 @@ from ..present.silence import silence_line
 from .formats import add_format_option, chosen_format, render
 from .options import add_as_of, add_profile_options, as_of_or_latest, profiles_from
 from .output import check_output, write_output
+from .scale import SHARD_BYTES, add_scale_options, evaluate_in_shards, scale_settings
 
 __all__ = ["register"]
 
@@ -98,7 +100,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress bar even on a terminal"
     )
-
+    add_scale_options(parser)
     parser.set_defaults(handler=run)
 
 
@@ -174,12 +176,22 @@ def run(args: argparse.Namespace) -> int:
     files = input_files(args.paths, same_source=args.same_source)
     show = sys.stderr.isatty() and not args.no_progress
     total = sum(f.stat().st_size for f, _input in files if f != STDIN)
+    scale = scale_settings(args)
+    result: Evaluation | None = None
     with tqdm(
         total=total, unit="B", unit_scale=True, disable=not show, desc="reading", leave=False
     ) as bar:
-        # Progress counts decompressed bytes for .gz input, so the bar may run past its total.
-        dataset = normalise_files(files, knowledge, progress=bar.update if show else None)
-    result = evaluate_dataset(dataset, profiles, as_of=as_of)
+        progress = bar.update if show else None
+        if scale.shards or (scale.shards is None and total >= SHARD_BYTES):
+            # Bounded memory: partition by patient on disk, evaluate shard by shard (files/shards.py).
+            result = evaluate_in_shards(files, total, scale, args, as_of, progress)
+        if result is None:
+            # Progress counts decompressed bytes for .gz input, so the bar may run past its total.
+            dataset = normalise_files(files, knowledge, progress=progress)
+    if result is None:
+        result = evaluate_dataset(dataset, profiles, as_of=as_of)
+    else:
+        dataset = Dataset()  # sharded: no whole dataset (the formats read the findings)
     fmt = chosen_format(args, sys.stdout.isatty())
     data = render(fmt, result, dataset=dataset, profiles=profiles, inputs=args.paths)
     write_output(args.output, data)

@@ -163,6 +163,19 @@ class RunConfig(_Table):
         return value
 
 
+class ScaleConfig(_Table):
+    """Population scale (``evaluate`` and ``run --bulk``; docs/population.md): where the shards
+    go and who evaluates them."""
+
+    workers: int = pydantic.Field(default=1, ge=1, le=512)
+    """Local worker processes (``--workers``)."""
+    dask_scheduler: str | None = None
+    """A ``dask.distributed`` scheduler (``tcp://host:8786``): one task per shard there."""
+    work_dir: Path | None = None
+    """Where the shards are written (default: a temporary directory; with Dask a directory every
+    worker can read, e.g. a shared file system)."""
+
+
 class StateConfig(_Table):
     path: Path | None = None
     """Default: the user data directory (``fhir-leuko/state.sqlite3``)."""
@@ -183,6 +196,7 @@ class JobConfig(BaseSettings):
     auth: AuthConfig = AuthConfig()
     run: RunConfig = RunConfig()
     state: StateConfig = StateConfig()
+    scale: ScaleConfig = ScaleConfig()
 
     @classmethod
     def settings_customise_sources(
@@ -203,7 +217,7 @@ class JobConfig(BaseSettings):
         return parse_interval(self.run.stale_lock_after)
 
 
-_TABLES = ("fhir", "auth", "run", "state")
+_TABLES = ("fhir", "auth", "run", "state", "scale")
 
 
 def _read_tables(path: Path) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import gc
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
+from itertools import count
 from operator import attrgetter
 
 from ..fhirjson import (
@@ -95,15 +96,20 @@ class Normaliser:
         What :func:`fhir_leuko.files.reader.read_file` and :meth:`feed` do for NDJSON, in one loop:
         this runs once per line of a bulk export.
         """
+        self.feed_numbered(zip(count(first), lines), source, input=input)
+
+    def feed_numbered(
+        self, numbered: Iterable[tuple[int, bytes]], source: str, *, input: str | None = None
+    ) -> None:
+        """:meth:`feed_lines` for lines that are not consecutive: ``(line number, line)`` pairs of
+        ``source`` (the lines of one file that a shard holds, ``files/shards.py``)."""
         self.problems.lines_source = source
         # Bound once: these run once per Observation. NDJSON lines carry no fullUrl, so all of
         # them go to the input's own part of its source.
         into = self.sources.shard(input, None)
         add_observation = into.labs.add
         observations = 0
-        number = first - 1
-        for line in lines:
-            number += 1
+        for number, line in numbered:
             if not line or line.isspace():
                 continue
             try:

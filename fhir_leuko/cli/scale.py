@@ -1,0 +1,128 @@
+"""The population-scale options of ``evaluate`` (and ``run --bulk``): shards on disk, local worker
+processes, a Dask cluster (docs/population.md)."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..core.pipeline import AsOf, Evaluation
+from ..errors import UsageError
+from ..files.executors import ShardMap, dask_map, local_map, process_map
+from ..files.reader import Progress
+from ..files.shards import SHARD_BYTES, evaluate_sharded, shard_count
+from ..job.config import load_job_config
+
+__all__ = [
+    "SHARD_BYTES",
+    "ScaleOptions",
+    "add_scale_options",
+    "evaluate_in_shards",
+    "scale_settings",
+    "shard_executor",
+]
+
+SCALE_HELP = f"""\
+population scale (docs/population.md):
+  Input over {SHARD_BYTES >> 20} MB of NDJSON is partitioned by patient into shards on disk and evaluated
+  shard by shard: memory stays bounded and the output is byte-identical. --workers N evaluates
+  shards on N local processes; --dask-scheduler on a dask.distributed cluster (the dask extra;
+  --work-dir must then be storage every worker can read). [scale] workers, dask_scheduler and
+  work_dir in --config, or FHIR_LEUKO_SCALE_WORKERS, FHIR_LEUKO_SCALE_DASK_SCHEDULER,
+  FHIR_LEUKO_SCALE_WORK_DIR.
+"""
+
+
+@dataclass(frozen=True)
+class ScaleOptions:
+    workers: int = 1
+    dask_scheduler: str | None = None
+    work_dir: Path | None = None
+    shards: int | None = None
+
+
+def add_scale_options(parser: argparse.ArgumentParser, *, config: bool = True) -> None:
+    group = parser.add_argument_group("population scale (large exports)")
+    group.add_argument(
+        "--workers", metavar="N", type=int, help="evaluate shards on N local processes"
+    )
+    group.add_argument(
+        "--dask-scheduler",
+        metavar="ADDRESS",
+        help="evaluate shards as tasks on this dask.distributed scheduler (tcp://host:8786)",
+    )
+    group.add_argument(
+        "--work-dir", metavar="DIR", type=Path, help="where the shards go (default: a temp dir)"
+    )
+    group.add_argument(
+        "--shards",
+        metavar="N",
+        type=int,
+        help=f"partition into N shards whatever the size (default: one per {SHARD_BYTES >> 20} MB "
+        "of input, none below that); 0: never (everything in memory)",
+    )
+    if config:
+        group.add_argument(
+            "--config", metavar="FILE", type=Path, help="a TOML file with a [scale] table"
+        )
+
+
+def scale_settings(args: argparse.Namespace) -> ScaleOptions:
+    """Flags > ``FHIR_LEUKO_SCALE_*`` > the ``[scale]`` table of ``--config`` > defaults."""
+    flags = {
+        "workers": args.workers,
+        "dask_scheduler": args.dask_scheduler,
+        "work_dir": args.work_dir,
+    }
+    given = {k: v for k, v in flags.items() if v is not None}
+    scale = load_job_config({"scale": given}, getattr(args, "config", None)).scale
+    if args.shards is not None and args.shards < 0:
+        raise UsageError(f"--shards {args.shards}: must be 0 (in memory) or more")
+    return ScaleOptions(scale.workers, scale.dask_scheduler, scale.work_dir, args.shards)
+
+
+def shard_executor(scale: ScaleOptions) -> AbstractContextManager[ShardMap]:
+    if scale.dask_scheduler:
+        return dask_map(scale.dask_scheduler)
+    if scale.workers > 1:
+        return process_map(scale.workers)
+    return nullcontext(local_map)
+
+
+@contextmanager
+def _work_dir(scale: ScaleOptions) -> Iterator[Path]:
+    if scale.work_dir is not None:
+        scale.work_dir.mkdir(parents=True, exist_ok=True)
+    directory = Path(tempfile.mkdtemp(prefix="fhir-leuko-shards-", dir=scale.work_dir))
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def evaluate_in_shards(
+    files: Sequence[tuple[Path, str | None]],
+    total: int,
+    scale: ScaleOptions,
+    args: argparse.Namespace,
+    as_of: AsOf,
+    progress: Progress | None,
+) -> Evaluation | None:
+    """The sharded evaluation of ``evaluate`` (``None``: this input is evaluated in memory)."""
+    count = scale.shards or shard_count(total, scale.workers)
+    with _work_dir(scale) as directory, shard_executor(scale) as run_map:
+        return evaluate_sharded(
+            files,
+            as_of=as_of,
+            work_dir=directory / "shards",
+            count=count,
+            profile_dirs=args.profiles,
+            select=args.profile,
+            run_map=run_map,
+            progress=progress,
+        )

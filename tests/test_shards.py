@@ -1,0 +1,246 @@
+"""Sharded evaluation (issue 12 §2): the same output as evaluating everything at once, for any
+number of shards, on the test data, a generated export and the cases the join exists for (a
+subject-less result, a result corrected to another patient, a Medication shared across shards)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from fhir_leuko.core.detectedissue import to_ndjson
+from fhir_leuko.core.knowledge import Knowledge
+from fhir_leuko.core.pipeline import Evaluation, evaluate_dataset
+from fhir_leuko.core.profiles import ProfileSet
+from fhir_leuko.files.bulkread import normalise_files
+from fhir_leuko.files.reader import input_files
+from fhir_leuko.files.shards import evaluate_sharded, partition, patient_shard
+
+from .conftest import AS_OF, DATA, SHARED_FIXTURES, fhir_leuko, utc
+
+LOINC = "http://loinc.org"
+
+
+def _flatten(source: Path, out: Path) -> Path:
+    """Every JSON file of ``source`` as NDJSON (a Bundle's entries one per line) in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    for number, path in enumerate(sorted(source.rglob("*.json"))):
+        try:
+            doc = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError):
+            continue
+        if not isinstance(doc, dict):
+            continue
+        if doc.get("resourceType") == "Bundle":
+            entries = doc.get("entry") or []
+            found = [e["resource"] for e in entries if isinstance(e, dict) and isinstance(e.get("resource"), dict)]
+        else:
+            found = [doc]
+        if found and not any(r.get("resourceType") == "Bundle" for r in found):
+            lines = b"".join(orjson.dumps(r) + b"\n" for r in found)
+            (out / f"{number:03d}-{path.stem}.ndjson").write_bytes(lines)
+    return out
+
+
+def _whole(paths: list[Path], knowledge: Knowledge, profiles: ProfileSet, as_of: datetime) -> Evaluation:
+    return evaluate_dataset(normalise_files(input_files(paths), knowledge), profiles, as_of=as_of)
+
+
+def _sharded(paths: list[Path], tmp: Path, count: int, as_of: datetime) -> Evaluation:
+    got = evaluate_sharded(input_files(paths), as_of=as_of, work_dir=tmp / f"s{count}", count=count)
+    assert got is not None
+    return got
+
+
+def _same(whole: Evaluation, sharded: Evaluation, *, copied: bool = False) -> None:
+    assert to_ndjson(sharded.issues) == to_ndjson(whole.issues)
+    assert sorted(map(str, sharded.problems)) == sorted(map(str, whole.problems))
+    assert sharded.patients == whole.patients
+    if copied:  # a result read into two shards is counted as used in both (docs/population.md)
+        assert {k: v for k, v in sharded.counts.items() if not k.startswith("results:")} == {
+            k: v for k, v in whole.counts.items() if not k.startswith("results:")
+        }
+    else:
+        assert +sharded.counts == +whole.counts
+
+
+@pytest.mark.parametrize("as_of", [AS_OF, utc(2026, 1, 15)])
+def test_the_test_data_as_ndjson_gives_the_same_output_in_any_number_of_shards(
+    tmp_path: Path, knowledge: Knowledge, profiles: ProfileSet, as_of: datetime
+) -> None:
+    flat = _flatten(DATA, tmp_path / "data")
+    shutil.copy(DATA / "units.ndjson", flat / "units.ndjson")
+    whole = _whole([flat], knowledge, profiles, as_of)
+    assert whole.problems and (whole.issues or as_of != AS_OF)
+    for count in (1, 3, 7):
+        _same(whole, _sharded([flat], tmp_path, count, as_of))
+
+
+def test_the_shared_fixtures_as_ndjson(
+    tmp_path: Path, knowledge: Knowledge, profiles: ProfileSet
+) -> None:
+    synthea = SHARED_FIXTURES / "synthea-smart-sample-data"
+    if not synthea.is_dir():
+        pytest.skip("../shared/fixtures is not beside the repository")
+    flat = _flatten(synthea, tmp_path / "synthea")
+    whole = _whole([flat], knowledge, profiles, AS_OF)
+    _same(whole, _sharded([flat], tmp_path, 4, AS_OF))
+
+
+def test_a_generated_export_with_gzip(
+    tmp_path: Path, knowledge: Knowledge, profiles: ProfileSet
+) -> None:
+    from benchmarks.generate import AS_OF as GENERATED_AS_OF
+    from benchmarks.generate import generate
+
+    export = tmp_path / "export"
+    generate(export, 4000)
+    gz = export / "Observation.000.ndjson"
+    (export / "Observation.000.ndjson.gz").write_bytes(gzip.compress(gz.read_bytes()))
+    gz.unlink()
+    as_of = datetime.fromisoformat(GENERATED_AS_OF + "T23:59:59+00:00")
+    whole = _whole([export], knowledge, profiles, as_of)
+    assert len(whole.issues) > 3
+    _same(whole, _sharded([export], tmp_path, 5, as_of))
+
+
+# -- the join's cases, as hand-written FHIR JSON --------------------------------------------------
+
+
+def _anc(oid: str, pid: str | None, value: float, when: str, **extra: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "resourceType": "Observation",
+        "id": oid,
+        "status": "final",
+        "code": {"coding": [{"system": LOINC, "code": "751-8"}]},
+        "effectiveDateTime": when,
+        "valueQuantity": {"value": value, "unit": "10*3/uL", "system": "http://unitsofmeasure.org", "code": "10*3/uL"},
+        **extra,
+    }
+    if pid:
+        out["subject"] = {"reference": f"Patient/{pid}"}
+    return out
+
+
+def _two_shards() -> Iterator[str]:
+    """Patient ids in shard 0 and shard 1 of 2 (in that order), then more of each in turn."""
+    wanted = 0
+    for n in range(1000):
+        pid = f"p{n}"
+        if patient_shard(f"Patient/{pid}", 2) == wanted:
+            yield pid
+            wanted = 1 - wanted
+
+
+def _write(path: Path, *resources: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in resources))
+    return path
+
+
+def _patients_found(result: Evaluation) -> set[str]:
+    return {f.patient for f in result.findings}
+
+
+def test_a_result_without_subject_follows_its_report_into_the_patients_shard(
+    tmp_path: Path, knowledge: Knowledge, profiles: ProfileSet
+) -> None:
+    a, b = next(_two_shards()), list(_two_shards())[1]
+    report = {
+        "resourceType": "DiagnosticReport",
+        "id": "r1",
+        "status": "final",
+        "code": {"coding": [{"system": LOINC, "code": "57021-8"}]},
+        "subject": {"reference": f"Patient/{b}"},
+        "effectiveDateTime": "2024-05-01T08:00:00Z",
+        "result": [{"reference": "Observation/o1"}],
+    }
+    # The firing case: the report names the patient of the subject-less ANC (0.4: severe).
+    export = tmp_path / "export"
+    _write(export / "DiagnosticReport.ndjson", report)
+    _write(export / "Observation.ndjson", _anc("o1", None, 0.4, "2024-05-01T08:00:00Z"), _anc("o2", a, 2.5, "2024-05-01T08:00:00Z"))
+    whole = _whole([export], knowledge, profiles, AS_OF)
+    sharded = _sharded([export], tmp_path, 2, AS_OF)
+    _same(whole, sharded)
+    assert _patients_found(sharded) == {f"Patient/{b}"}
+    # The near miss: no report names a patient for it: no finding, a problem naming the result.
+    (export / "DiagnosticReport.ndjson").unlink()
+    sharded = _sharded([export], tmp_path / "near", 2, AS_OF)
+    _same(_whole([export], knowledge, profiles, AS_OF), sharded)
+    assert not sharded.findings and any("o1" in str(p) for p in sharded.problems)
+
+
+def test_a_result_corrected_to_another_patient_counts_only_for_that_patient(
+    tmp_path: Path, knowledge: Knowledge, profiles: ProfileSet
+) -> None:
+    a, b = next(_two_shards()), list(_two_shards())[1]
+    first = _anc("o1", a, 0.3, "2024-05-01T08:00:00Z", meta={"versionId": "1", "lastUpdated": "2024-05-01T09:00:00Z"})
+    fixed = _anc("o1", b, 0.3, "2024-05-01T08:00:00Z", meta={"versionId": "2", "lastUpdated": "2024-05-02T09:00:00Z"})
+    export = _write(tmp_path / "export" / "Observation.ndjson", first, fixed).parent
+    whole = _whole([export], knowledge, profiles, AS_OF)
+    sharded = _sharded([export], tmp_path, 2, AS_OF)
+    _same(whole, sharded, copied=True)
+    assert _patients_found(sharded) == {f"Patient/{b}"}  # not the wrong patient any more
+    # Near miss: without the correction, the first patient has the finding.
+    _write(tmp_path / "one" / "Observation.ndjson", first)
+    assert _patients_found(_sharded([tmp_path / "one"], tmp_path / "n", 2, AS_OF)) == {f"Patient/{a}"}
+
+
+def test_a_medication_shared_by_patients_in_several_shards_reaches_each(
+    tmp_path: Path, knowledge: Knowledge, profiles: ProfileSet
+) -> None:
+    a, b = next(_two_shards()), list(_two_shards())[1]
+    medication = {
+        "resourceType": "Medication",
+        "id": "vpa",
+        "code": {"coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "11118"}], "text": "valproic acid"},
+    }
+
+    def order(pid: str) -> dict[str, Any]:
+        return {
+            "resourceType": "MedicationRequest",
+            "id": f"mr-{pid}",
+            "status": "active",
+            "intent": "order",
+            "medicationReference": {"reference": "Medication/vpa"},
+            "subject": {"reference": f"Patient/{pid}"},
+            "authoredOn": "2024-04-01",
+        }
+
+    export = tmp_path / "export"
+    _write(export / "Medication.ndjson", medication)
+    _write(export / "MedicationRequest.ndjson", order(a), order(b))
+    _write(export / "Observation.ndjson", _anc("o1", a, 0.8, "2024-05-01T08:00:00Z"), _anc("o2", b, 0.9, "2024-05-01T08:00:00Z"))
+    whole = _whole([export], knowledge, profiles, AS_OF)
+    sharded = _sharded([export], tmp_path, 2, AS_OF)
+    _same(whole, sharded)
+    # Both patients' neutropenia names the drug: the Medication was in both shards.
+    text = to_ndjson(sharded.issues).decode().lower()
+    assert text.count("valpro") >= 2 and len(_patients_found(sharded)) == 2
+
+
+def test_input_that_cannot_be_sharded_exactly_is_left_to_memory(tmp_path: Path) -> None:
+    bundle = {"resourceType": "Bundle", "type": "collection", "entry": []}
+    _write(tmp_path / "in" / "mixed.ndjson", bundle)
+    assert partition(input_files([tmp_path / "in"]), tmp_path / "s", 2) is None
+    (tmp_path / "json").mkdir()
+    (tmp_path / "json" / "b.json").write_text(json.dumps(bundle))
+    assert partition(input_files([tmp_path / "json"]), tmp_path / "s", 2) is None
+
+
+def test_the_cli_with_shards_and_workers_writes_the_same_bytes(tmp_path: Path) -> None:
+    flat = _flatten(DATA, tmp_path / "data")
+    outputs = []
+    for extra in (["--shards", "0"], ["--shards", "3"], ["--shards", "3", "--workers", "2"]):
+        out = tmp_path / f"out-{len(outputs)}.ndjson"
+        result = fhir_leuko("evaluate", str(flat), "--as-of", "2024-05-02", "--output", str(out), *extra)
+        assert result.returncode == 1, result.stderr  # the test data has input problems on purpose
+        outputs.append(out.read_bytes())
+    assert outputs[0] == outputs[1] == outputs[2] and outputs[0]
