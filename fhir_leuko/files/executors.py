@@ -63,7 +63,8 @@ def dask_map(scheduler: str | Any) -> Iterator[ShardMap]:
             "--dask-scheduler needs the dask extra: pip install 'fhir-leuko[dask]'"
         ) from None
     try:
-        client = Client(scheduler, timeout=30)  # type: ignore[no-untyped-call]
+        # The connect timeout is Dask's own (distributed.comm.timeouts.connect, 30 s by default).
+        client = Client(scheduler)  # type: ignore[no-untyped-call]
     except (OSError, TimeoutError) as exc:
         raise UsageError(f"--dask-scheduler {scheduler}: cannot connect ({exc})") from None
     with client:

@@ -1,0 +1,57 @@
+"""The same evaluation on a real ``dask.distributed`` cluster (issue 12 §3): a ``LocalCluster`` of
+two worker processes, one task per shard, and the DetectedIssues byte-identical to one process."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import fhir_leuko
+from .test_shards import DATA, _flatten
+
+distributed = pytest.importorskip("distributed", reason="the dask extra is not installed")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[str]:
+    with distributed.LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,
+        host="127.0.0.1",
+    ) as local:
+        yield local.scheduler_address
+
+
+@pytest.mark.slow
+def test_shards_on_a_local_cluster_give_the_same_bytes(cluster: str, tmp_path: Path) -> None:
+    flat = _flatten(DATA, tmp_path / "data")
+    one = tmp_path / "one.ndjson"
+    on_dask = tmp_path / "dask.ndjson"
+    base = ["evaluate", str(flat), "--as-of", "2024-05-02"]
+    assert fhir_leuko(*base, "--output", str(one), "--shards", "0").returncode == 1
+    result = fhir_leuko(
+        *base, "--output", str(on_dask), "--shards", "4", "--dask-scheduler", cluster,
+        "--work-dir", str(tmp_path / "work"),
+    )
+    assert result.returncode == 1, result.stderr
+    assert on_dask.read_bytes() == one.read_bytes() and one.read_bytes()
+    # The cluster's scheduler ran fhir-leuko's shard tasks.
+    with distributed.Client(cluster) as client:
+        prefixes = client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.task_prefixes))
+    assert "fhir-leuko-shard" in prefixes
+    # The shards are gone from the work directory afterwards.
+    assert not any((tmp_path / "work").iterdir())
+
+
+def test_a_scheduler_that_cannot_be_reached_is_a_usage_error(tmp_path: Path) -> None:
+    flat = _flatten(DATA, tmp_path / "data")
+    result = fhir_leuko(
+        "evaluate", str(flat), "--shards", "2", "--dask-scheduler", "tcp://127.0.0.1:9",
+        "--output", str(tmp_path / "x.ndjson"),
+        env={"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "1s"},
+    )
+    assert result.returncode == 2 and "--dask-scheduler tcp://127.0.0.1:9" in result.stderr
