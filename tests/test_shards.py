@@ -56,7 +56,9 @@ def _whole(paths: list[Path], knowledge: Knowledge, profiles: ProfileSet, as_of:
 def _sharded(paths: list[Path], tmp: Path, count: int, as_of: datetime) -> Evaluation:
     got = evaluate_sharded(input_files(paths), as_of=as_of, work_dir=tmp / f"s{count}", count=count)
     assert got is not None
-    return got
+    result, flagged = got
+    assert set(flagged.patients) == {f.patient for f in result.findings}
+    return result
 
 
 def _same(whole: Evaluation, sharded: Evaluation, *, copied: bool = False) -> None:
@@ -244,3 +246,20 @@ def test_the_cli_with_shards_and_workers_writes_the_same_bytes(tmp_path: Path) -
         assert result.returncode == 1, result.stderr  # the test data has input problems on purpose
         outputs.append(out.read_bytes())
     assert outputs[0] == outputs[1] == outputs[2] and outputs[0]
+
+
+def test_the_html_report_of_a_sharded_run_is_the_same(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib", reason="the report extra is not installed")
+    (tmp_path / "one").mkdir()
+    shutil.copy(DATA / "clozapine.json", tmp_path / "one")  # a few patients: a few plots
+    flat = _flatten(tmp_path / "one", tmp_path / "data")
+    pages = []
+    for shards in ("0", "3"):
+        out = tmp_path / f"report-{shards}.html"
+        result = fhir_leuko(
+            "evaluate", str(flat), "--as-of", "2024-05-02", "--format", "html", "--output",
+            str(out), "--shards", shards,
+        )
+        assert result.returncode == 0, result.stderr
+        pages.append(out.read_bytes())
+    assert pages[0] == pages[1] and b"data:image/svg+xml" in pages[0]

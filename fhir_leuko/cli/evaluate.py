@@ -177,21 +177,21 @@ def run(args: argparse.Namespace) -> int:
     show = sys.stderr.isatty() and not args.no_progress
     total = sum(f.stat().st_size for f, _input in files if f != STDIN)
     scale = scale_settings(args)
-    result: Evaluation | None = None
+    sharded: tuple[Evaluation, Dataset] | None = None
     with tqdm(
         total=total, unit="B", unit_scale=True, disable=not show, desc="reading", leave=False
     ) as bar:
         progress = bar.update if show else None
         if scale.shards or (scale.shards is None and total >= SHARD_BYTES):
             # Bounded memory: partition by patient on disk, evaluate shard by shard (files/shards.py).
-            result = evaluate_in_shards(files, total, scale, args, as_of, progress)
-        if result is None:
+            sharded = evaluate_in_shards(files, total, scale, args, as_of, progress)
+        if sharded is None:
             # Progress counts decompressed bytes for .gz input, so the bar may run past its total.
             dataset = normalise_files(files, knowledge, progress=progress)
-    if result is None:
+    if sharded is None:
         result = evaluate_dataset(dataset, profiles, as_of=as_of)
-    else:
-        dataset = Dataset()  # sharded: no whole dataset (the formats read the findings)
+    else:  # the records of the patients with findings: all that the formats show
+        result, dataset = sharded
     fmt = chosen_format(args, sys.stdout.isatty())
     data = render(fmt, result, dataset=dataset, profiles=profiles, inputs=args.paths)
     write_output(args.output, data)

@@ -11,6 +11,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..core.normalise import Dataset
 from ..core.pipeline import AsOf, Evaluation
 from ..errors import UsageError
 from ..files.executors import ShardMap, dask_map, local_map, process_map
@@ -112,8 +113,9 @@ def evaluate_in_shards(
     args: argparse.Namespace,
     as_of: AsOf,
     progress: Progress | None,
-) -> Evaluation | None:
-    """The sharded evaluation of ``evaluate`` (``None``: this input is evaluated in memory)."""
+) -> tuple[Evaluation, Dataset] | None:
+    """The sharded evaluation of ``evaluate`` and the records of the patients with findings
+    (``None``: this input is evaluated in memory)."""
     count = scale.shards or shard_count(total, scale.workers)
     with _work_dir(scale) as directory, shard_executor(scale) as run_map:
         return evaluate_sharded(

@@ -45,8 +45,8 @@ import msgspec
 
 from ..core.decision import Silence
 from ..core.knowledge import Knowledge
-from ..core.model import Problem
-from ..core.normalise import Normaliser
+from ..core.model import PatientRecord, Problem
+from ..core.normalise import Dataset, Normaliser
 from ..core.pipeline import AsOf, Evaluation, evaluate_dataset
 from ..core.profiles import ProfileSet
 from .documents import load_knowledge, load_profiles
@@ -548,6 +548,8 @@ class ShardSpec:
 class ShardResult:
     index: int
     evaluation: Evaluation
+    flagged: dict[str, PatientRecord]
+    """The records of the patients with findings (the HTML report shows their trends)."""
 
 
 @lru_cache(maxsize=4)
@@ -576,14 +578,23 @@ def evaluate_shard(spec: ShardSpec) -> ShardResult:
         if patient_shard(bare, spec.count) == spec.index:
             mine[key] = record
     dataset.patients = mine
-    return ShardResult(spec.index, evaluate_dataset(dataset, profiles, as_of=spec.as_of))
+    evaluation = evaluate_dataset(dataset, profiles, as_of=spec.as_of)
+    flagged = {f.patient: mine[f.patient] for f in evaluation.findings if f.patient in mine}
+    return ShardResult(spec.index, evaluation, flagged)
 
 
-def merge_results(results: Iterable[ShardResult], partition: Partition) -> Evaluation:
+def merge_results(
+    results: Iterable[ShardResult], partition: Partition
+) -> tuple[Evaluation, Dataset]:
     """One :class:`Evaluation` from the shards', as evaluating everything at once gives it:
     DetectedIssues in patient-key order; a problem found in several shards (a copied resource)
-    once; why nothing was found summed over the shards."""
-    shards = [r.evaluation for r in sorted(results, key=lambda r: r.index)]
+    once; why nothing was found summed over the shards. With it, a :class:`Dataset` of the
+    records of the patients with findings."""
+    ordered = sorted(results, key=lambda r: r.index)
+    shards = [r.evaluation for r in ordered]
+    flagged = Dataset()
+    for r in ordered:
+        flagged.patients.update(r.flagged)
     pairs = sorted(
         (finding.patient, index, i)
         for index, shard in enumerate(shards)
@@ -606,7 +617,9 @@ def merge_results(results: Iterable[ShardResult], partition: Partition) -> Evalu
         out.issues.append(shards[index].issues[i])
     if not out.findings:
         out.silence = _silence([s.silence for s in shards if s.silence is not None])
-    return out
+    flagged.problems = out.problems
+    flagged.counts = out.counts
+    return out, flagged
 
 
 def _silence(parts: list[Silence]) -> Silence | None:
@@ -641,9 +654,10 @@ def evaluate_sharded(
     select: Sequence[str] = (),
     run_map: Callable[..., Iterable[ShardResult]] = map,
     progress: Progress | None = None,
-) -> Evaluation | None:
+) -> tuple[Evaluation, Dataset] | None:
     """Partition, evaluate every shard with ``run_map`` (``map``, or an executor of
-    :mod:`.executors`), merge. ``None`` when the input must be evaluated in memory."""
+    :mod:`.executors`), merge (:func:`merge_results`). ``None`` when the input must be evaluated
+    in memory."""
     part = partition(files, work_dir, count, progress=progress)
     if part is None:
         return None
