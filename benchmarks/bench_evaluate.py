@@ -1,17 +1,23 @@
 """``fhir-leuko evaluate`` end to end, against merely parsing the same bytes with orjson.
 
-``./dev bench evaluate [--observations N] [--data DIR] [--check]``
+``./dev bench evaluate [--observations N] [--data DIR] [--rounds R] [--variants LIST] [--check]``
 
 1. Generates (once, cached under ``benchmarks/out/``) a deterministic bulk export of about N
    Observations with benchmarks/generate.py.
-2. Parse only: reads every NDJSON file line by line and ``orjson.loads`` each line, in this process,
-   once before and once after step 3 (the mean is used).
-3. End to end: runs ``python -m fhir_leuko evaluate DIR --as-of ... --output FILE`` as a child
-   process, and takes the child's CPU time and peak resident memory from ``wait4``.
+2. Parse only: reads every NDJSON file line by line and ``orjson.loads`` each line, in this process.
+3. End to end: ``python -m fhir_leuko evaluate DIR --as-of ... --output FILE`` as a child process,
+   in one or more *variants* (``memory``: everything in memory, ``--shards 0``; ``shards``: the
+   default, shards on disk above 160 MB, one process; ``workers2``: ``--workers 2``; ``dask2``: a
+   ``distributed.LocalCluster`` of two worker processes started here, its start-up not timed).
+   Peak memory is the largest resident set of the child and its children together (sampled every
+   20 ms from /proc) and the child's own ``ru_maxrss``.
 
-Both rates are Observations per second of wall time; the goal (issue 2 §9) is end to end >= 0.5x
-parse only. Figures are ratios on one machine, never a timed test. ``--check`` exits 1 when the goal
-is missed.
+Noise: the machine is shared, so each of R rounds takes one reading of parse only and one of each
+variant, in a rotating order, and the *best* reading of each is compared (a reading can only be
+slowed down by the neighbours, never sped up). Every reading prints the load average when it
+started. Rates are Observations per second of wall time; the goals (issue 2 §9, issue 12 §2):
+one process >= 0.5x parse only, two workers >= 1.0x parse only. ``--check`` exits 1 when a goal is
+missed or a variant's output differs from the first variant's (byte for byte).
 """
 
 from __future__ import annotations
@@ -20,7 +26,11 @@ import argparse
 import os
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
@@ -30,7 +40,14 @@ from .generate import AS_OF, GENERATOR_VERSION, generate
 __all__ = ["main"]
 
 GOAL = 0.5
+GOAL_TWO_WORKERS = 1.0
 OUT = Path(__file__).resolve().parent / "out"
+VARIANTS = {
+    "memory": ["--shards", "0"],
+    "shards": [],
+    "workers2": ["--workers", "2"],
+    "dask2": ["--dask-scheduler", "{scheduler}"],
+}
 
 
 def _dataset(observations: int, data: Path | None) -> Path:
@@ -51,10 +68,34 @@ def _files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.name.endswith(".ndjson"))
 
 
-def _parse_only(files: list[Path]) -> tuple[float, float, int, int]:
-    """Wall and CPU seconds to orjson-parse every line, the Observations, and the bytes read."""
+def _load() -> float:
+    return os.getloadavg()[0]
+
+
+@dataclass
+class Reading:
+    seconds: float
+    cpu: float
+    load: float
+    rss_tree_kib: int = 0
+    maxrss_kib: int = 0
+
+
+@dataclass
+class Side:
+    name: str
+    readings: list[Reading] = field(default_factory=list)
+
+    @property
+    def best(self) -> Reading:
+        return min(self.readings, key=lambda r: r.seconds)
+
+
+def _parse_only(files: list[Path]) -> tuple[Reading, int, int]:
+    """One reading: orjson-parse every line; the Observations and the bytes read."""
     observations = 0
     size = 0
+    load = _load()
     started = time.perf_counter()
     cpu = time.process_time()
     for path in files:
@@ -63,72 +104,164 @@ def _parse_only(files: list[Path]) -> tuple[float, float, int, int]:
                 size += len(line)
                 if orjson.loads(line)["resourceType"] == "Observation":
                     observations += 1
-    return time.perf_counter() - started, time.process_time() - cpu, observations, size
+    reading = Reading(time.perf_counter() - started, time.process_time() - cpu, load)
+    return reading, observations, size
 
 
-def _end_to_end(directory: Path, output: Path) -> tuple[float, float, int, int, str]:
-    """Wall and CPU seconds, exit code, peak RSS (KiB) and stderr of one ``fhir-leuko evaluate``."""
+def _tree_rss_kib(root: int) -> int:
+    """Resident memory of a process and all its descendants (KiB), from /proc."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        pid, ppid = int(entry), int(fields[1])
+        children.setdefault(ppid, []).append(pid)
+        rss[pid] = int(fields[21]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += rss.get(pid, 0)
+        todo.extend(children.get(pid, []))
+    return total
+
+
+def _end_to_end(directory: Path, output: Path, extra: list[str]) -> tuple[Reading, int, str]:
+    """One ``fhir-leuko evaluate`` child: its reading, exit code and stderr."""
     command = [
-        sys.executable,
-        "-m",
-        "fhir_leuko",
-        "evaluate",
-        str(directory),
-        "--as-of",
-        AS_OF,
-        "--output",
-        str(output),
-        "--no-progress",
+        sys.executable, "-m", "fhir_leuko", "evaluate", str(directory), "--as-of", AS_OF,
+        "--output", str(output), "--no-progress", "--format", "ndjson", *extra,
     ]
+    load = _load()
     started = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak = [0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.02):
+            peak[0] = max(peak[0], _tree_rss_kib(child.pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     assert child.stderr is not None
     stderr = child.stderr.read().decode()
     _pid, status, usage = os.wait4(child.pid, 0)
     elapsed = time.perf_counter() - started
+    done.set()
+    sampler.join()
     child.returncode = os.waitstatus_to_exitcode(status)
-    return elapsed, usage.ru_utime + usage.ru_stime, child.returncode, usage.ru_maxrss, stderr
+    cpu = usage.ru_utime + usage.ru_stime
+    return Reading(elapsed, cpu, load, peak[0], usage.ru_maxrss), child.returncode, stderr
+
+
+@contextmanager
+def _cluster(wanted: bool) -> Iterator[str]:
+    if not wanted:
+        yield ""
+        return
+    from distributed import LocalCluster
+
+    started = time.perf_counter()
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, host="127.0.0.1"
+    ) as cluster:
+        print(f"dask2: LocalCluster of 2 worker processes started in {time.perf_counter() - started:.1f} s (not timed)")
+        yield str(cluster.scheduler_address)
+
+
+def _verdict(ratio: float, goal: float) -> str:
+    return f"goal >= {goal}x: {'met' if ratio >= goal else 'MISSED'}"
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="./dev bench evaluate", description=__doc__)
     parser.add_argument("--observations", type=int, default=1_000_000, help="default 1,000,000")
     parser.add_argument("--data", type=Path, help="use this generated directory instead")
-    parser.add_argument("--check", action="store_true", help="exit 1 when the goal is missed")
+    parser.add_argument("--rounds", type=int, default=3, help="readings of each side (default 3)")
+    parser.add_argument(
+        "--variants",
+        default="memory,shards",
+        help=f"comma-separated, of {', '.join(VARIANTS)}; 'all' for every one (default memory,shards)",
+    )
+    parser.add_argument("--check", action="store_true", help="exit 1 when a goal is missed")
     args = parser.parse_args(argv)
+    names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown or args.rounds < 1:
+        parser.error(f"unknown variant(s) {unknown}" if unknown else "--rounds must be >= 1")
 
     directory = _dataset(args.observations, args.data)
     files = _files(directory)
-    # Parse only before and after the end-to-end run, and take the mean: on a shared machine the
-    # neighbours' load changes over a run, and this way both figures see the same conditions.
-    before_s, before_cpu, observations, size = _parse_only(files)
-    output = directory.parent / f"{directory.name}.issues.ndjson"
-    e2e_s, e2e_cpu, code, maxrss_kib, stderr = _end_to_end(directory, output)
-    after_s, after_cpu, _, _ = _parse_only(files)
-    parse_s, parse_cpu = (before_s + after_s) / 2, (before_cpu + after_cpu) / 2
-    if code not in (0, 1):
-        print(stderr, file=sys.stderr)
-        print(f"fhir-leuko evaluate failed with exit code {code}", file=sys.stderr)
-        return 2
-    parse_rate = observations / parse_s
-    e2e_rate = observations / e2e_s
-    ratio = e2e_rate / parse_rate
-    issues = sum(1 for _ in output.open("rb"))
+    parse = Side("parse only")
+    sides = {name: Side(name) for name in names}
+    outputs = {name: directory.parent / f"{directory.name}.{name}.issues.ndjson" for name in names}
+    observations = size = 0
+    stderr_of: dict[str, str] = {}
+    with _cluster("dask2" in names) as scheduler:
+        for round_number in range(args.rounds):
+            order = ["parse", *names]
+            shift = round_number % len(order)
+            for name in order[shift:] + order[:shift]:
+                if name == "parse":
+                    reading, observations, size = _parse_only(files)
+                    parse.readings.append(reading)
+                else:
+                    extra = [a.format(scheduler=scheduler) for a in VARIANTS[name]]
+                    reading, code, stderr = _end_to_end(directory, outputs[name], extra)
+                    if code not in (0, 1):
+                        print(stderr, file=sys.stderr)
+                        print(f"{name}: fhir-leuko evaluate failed with exit code {code}", file=sys.stderr)
+                        return 2
+                    sides[name].readings.append(reading)
+                    stderr_of[name] = stderr
+                label = "parse only" if name == "parse" else name
+                print(
+                    f"  round {round_number + 1} {label:<10} {reading.seconds:7.1f} s wall "
+                    f"{reading.cpu:7.1f} s CPU  load {reading.load:.2f}",
+                    flush=True,
+                )
+
     print(f"data: {directory} ({len(files)} files, {size / 1e6:,.0f} MB, {observations:,} Observations)")
+    best_parse = parse.best
+    parse_rate = observations / best_parse.seconds
     print(
-        f"parse only (orjson, line by line): {parse_s:7.1f} s  {parse_rate:>10,.0f} Observations/s"
-        f"  (mean of {before_s:.1f} s before and {after_s:.1f} s after)"
+        f"parse only (orjson, line by line): best {best_parse.seconds:6.1f} s  "
+        f"{parse_rate:>10,.0f} Observations/s  (load {best_parse.load:.2f})"
     )
-    print(f"fhir-leuko evaluate end to end:    {e2e_s:7.1f} s  {e2e_rate:>10,.0f} Observations/s")
-    print(f"ratio end to end / parse only: {ratio:.2f}x (goal >= {GOAL}x: {'met' if ratio >= GOAL else 'MISSED'})")
-    # On a shared machine wall time depends on the neighbours; CPU time much less so.
-    print(
-        f"CPU time: parse only {parse_cpu:.1f} s, end to end {e2e_cpu:.1f} s "
-        f"(ratio {parse_cpu / e2e_cpu:.2f}x); load average {os.getloadavg()[0]:.2f}"
-    )
-    print(f"peak memory of fhir-leuko evaluate (ru_maxrss): {maxrss_kib / 1024:,.0f} MiB")
-    print(f"DetectedIssues written: {issues:,}; exit code {code}")
-    for line in stderr.splitlines():
+    missed = False
+    first = outputs[names[0]].read_bytes()
+    one_process = None
+    for name in names:
+        best = sides[name].best
+        rate = observations / best.seconds
+        ratio = rate / parse_rate
+        goal = GOAL_TWO_WORKERS if name in ("workers2", "dask2") else GOAL
+        verdict = _verdict(ratio, goal)
+        missed |= ratio < goal
+        if name in ("memory", "shards") and (one_process is None or best.seconds < one_process):
+            one_process = best.seconds
+        speedup = f"  {one_process / best.seconds:.2f}x one process" if one_process and name in ("workers2", "dask2") else ""
+        same = outputs[name].read_bytes() == first
+        missed |= not same
+        print(
+            f"{name + ':':<10} best {best.seconds:6.1f} s  {rate:>10,.0f} Observations/s  "
+            f"{ratio:.2f}x parse only ({verdict}){speedup}  CPU {best.cpu:.1f} s  load {best.load:.2f}"
+        )
+        print(
+            f"{'':<10} peak memory {max(r.rss_tree_kib for r in sides[name].readings) / 1024:,.0f} MiB "
+            f"(all processes; the evaluate process alone {max(r.maxrss_kib for r in sides[name].readings) / 1024:,.0f} MiB); "
+            f"output {'identical to ' + names[0] if same else 'DIFFERENT from ' + names[0]}"
+        )
+    issues = sum(1 for _ in outputs[names[0]].open("rb"))
+    print(f"DetectedIssues written: {issues:,}; load average now {_load():.2f}")
+    for line in stderr_of.get(names[0], "").splitlines():
         if line.startswith("fhir-leuko:"):
             print(f"  {line}")
-    return 1 if args.check and ratio < GOAL else 0
+    return 1 if args.check and missed else 0

@@ -17,7 +17,7 @@ import pytest
 
 from fhir_leuko.core.detectedissue import to_ndjson
 from fhir_leuko.core.knowledge import Knowledge
-from fhir_leuko.core.pipeline import Evaluation, evaluate_dataset
+from fhir_leuko.core.pipeline import AsOf, Evaluation, evaluate_dataset
 from fhir_leuko.core.profiles import ProfileSet
 from fhir_leuko.files.bulkread import normalise_files
 from fhir_leuko.files.reader import input_files
@@ -49,11 +49,11 @@ def _flatten(source: Path, out: Path) -> Path:
     return out
 
 
-def _whole(paths: list[Path], knowledge: Knowledge, profiles: ProfileSet, as_of: datetime) -> Evaluation:
+def _whole(paths: list[Path], knowledge: Knowledge, profiles: ProfileSet, as_of: AsOf) -> Evaluation:
     return evaluate_dataset(normalise_files(input_files(paths), knowledge), profiles, as_of=as_of)
 
 
-def _sharded(paths: list[Path], tmp: Path, count: int, as_of: datetime) -> Evaluation:
+def _sharded(paths: list[Path], tmp: Path, count: int, as_of: AsOf) -> Evaluation:
     got = evaluate_sharded(input_files(paths), as_of=as_of, work_dir=tmp / f"s{count}", count=count)
     assert got is not None
     result, flagged = got
@@ -65,6 +65,7 @@ def _same(whole: Evaluation, sharded: Evaluation, *, copied: bool = False) -> No
     assert to_ndjson(sharded.issues) == to_ndjson(whole.issues)
     assert sorted(map(str, sharded.problems)) == sorted(map(str, whole.problems))
     assert sharded.patients == whole.patients
+    assert sharded.silence == whole.silence and sharded.as_of_by_patient == whole.as_of_by_patient
     if copied:  # a result read into two shards is counted as used in both (docs/population.md)
         assert {k: v for k, v in sharded.counts.items() if not k.startswith("results:")} == {
             k: v for k, v in whole.counts.items() if not k.startswith("results:")
@@ -73,14 +74,15 @@ def _same(whole: Evaluation, sharded: Evaluation, *, copied: bool = False) -> No
         assert +sharded.counts == +whole.counts
 
 
-@pytest.mark.parametrize("as_of", [AS_OF, utc(2026, 1, 15)])
+@pytest.mark.parametrize("as_of", [AS_OF, utc(2026, 1, 15), "latest"])
 def test_the_test_data_as_ndjson_gives_the_same_output_in_any_number_of_shards(
-    tmp_path: Path, knowledge: Knowledge, profiles: ProfileSet, as_of: datetime
+    tmp_path: Path, knowledge: Knowledge, profiles: ProfileSet, as_of: AsOf
 ) -> None:
     flat = _flatten(DATA, tmp_path / "data")
     shutil.copy(DATA / "units.ndjson", flat / "units.ndjson")
     whole = _whole([flat], knowledge, profiles, as_of)
     assert whole.problems and (whole.issues or as_of != AS_OF)
+    assert whole.silence is not None or whole.issues
     for count in (1, 3, 7):
         _same(whole, _sharded([flat], tmp_path, count, as_of))
 

@@ -18,7 +18,13 @@ from ..present.silence import silence_line
 from .formats import add_format_option, chosen_format, render
 from .options import add_as_of, add_profile_options, as_of_or_latest, profiles_from
 from .output import check_output, write_output
-from .scale import SHARD_BYTES, add_scale_options, evaluate_in_shards, scale_settings
+from .scale import (
+    SCALE_HELP,
+    SHARD_BYTES,
+    add_scale_options,
+    evaluate_in_shards,
+    scale_settings,
+)
 
 __all__ = ["register"]
 
@@ -72,7 +78,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "evaluate",
         help=_HELP,
         description=f"Evaluate FHIR R4 data on disk and write DetectedIssues ({_HELP}).",
-        epilog=_EPILOG,
+        epilog=f"{_EPILOG}\n{SCALE_HELP}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(

@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from urllib.parse import quote
 
 from tqdm import tqdm
 
 from ..core.fhirtime import format_instant
-from ..core.knowledge import LOINC_SYSTEM, Knowledge
+from ..core.knowledge import Knowledge
 from ..errors import ExitCode
-from ..fhir.bulk import EXPORT_TYPES, BulkExport, ExportRequest, ExportResult
+from ..fhir.bulk import EXPORT_TYPES, BulkExport, ExportRequest, ExportResult, observation_filter
 from ..files.documents import load_knowledge
 from ..job.config import load_job_config
 from .options import parse_instant
@@ -107,11 +106,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def type_filters(knowledge: Knowledge) -> tuple[str, ...]:
-    """The ``_typeFilter`` of an export: Observations of the mapped LOINC codes (the codes the
-    scheduled job searches for, job/fetch.py). One query, its commas (OR) percent-encoded: a
-    comma between queries would separate _typeFilter queries (Bulk Data IG, STU 2)."""
-    codes = ",".join(f"{LOINC_SYSTEM}|{code}" for code in sorted(knowledge.loinc))
-    return (f"Observation?code={quote(codes, safe=':/|')}",)
+    """The ``_typeFilter`` of an export: Observations of the mapped LOINC codes."""
+    return (observation_filter(knowledge),)
 
 
 def report(result: ExportResult) -> int:

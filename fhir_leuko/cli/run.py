@@ -5,6 +5,7 @@ logging, signals and the state file, and prints the summary."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -55,8 +56,9 @@ configuration (flags > FHIR_LEUKO_<TABLE>_<KEY> environment variables > --config
           private_key_file, key_id, algorithm (RS384|ES384), token_url, scope
                                                    e.g. FHIR_LEUKO_AUTH_CLIENT_SECRET
   [run]   overlap, patients_per_request, write_mode, transactions, max_changes, profiles,
-          profile, log_format, every, cron, stale_lock_after
+          profile, log_format, every, cron, stale_lock_after, bulk, bulk_dir
   [state] path                                     e.g. FHIR_LEUKO_STATE_PATH
+  [scale] workers, dask_scheduler, work_dir        (evaluate; docs/population.md)
   Secrets are never flags: use the environment or *_file settings. See docs/scheduled-job.md.
 """
 
@@ -147,6 +149,13 @@ def add_connection_options(parser: argparse.ArgumentParser) -> None:
 def _add_common(parser: argparse.ArgumentParser) -> None:
     add_connection_options(parser)
     what = parser.add_argument_group("what to evaluate")
+    what.add_argument(
+        "--bulk",
+        action="store_true",
+        default=None,
+        help="take the patients from a Bulk Data $export (the first pass and --full: everyone, "
+        "evaluated from the export; later passes: _since the watermark); docs/population.md",
+    )
     select = what.add_mutually_exclusive_group()
     select.add_argument(
         "--full", action="store_true", help="every patient with labs in the lookback"
@@ -288,6 +297,7 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
     tables: dict[str, dict[str, Any]] = {
         **connection_flags(args),
         "run": {
+            "bulk": args.bulk,
             "write_mode": args.write_mode,
             "transactions": args.transactions,
             "patients_per_request": args.patients_per_request,
@@ -465,6 +475,9 @@ def _setup(args: argparse.Namespace) -> tuple[JobConfig, Job, State | None]:
     stop = threading.Event()
     client = build_client(config, stop)
     state_path = config.state.path or default_state_path()
+    if config.run.bulk and options.mode != "patients":
+        bulk_dir = config.run.bulk_dir or state_path.parent / "fhir-leuko-bulk"
+        options = dataclasses.replace(options, bulk_dir=bulk_dir)
     # A dry run changes nothing, the state file included: with no file yet it runs as a first pass.
     state = None if options.dry_run and not state_path.exists() else State(state_path)
     emit = None

@@ -20,6 +20,7 @@ from ..files.shards import SHARD_BYTES, evaluate_sharded, shard_count
 from ..job.config import load_job_config
 
 __all__ = [
+    "SCALE_HELP",
     "SHARD_BYTES",
     "ScaleOptions",
     "add_scale_options",

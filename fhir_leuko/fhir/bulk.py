@@ -41,11 +41,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote
 
 import orjson
 import requests
 
 from ..core.fhirjson import INPUT_TYPES
+from ..core.knowledge import LOINC_SYSTEM, Knowledge
 from ..errors import FhirError, FhirFatalError, FhirTemporaryError, UsageError
 from .client import FhirClient, operation_outcome_text
 
@@ -56,6 +58,7 @@ __all__ = [
     "ExportRequest",
     "ExportResult",
     "Level",
+    "observation_filter",
 ]
 
 log = logging.getLogger(__name__)
@@ -70,6 +73,14 @@ NDJSON = "application/fhir+ndjson"
 STATE_DIR = ".fhir-leuko"
 _CHUNK = 1 << 20
 _DOWNLOAD_ATTEMPTS = 5
+
+
+def observation_filter(knowledge: Knowledge) -> str:
+    """The ``_typeFilter`` of Observations: the mapped LOINC codes (the codes the scheduled job
+    searches for). One query, its commas (OR) percent-encoded: a comma between queries would
+    separate ``_typeFilter`` queries (Bulk Data IG, STU 2)."""
+    codes = ",".join(f"{LOINC_SYSTEM}|{code}" for code in sorted(knowledge.loinc))
+    return f"Observation?code={quote(codes, safe=':/|')}"
 
 
 @dataclass(frozen=True)

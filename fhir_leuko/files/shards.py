@@ -59,8 +59,10 @@ __all__ = [
     "ShardSpec",
     "evaluate_shard",
     "evaluate_sharded",
+    "load_shard",
     "merge_results",
     "partition",
+    "patient_key_of",
     "patient_shard",
     "shard_count",
 ]
@@ -559,26 +561,48 @@ def _profiles(dirs: tuple[str, ...], select: tuple[str, ...]) -> tuple[Knowledge
     return knowledge, profiles.select(list(select)) if select else profiles
 
 
-def evaluate_shard(spec: ShardSpec) -> ShardResult:
-    """Normalise and evaluate one shard: the patients it owns, with the same core as ever."""
-    knowledge, profiles = _profiles(spec.profile_dirs, spec.select)
-    directory = Path(spec.directory)
+def load_shard(part: Partition, index: int, knowledge: Knowledge) -> Dataset:
+    """The normalised records of the patients shard ``index`` owns (``run --bulk`` plans and
+    writes from them)."""
+    return _load(
+        Path(part.directory), index, part.count, tuple(part.files), tuple(part.inputs), knowledge
+    )
+
+
+def _load(
+    directory: Path,
+    index: int,
+    count: int,
+    files: Sequence[tuple[str, str | None]],
+    inputs: Sequence[str | None],
+    knowledge: Knowledge,
+) -> Dataset:
     normaliser = Normaliser(knowledge)
     with normaliser.collecting():
-        for input in spec.inputs:  # every source of the run exists in every shard
+        for input in inputs:  # every source of the run exists in every shard
             normaliser.feed_lines((), "", input=input)
-        for file, (path, input) in enumerate(spec.files):
-            numbered = _shard_lines(directory, spec.index, file, Path(path))
+        for file, (path, input) in enumerate(files):
+            numbered = _shard_lines(directory, index, file, Path(path))
             if numbered is not None:
                 normaliser.feed_numbered(numbered, path, input=input)
         dataset = normaliser.run()
     mine = {}
     for key, record in dataset.patients.items():
         bare = key.removeprefix(f"{record.source}|") if record.source else key
-        if patient_shard(bare, spec.count) == spec.index:
+        if patient_shard(bare, count) == index:
             mine[key] = record
     dataset.patients = mine
+    return dataset
+
+
+def evaluate_shard(spec: ShardSpec) -> ShardResult:
+    """Normalise and evaluate one shard: the patients it owns, with the same core as ever."""
+    knowledge, profiles = _profiles(spec.profile_dirs, spec.select)
+    dataset = _load(
+        Path(spec.directory), spec.index, spec.count, spec.files, spec.inputs, knowledge
+    )
     evaluation = evaluate_dataset(dataset, profiles, as_of=spec.as_of)
+    mine = dataset.patients
     flagged = {f.patient: mine[f.patient] for f in evaluation.findings if f.patient in mine}
     return ShardResult(spec.index, evaluation, flagged)
 

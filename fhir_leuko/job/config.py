@@ -154,6 +154,10 @@ class RunConfig(_Table):
     every: str | None = None
     cron: str | None = None
     stale_lock_after: str = "30m"
+    bulk: bool = False
+    """``run --bulk``: the pass's patients come from a Bulk Data export (docs/population.md)."""
+    bulk_dir: Path | None = None
+    """Where ``run --bulk`` keeps the export while a pass runs (default: beside the state file)."""
 
     @pydantic.field_validator("overlap", "stale_lock_after", "every")
     @classmethod

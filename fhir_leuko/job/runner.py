@@ -29,6 +29,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, Literal
 
 import orjson
@@ -41,13 +42,14 @@ from ..core.fhirjson import MedicationRequest, MedicationStatement, Observation,
 from ..core.fhirtime import format_instant, parse_fhir_datetime
 from ..core.knowledge import Knowledge
 from ..core.model import Finding, FindingKind, PatientRecord, Problem, quoted
-from ..core.normalise import normalise
+from ..core.normalise import Dataset, normalise
 from ..core.profiles import ProfileSet
 from ..errors import AuthError, FhirError, FhirLeukoError, FhirTemporaryError, LockError
 from ..fhir.client import FhirClient
 from ..fhir.r4search import check_search_params
+from .bulk import bulk_pass
 from .changes import CHANGE_TYPES, Batch, Change, ChangeWalk, Checkpoint, full_patients
-from .fetch import fetch
+from .fetch import Existing, fetch
 from .patients import as_patient, pseudonym, scrub
 from .plan import MITIGATION_SYSTEM, RECOVERED_CODE, Planner, Write
 from .state import LockInfo, State, server_key
@@ -92,6 +94,9 @@ class JobOptions:
     walk depends on deep pages (``next`` links are followed only within a window)."""
     stale_lock_after: timedelta = timedelta(minutes=30)
     progress: bool = False
+    bulk_dir: Path | None = None
+    """``run --bulk``: the patients come from a Bulk Data export kept under this directory
+    (:mod:`.bulk`)."""
 
 
 @dataclass
@@ -313,7 +318,9 @@ class Job:
                 server_start = format_instant(self.now() - opts.overlap)
                 log.warning("the server sent no Date header: first watermark from the local clock")
             passer = _Pass(self, report, as_of, run_id, lock, use_tx)
-            if opts.mode == "patients":
+            if opts.bulk_dir is not None and opts.mode != "patients":
+                bulk_pass(passer, report, opts.bulk_dir, stored)
+            elif opts.mode == "patients":
                 keys = [k for k in (as_patient(p) for p in opts.patients) if k]
                 passer.process(keys, checkpoint=None)
             elif opts.mode == "full" or (stored is None and opts.since is None):
@@ -481,6 +488,17 @@ class _Pass:
         finally:
             self.bar.close()
 
+    def record(self, done: list[str], failed: list[tuple[str, str]]) -> None:
+        """Report and commit one group's outcome (``run --bulk``'s groups)."""
+        for patient, reason in failed:
+            alias = pseudonym(self.server, patient)
+            text = self.scrub(reason, [patient])
+            self.report.failed.append((alias, text))
+            log.error("patient %s failed: %s", alias, text)
+        if len(done) + len(failed) == 0 and self.job.stop.is_set():
+            self.report.interrupted = True
+        self.commit(done, failed, None)
+
     def commit(
         self,
         done: list[str],
@@ -539,6 +557,12 @@ class _Pass:
         except Exception as exc:  # a resource the core cannot use: find whose, fail only them
             return self.one_by_one(group, "reading a group's data failed", _unusable("its data", exc))
         self.report.problems.extend(dataset.problems)
+        return self.settle(group, dataset, existing)
+
+    def settle(
+        self, group: list[str], dataset: Dataset, existing: Existing
+    ) -> tuple[list[str], list[tuple[str, str]]]:
+        """Evaluate a group's records, plan and write: the patients done and failed."""
         planned: dict[str, list[Write]] = {}
         done: list[str] = []
         failed: list[tuple[str, str]] = []

@@ -1,0 +1,148 @@
+"""``fhir-leuko run --bulk`` against the real test server (issue 12 §1): the first pass evaluates
+everyone from a Bulk Data export and writes with the job's exactly-once writer; later passes take
+the patients of a ``_since`` export; a kill -9 mid-pass loses and duplicates nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+
+from fhir_leuko.job.state import State
+from fhir_leuko.testing.sekmet import SekmetServer
+
+from .conftest import anc, by_identity, cli, issues, patient, seed, valproate_order, wbc
+
+AS_OF = "2026-11-20T12:00:00Z"
+LATER = "2026-11-21T12:00:00Z"
+
+
+def _ward(base: str) -> None:
+    seed(
+        base,
+        *[
+            resource
+            for i in range(6)
+            for resource in (
+                patient(f"b-{i}"),
+                anc(f"b-{i}-anc-1", f"b-{i}", 0.6 + 0.1 * i, "2026-11-18T08:00:00Z"),
+                wbc(f"b-{i}-wbc-1", f"b-{i}", 2.5, "2026-11-18T08:00:00Z"),
+            )
+        ],
+        patient("b-healthy"),
+        anc("b-healthy-anc", "b-healthy", 3.5, "2026-11-18T08:00:00Z"),
+    )
+
+
+def _args(base: str, state: Path, as_of: str, *extra: str) -> list[str]:
+    return [
+        "run", "--bulk", "--server", base, "--state", str(state), "--as-of", as_of,
+        "--no-progress", "--log-format", "json", "--overlap", "1s", *extra,
+    ]
+
+
+def _report(stderr: str) -> dict[str, object]:
+    """The pass.finished log line (--log-format json)."""
+    for line in reversed(stderr.splitlines()):
+        if '"pass.finished"' in line:
+            record = orjson.loads(line)
+            fields: dict[str, object] = record.get("fields", record)
+            return fields
+    raise AssertionError(f"no pass.finished line in {stderr!r}")
+
+
+def test_bulk_passes_write_each_finding_once_and_follow_changes(
+    server: SekmetServer, tmp_path: Path
+) -> None:
+    _ward(server.base_url)
+    time.sleep(1.5)  # the overlap (1 s) before the first export's time holds none of the ward
+    state = tmp_path / "state.sqlite3"
+    first = cli(*_args(server.base_url, state, AS_OF))
+    assert first.returncode == 0, first.stderr
+    found = by_identity(issues(server.base_url))
+    assert {p for p, _kind in found} == {f"Patient/b-{i}" for i in range(6)}
+    assert all(len(v) == 1 for v in found.values())
+    # The watermark is the export's transactionTime; the export (patient data) is gone.
+    with State(state) as s:
+        mark = s.watermark(server.base_url.rstrip("/"))
+    assert mark and mark.startswith("20")
+    assert not any((tmp_path / "fhir-leuko-bulk").glob("export-*"))
+
+    # Nothing changed: an incremental export with _since holds nothing; nothing is written.
+    again = cli(*_args(server.base_url, state, AS_OF))
+    assert again.returncode == 0, again.stderr
+    assert by_identity(issues(server.base_url)) == found
+
+    # Changes: b-0 recovers, b-1 drops further, a new patient; b-2 starts valproate.
+    time.sleep(1.1)
+    seed(
+        server.base_url,
+        anc("b-0-anc-2", "b-0", 2.5, "2026-11-21T08:00:00Z"),
+        anc("b-1-anc-2", "b-1", 0.2, "2026-11-21T08:00:00Z"),
+        valproate_order("b-2-vpa", "b-2", "2026-11-01"),
+        patient("b-9"),
+        anc("b-9-anc-1", "b-9", 0.4, "2026-11-21T08:00:00Z"),
+    )
+    third = cli(*_args(server.base_url, state, LATER, "-v"))
+    assert third.returncode == 0, third.stderr
+    after = by_identity(issues(server.base_url))
+    assert all(len(v) == 1 for v in after.values())
+    assert ("Patient/b-9", "neutropenia") in after
+    assert after[("Patient/b-0", "neutropenia")][0]["status"] in ("final", "amended")
+    assert "count-recovered" in orjson.dumps(after[("Patient/b-0", "neutropenia")][0]).decode()
+    assert "valpro" in orjson.dumps(after[("Patient/b-2", "neutropenia")][0]).decode().lower()
+    # Only the patients the _since export named were evaluated.
+    assert _report(third.stderr)["patients_scanned"] == 4, third.stderr
+
+
+def test_a_bulk_pass_killed_mid_write_resumes_without_duplicates(
+    server: SekmetServer, tmp_path: Path
+) -> None:
+    _ward(server.base_url)
+    state = tmp_path / "state.sqlite3"
+    marker = tmp_path / "pid"
+    env = {
+        **os.environ,
+        "FHIR_LEUKO_TEST_PAUSE": "write:1",
+        "FHIR_LEUKO_TEST_PAUSE_FILE": str(marker),
+    }
+    child = subprocess.Popen(
+        [sys.executable, "-m", "fhir_leuko", *_args(server.base_url, state, AS_OF, "--transactions", "never")],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 90
+    while not marker.exists():
+        assert child.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(int(marker.read_text()), signal.SIGKILL)
+    child.wait(10)
+    assert len(issues(server.base_url)) == 1  # one write made before the kill
+    done = cli(*_args(server.base_url, state, AS_OF, "--transactions", "never"))
+    assert done.returncode == 0, done.stderr
+    found = by_identity(issues(server.base_url))
+    assert {p for p, _kind in found} == {f"Patient/b-{i}" for i in range(6)}
+    assert all(len(v) == 1 for v in found.values())
+
+
+def test_a_full_bulk_pass_reads_our_detectedissues_from_the_export(
+    server: SekmetServer, tmp_path: Path
+) -> None:
+    """--full exports fhir-leuko's DetectedIssues too: a second full pass writes nothing new, and a
+    recovered count resolves the finding it wrote."""
+    _ward(server.base_url)
+    state = tmp_path / "state.sqlite3"
+    assert cli(*_args(server.base_url, state, AS_OF)).returncode == 0
+    before = by_identity(issues(server.base_url))
+    seed(server.base_url, anc("b-3-anc-2", "b-3", 3.0, "2026-11-20T08:00:00Z"))
+    again = cli(*_args(server.base_url, state, AS_OF, "--full"))
+    assert again.returncode == 0, again.stderr
+    report = _report(again.stderr)
+    assert report["written"] == 0 and report["resolved"] == 1, report
+    after = by_identity(issues(server.base_url))
+    assert after.keys() == before.keys() and all(len(v) == 1 for v in after.values())
+    assert "count-recovered" in orjson.dumps(after[("Patient/b-3", "neutropenia")][0]).decode()
