@@ -116,7 +116,7 @@ def test_a_bulk_pass_killed_mid_write_resumes_without_duplicates(
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 90
-    while not marker.exists():
+    while not (marker.exists() and marker.read_text().strip()):  # written, not only created
         assert child.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
     os.kill(int(marker.read_text()), signal.SIGKILL)
