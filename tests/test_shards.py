@@ -49,6 +49,16 @@ def _flatten(source: Path, out: Path) -> Path:
     return out
 
 
+def _identity_apart(flat: Path, apart: Path) -> Path:
+    """Move the flattened files that partition leaves to memory (patient identity across the whole
+    input, issue 13 §4: Patient.link, contained subjects, subjects by identifier) to ``apart``."""
+    apart.mkdir(parents=True, exist_ok=True)
+    for path in sorted(flat.iterdir()):
+        if partition(input_files([path]), apart / ".try", 2) is None:
+            path.rename(apart / path.name)
+    return apart
+
+
 def _whole(paths: list[Path], knowledge: Knowledge, profiles: ProfileSet, as_of: AsOf) -> Evaluation:
     return evaluate_dataset(normalise_files(input_files(paths), knowledge), profiles, as_of=as_of)
 
@@ -80,11 +90,14 @@ def test_the_test_data_as_ndjson_gives_the_same_output_in_any_number_of_shards(
 ) -> None:
     flat = _flatten(DATA, tmp_path / "data")
     shutil.copy(DATA / "units.ndjson", flat / "units.ndjson")
+    identity = _identity_apart(flat, tmp_path / "identity")
     whole = _whole([flat], knowledge, profiles, as_of)
     assert whole.problems and (whole.issues or as_of != AS_OF)
     assert whole.silence is not None or whole.issues
     for count in (1, 3, 7):
         _same(whole, _sharded([flat], tmp_path, count, as_of))
+    # Merged and contained patients are evaluated in memory, as a whole run does.
+    assert any(b'"link":' in p.read_bytes() for p in identity.glob("*.ndjson"))
 
 
 def test_the_shared_fixtures_as_ndjson(
@@ -241,6 +254,14 @@ def test_input_that_cannot_be_sharded_exactly_is_left_to_memory(tmp_path: Path) 
 
 def test_the_cli_with_shards_and_workers_writes_the_same_bytes(tmp_path: Path) -> None:
     flat = _flatten(DATA, tmp_path / "data")
+    identity = _identity_apart(flat, tmp_path / "identity")
+    # Input left to memory gives the same bytes with --shards too.
+    kept = []
+    for shards in ("0", "3"):
+        out = tmp_path / f"identity-{shards}.ndjson"
+        fhir_leuko("evaluate", str(identity), "--as-of", "2024-05-02", "--output", str(out), "--shards", shards)
+        kept.append(out.read_bytes())
+    assert kept[0] == kept[1] and kept[0]
     outputs = []
     for extra in (["--shards", "0"], ["--shards", "3"], ["--shards", "3", "--workers", "2"]):
         out = tmp_path / f"out-{len(outputs)}.ndjson"

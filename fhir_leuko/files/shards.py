@@ -94,6 +94,7 @@ _SUBJECT_TYPES = frozenset(
 
 class _Ref(msgspec.Struct):
     reference: str | None = None
+    identifier: msgspec.Raw | None = None
 
 
 class _Route(msgspec.Struct):
@@ -105,6 +106,7 @@ class _Route(msgspec.Struct):
     medicationReference: _Ref | None = None
     result: list[_Ref] = []
     hasMember: list[_Ref] = []
+    link: list[msgspec.Raw] = []
 
 
 _ROUTE = msgspec.json.Decoder(_Route)
@@ -293,7 +295,14 @@ class _Partitioner:
                     continue
                 subject = route.subject
                 # The common line of a bulk export: an Observation with a subject, no members.
-                if route.resourceType == "Observation" and subject and subject.reference and route.id and not route.hasMember:
+                if (
+                    route.resourceType == "Observation"
+                    and subject
+                    and subject.reference
+                    and subject.reference[0] != "#"
+                    and route.id
+                    and not route.hasMember
+                ):
                     reference = subject.reference
                     shard = shards_of.get(reference)
                     if shard is None:
@@ -328,6 +337,18 @@ class _Partitioner:
         shard = patient_shard(patient_key_of(subject), self.count) if subject else _PENDING
         if rtype == "Bundle":
             self.unsafe = "a Bundle"
+            return
+        # Patient identity that needs every Patient of the source to resolve (issue 13 §4): the
+        # patient of a contained subject or of one given by identifier, records merged by
+        # Patient.link. Kept exact by evaluating such input in memory.
+        if route.link and rtype == "Patient":
+            self.unsafe = "Patient.link (merged patient records)"
+            return
+        if route.subject and (
+            (subject and subject.startswith("#"))
+            or (subject is None and route.subject.identifier is not None)
+        ):
+            self.unsafe = "a contained subject or a subject given by identifier"
             return
         if rtype == "Patient":
             shard = patient_shard(f"Patient/{route.id}", self.count) if route.id else 0
