@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import fhir_leuko
-from .test_shards import DATA, _flatten
+from .test_shards import DATA, _flatten, _identity_apart
 
 distributed = pytest.importorskip("distributed", reason="the dask extra is not installed")
 
@@ -29,6 +29,7 @@ def cluster() -> Iterator[str]:
 @pytest.mark.slow
 def test_shards_on_a_local_cluster_give_the_same_bytes(cluster: str, tmp_path: Path) -> None:
     flat = _flatten(DATA, tmp_path / "data")
+    _identity_apart(flat, tmp_path / "in-memory")  # the rest can be sharded
     one = tmp_path / "one.ndjson"
     on_dask = tmp_path / "dask.ndjson"
     base = ["evaluate", str(flat), "--as-of", "2024-05-02"]
