@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from .._version import __version__
 from ..core.model import quoted
 from ..errors import ExitCode, FhirLeukoError, exit_code_table
+from ..fhir.privacy import install_log_scrubbing, scrub_patients
 from . import cards, evaluate, explain, export, profiles, serve
 from . import run as run_job  # `run` is also the console-script function below
 
@@ -78,10 +79,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="fhir-leuko: %(levelname)s: %(message)s")
+    install_log_scrubbing()  # patients as pseudonyms in every log line, whatever logs it
     try:
         code: int = args.handler(args)
     except FhirLeukoError as exc:
-        print(f"fhir-leuko: error: {exc}", file=sys.stderr)
+        print(f"fhir-leuko: error: {_for_stderr(args, str(exc))}", file=sys.stderr)
         return int(exc.exit_code)
     except KeyboardInterrupt:
         print("fhir-leuko: interrupted", file=sys.stderr)
@@ -101,7 +103,7 @@ def _unexpected(args: argparse.Namespace, exc: Exception) -> int:
     what = " ".join(str(x) for x in (args.command, getattr(args, "action", None)) if x)
     if args.verbose >= 2:
         traceback.print_exception(exc, file=sys.stderr)
-    detail = quoted(str(exc).replace("\n", " "))
+    detail = _for_stderr(args, quoted(str(exc).replace("\n", " ")))
     message = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
     print(
         f"fhir-leuko: error: {what}: unexpected error ({message}); this is a bug: "
@@ -109,6 +111,15 @@ def _unexpected(args: argparse.Namespace, exc: Exception) -> int:
         file=sys.stderr,
     )
     return int(ExitCode.INTERNAL)
+
+
+_SERVER_COMMANDS = frozenset({"run", "watch", "serve", "export"})
+
+
+def _for_stderr(args: argparse.Namespace, text: str) -> str:
+    """An error line of a command that talks to a FHIR server: patients as pseudonyms, as in its
+    logs (a file path of ``evaluate`` is left as it was given)."""
+    return scrub_patients(text) if args.command in _SERVER_COMMANDS else text
 
 
 def _quiet_stdout() -> None:

@@ -25,6 +25,7 @@ from cronsim import CronSim, CronSimError
 from ..core.model import Finding, PatientRecord, quoted
 from ..errors import AuthError, ExitCode, FhirError, LockError, UsageError, exit_code_table
 from ..fhir.client import FhirClient, RetryPolicy
+from ..fhir.privacy import install_log_scrubbing
 from ..files.documents import load_knowledge, load_profiles
 from ..job.config import JobConfig, build_auth, load_job_config, parse_interval
 from ..job.runner import Job, JobOptions, Mode, PassReport
@@ -377,8 +378,10 @@ class _JsonFormatter(logging.Formatter):
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
             out.update(fields)
-        if record.exc_info:
-            out["error"] = self.formatException(record.exc_info).splitlines()[-1]
+        if record.exc_info or record.exc_text:
+            # exc_text: the traceback as the log scrubber left it (patients as pseudonyms)
+            text = record.exc_text or self.formatException(record.exc_info)  # type: ignore[arg-type]
+            out["error"] = text.splitlines()[-1]
         return orjson.dumps(out).decode()
 
 
@@ -391,8 +394,8 @@ def _setup_logging(fmt: str, verbose: int) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True
     )
-    # urllib3 logs request lines with their query strings (patient ids): never below WARNING.
-    logging.getLogger("urllib3").setLevel(logging.WARNING)
+    # Patients as pseudonyms in every line, urllib3's request lines (query strings) silenced.
+    install_log_scrubbing()
 
 
 def _print_report(report: PassReport, fmt: str) -> None:

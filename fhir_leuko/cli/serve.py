@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ExitCode, ListenError, UsageError, exit_code_table
+from ..fhir.privacy import uvicorn_log_config
 
 __all__ = ["bind", "register", "startup_line"]
 
@@ -39,7 +40,10 @@ examples:
   FHIR_LEUKO_SERVICE_PUBLIC_BASE_URL=https://cds.example.org fhir-leuko serve --config service.toml
 
 Requests are logged (-v) with service, hookInstance, iss, tenant and jti; never tokens or patient
-data. The service itself speaks plain HTTP: put it behind TLS (CDS Hooks requires https).
+data: every log line (uvicorn's too, at any -v) names a patient only by a pseudonym (pt- and 10 hex
+digits of a hash of the fhirServer and the reference), a FHIR server's error text is logged as its
+OperationOutcome codes and a scrubbed text, and urllib3's request lines are silenced. The service
+itself speaks plain HTTP: put it behind TLS (CDS Hooks requires https).
 
 """
     + exit_code_table(
@@ -155,7 +159,16 @@ def _serve(args: argparse.Namespace) -> int:
     gc.collect()
     gc.freeze()
     print(startup_line(host, port, settings.public_base_url), file=sys.stderr, flush=True)
-    config = uvicorn.Config(app, server_header=False, log_level="info")
+    # uvicorn's own handlers get the log scrubber too (a traceback of a failed request may name the
+    # patient); fhir_leuko.cli.main put it on the root handler the service's loggers use.
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = uvicorn.Config(
+        app,
+        server_header=False,
+        log_level="info",
+        log_config=uvicorn_log_config(LOGGING_CONFIG),
+    )
     with sock:
         uvicorn.Server(config).run(sockets=[sock])
     return 0

@@ -62,6 +62,7 @@ import requests
 from .._version import __version__
 from ..core.fhirjson import decode_json
 from ..errors import AuthError, FhirConflictError, FhirError, FhirFatalError, FhirTemporaryError
+from .privacy import scrub_server_text
 
 __all__ = [
     "FHIR_JSON",
@@ -138,7 +139,9 @@ _PAGE = msgspec.json.Decoder(_Page)
 
 
 def operation_outcome_text(body: bytes, limit: int = 500) -> str:
-    """The human text of an OperationOutcome body (``''`` when the body is something else)."""
+    """What an OperationOutcome body says, fit for logs: each issue's severity and code, and its
+    diagnostics (or details.text) scrubbed of anything it may quote (values, names, dates, ids;
+    :func:`fhir_leuko.fhir.privacy.scrub_server_text`). ``''`` when the body is something else."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -149,7 +152,8 @@ def operation_outcome_text(body: bytes, limit: int = 500) -> str:
         # OAuth2 token endpoints answer {"error": ..., "error_description": ...} (RFC 6749 §5.2).
         if isinstance(data.get("error"), str):
             desc = data.get("error_description")
-            return f"{data['error']}: {desc}"[:limit] if isinstance(desc, str) else data["error"]
+            error = scrub_server_text(data["error"])
+            return f"{error}: {scrub_server_text(desc)}"[:limit] if isinstance(desc, str) else error
         return ""
     parts: list[str] = []
     for issue in data.get("issue") or []:
@@ -159,8 +163,10 @@ def operation_outcome_text(body: bytes, limit: int = 500) -> str:
         text = issue.get("diagnostics") or (
             details.get("text") if isinstance(details, dict) else None
         )
-        head = "/".join(str(x) for x in (issue.get("severity"), issue.get("code")) if x)
-        parts.append(f"{head}: {text}" if text else head)
+        head = "/".join(
+            scrub_server_text(x) for x in (issue.get("severity"), issue.get("code")) if isinstance(x, str)
+        )
+        parts.append(f"{head}: {scrub_server_text(text)}" if isinstance(text, str) and text else head)
     return "; ".join(p for p in parts if p)[:limit]
 
 

@@ -6,15 +6,11 @@ or versioned); logs and reports name a patient only by a stable, non-reversible 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 
+from ..fhir.privacy import pseudonym, scrub_patients
+
 __all__ = ["as_patient", "patient_key", "pseudonym", "scrub"]
-
-
-def pseudonym(server: str, patient: str) -> str:
-    """A stable, non-reversible name for a patient in logs (the state file has the reference)."""
-    return "pt-" + hashlib.sha256(f"{server}|{patient}".encode()).hexdigest()[:10]
 
 
 def patient_key(reference: str | None) -> str | None:
@@ -36,10 +32,6 @@ def as_patient(text: str) -> str | None:
 
 
 def scrub(text: str, server: str, patients: Iterable[str]) -> str:
-    """A server's message without the patients' references (logs carry no patient data)."""
-    for patient in patients:
-        alias = pseudonym(server, patient)
-        text = text.replace(patient, alias)
-        pid = patient.split("/", 1)[-1]
-        text = text.replace(pid, alias) if len(pid) >= 6 else text
-    return text
+    """A text for a report or a log line with patients as pseudonyms (the one mechanism the logs
+    use too: :func:`fhir_leuko.fhir.privacy.scrub_patients`)."""
+    return scrub_patients(text, server, patients)

@@ -46,6 +46,7 @@ from ..core.normalise import Dataset, normalise
 from ..core.profiles import ProfileSet
 from ..errors import AuthError, FhirError, FhirLeukoError, FhirTemporaryError, LockError
 from ..fhir.client import FhirClient
+from ..fhir.privacy import patients_in_scope
 from ..fhir.r4search import check_search_params
 from .bulk import bulk_pass
 from .changes import CHANGE_TYPES, Batch, Change, ChangeWalk, Checkpoint, full_patients
@@ -463,7 +464,8 @@ class _Pass:
                     break
                 group = patients[index : index + size]
                 try:
-                    done, failed = self.group(group)
+                    with patients_in_scope(self.server, group):  # their ids: pseudonyms in logs
+                        done, failed = self.group(group)
                 except _Outage as exc:
                     self.report.aborted = self.scrub(str(exc), group)
                     done, failed = [], []

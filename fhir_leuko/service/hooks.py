@@ -40,6 +40,7 @@ from ..core.model import FINDING_ANALYTE, Analyte, Finding, FindingKind, Patient
 from ..core.normalise import drugs_of, normalise
 from ..core.profiles import ProfileSet
 from ..errors import MalformedRequestError, UnknownServiceError, UsageError
+from ..fhir.privacy import enter_patients_scope
 from ..present.rows import grade_short
 from ..present.trend import SHORT, trend_data
 from .cards import CardContext, DraftOrder, MonitoringGap, order_card, patient_card
@@ -244,6 +245,9 @@ class CdsEngine:
                 f"hook '{request.hook}' does not match service '{service.id}' ({service.hook})"
             )
         patient_id = _patient_id(context)
+        # From here on every log line names this patient by a pseudonym (also in what the call's
+        # error handler logs: each call runs in a context of its own, routes.run_with_deadline).
+        enter_patients_scope(request.fhirServer or "", [patient_id])
         authorization = request.fhirAuthorization
         token: str | None = None
         expires_in: int | None = None

@@ -27,6 +27,7 @@ not checked.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 from collections.abc import Iterable
 from concurrent.futures import Executor, Future
@@ -289,10 +290,18 @@ def resolve_prefetch(
             continue
         if value.next_url is not None:
             to_fetch[key.name] = executor.submit(
-                _follow_or_fetch, fetcher, access, key, value, patient_id
+                contextvars.copy_context().run,  # the call's log scope (patients as pseudonyms)
+                _follow_or_fetch,
+                fetcher,
+                access,
+                key,
+                value,
+                patient_id,
             )
         else:
-            to_fetch[key.name] = executor.submit(_fetch_key, fetcher, access, key, patient_id)
+            to_fetch[key.name] = executor.submit(
+                contextvars.copy_context().run, _fetch_key, fetcher, access, key, patient_id
+            )
     for name, future in to_fetch.items():
         try:
             pages_by_key[name] = future.result()
