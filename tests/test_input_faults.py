@@ -173,10 +173,13 @@ def test_json_file_holding_ndjson_with_a_deep_first_line(
     assert {p for p, _ in by_patient(result)} == {"second"}
 
 
-def test_evaluate_cli_deep_line_is_exit_1_and_the_rest_written(tmp_path: Path) -> None:
+@pytest.mark.parametrize("shards", [[], ["--shards", "2"]], ids=["whole", "sharded"])
+def test_evaluate_cli_deep_line_is_exit_1_and_the_rest_written(
+    tmp_path: Path, shards: list[str]
+) -> None:
     path = tmp_path / "Observation.ndjson"
     path.write_bytes(_ndjson(_deep(_wbc("deep")), json.dumps(_wbc("fine")).encode()))
-    done = fhir_leuko("evaluate", str(path), "--as-of", "2024-05-02")
+    done = fhir_leuko("evaluate", str(path), "--as-of", "2024-05-02", "--format", "ndjson", *shards)
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr
     assert f"problem: {path}:line 1: Observation/deep-wbc: {TOO_DEEP}" in done.stderr
@@ -401,3 +404,15 @@ def test_huge_medication_text_is_quoted_in_part(
     assert f"[cut: {size + 32:,} characters in the input]" in issue["detail"]
     assert len(issue["detail"]) < 3_000
     assert len(done.stdout) < 10_000
+
+
+def test_changed_patients_of_an_export_skip_deep_lines_and_corrupt_files(tmp_path: Path) -> None:
+    """``run --bulk`` reads which patients an incremental export names before evaluating it: a
+    line nested too deeply or a corrupt .gz is skipped there (the evaluation reports them)."""
+    from fhir_leuko.job.bulk import _changed_patients
+
+    good = tmp_path / "Observation.ndjson"
+    good.write_bytes(_ndjson(_deep(_wbc("deep")), json.dumps(_wbc("named")).encode()))
+    bad = tmp_path / "Condition.ndjson.gz"
+    bad.write_bytes(_corrupt_gzip(json.dumps(_wbc("lost")).encode() * 20))
+    assert _changed_patients([(good, None), (bad, None)]) == {"Patient/named"}

@@ -290,7 +290,8 @@ class _Partitioner:
                     self.join.flush(_FLUSH)
                 try:
                     route = decode(line)  # about 1 us: what routing needs, nothing built else
-                except (msgspec.DecodeError, msgspec.ValidationError):
+                except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+                    # (RecursionError: JSON nested too deeply, see core.fhirjson.decode_json)
                     add(0, number, line, start)  # shard 0 reports the problem, as a whole run would
                     continue
                 subject = route.subject

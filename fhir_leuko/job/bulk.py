@@ -35,7 +35,7 @@ from ..core.model import Problem
 from ..core.normalise import Dataset
 from ..fhir.bulk import BulkExport, ExportRequest, observation_filter
 from ..files.bulkread import normalise_files
-from ..files.reader import input_files, open_input
+from ..files.reader import READ_ERRORS, input_files, open_input
 from ..files.shards import load_shard, partition, patient_key_of, patient_shard, shard_count
 from .fetch import Existing
 from .patients import patient_key
@@ -121,18 +121,22 @@ def _changed_patients(files: Sequence[tuple[Path, str | None]]) -> set[str]:
     """The patients an incremental export names (subjects; Patients themselves)."""
     found: set[str] = set()
     for path, _input in files:
-        with open_input(path) as stream:
-            for line in stream:
-                try:
-                    changed = _CHANGED.decode(line)
-                except (msgspec.DecodeError, msgspec.ValidationError):
-                    continue
-                if changed.resourceType == "Patient" and changed.id:
-                    found.add(f"Patient/{changed.id}")
-                elif changed.subject and changed.subject.reference:
-                    key = patient_key(changed.subject.reference)
-                    if key:
-                        found.add(key)
+        # A line or a file that cannot be read is skipped here: evaluating the export reports it.
+        try:
+            with open_input(path) as stream:
+                for line in stream:
+                    try:
+                        changed = _CHANGED.decode(line)
+                    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+                        continue  # (RecursionError: JSON nested too deeply)
+                    if changed.resourceType == "Patient" and changed.id:
+                        found.add(f"Patient/{changed.id}")
+                    elif changed.subject and changed.subject.reference:
+                        key = patient_key(changed.subject.reference)
+                        if key:
+                            found.add(key)
+        except READ_ERRORS:
+            continue
     return found
 
 
