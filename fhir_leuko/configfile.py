@@ -9,16 +9,33 @@ the two entry points cannot drift apart on precedence.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import platformdirs
 from pydantic_settings import BaseSettings, EnvSettingsSource
 
 from .errors import UsageError
 
-__all__ = ["deep_merge", "layer_sources", "read_toml"]
+__all__ = ["STATE_DIR_ENV", "deep_merge", "layer_sources", "read_toml", "state_dir"]
+
+STATE_DIR_ENV = "FHIR_LEUKO_STATE_DIR"
+
+
+def state_dir(given: Path | None = None) -> Path:
+    """The one directory of fhir-leuko's state on disk, shared by the job (``state.sqlite3``) and
+    the service (``cds-feedback.sqlite3``): ``given`` (``--state-dir``, ``[state] dir``), else
+    ``FHIR_LEUKO_STATE_DIR``, else the XDG state directory (``$XDG_STATE_HOME/fhir-leuko``, i.e.
+    ``~/.local/state/fhir-leuko`` on Linux; platformdirs elsewhere)."""
+    if given is not None:
+        return given
+    from_env = os.environ.get(STATE_DIR_ENV)
+    if from_env:
+        return Path(from_env)
+    return platformdirs.user_state_path("fhir-leuko", appauthor=False)
 
 
 def read_toml(path: Path, label: str) -> dict[str, Any]:

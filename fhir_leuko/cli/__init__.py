@@ -20,7 +20,7 @@ from .._version import __version__
 from ..core.model import quoted
 from ..errors import ExitCode, FhirLeukoError, exit_code_table
 from ..fhir.privacy import install_log_scrubbing, scrub_patients
-from . import cards, evaluate, explain, export, profiles, serve
+from . import cards, evaluate, explain, export, profiles, serve, state
 from . import run as run_job  # `run` is also the console-script function below
 
 __all__ = ["build_parser", "main"]
@@ -40,7 +40,7 @@ Run 'fhir-leuko COMMAND --help' for the options, examples and exit codes of each
 )
 
 # Each module adds one subcommand with `register(subparsers)`; its handler returns an exit code.
-_COMMANDS = [evaluate, explain, export, profiles, run_job, serve, cards]
+_COMMANDS = [evaluate, explain, export, profiles, run_job, serve, cards, state]
 
 
 def build_parser() -> argparse.ArgumentParser:

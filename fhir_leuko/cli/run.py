@@ -23,13 +23,28 @@ import orjson
 from cronsim import CronSim, CronSimError
 
 from ..core.model import Finding, PatientRecord, quoted
-from ..errors import AuthError, ExitCode, FhirError, LockError, UsageError, exit_code_table
+from ..errors import (
+    AuthError,
+    ExitCode,
+    FhirError,
+    FhirLeukoError,
+    LockError,
+    UsageError,
+    exit_code_table,
+)
 from ..fhir.client import FhirClient, RetryPolicy
 from ..fhir.privacy import install_log_scrubbing
 from ..files.documents import load_knowledge, load_profiles
-from ..job.config import JobConfig, build_auth, load_job_config, parse_interval
+from ..job.config import (
+    JobConfig,
+    build_auth,
+    load_job_config,
+    parse_interval,
+    resolve_state_path,
+)
+from ..job.metrics import JobMetrics, PassOutcome, parse_listen
 from ..job.runner import Job, JobOptions, Mode, PassReport
-from ..job.state import State, default_state_path
+from ..job.state import State
 from ..job.walk import interruptible_sleep
 from .formats import check_report_target, write_report
 from .options import parse_instant
@@ -57,8 +72,9 @@ configuration (flags > FHIR_LEUKO_<TABLE>_<KEY> environment variables > --config
           private_key_file, key_id, algorithm (RS384|ES384), token_url, scope
                                                    e.g. FHIR_LEUKO_AUTH_CLIENT_SECRET
   [run]   overlap, patients_per_request, write_mode, transactions, max_changes, profiles,
-          profile, log_format, every, cron, stale_lock_after, bulk, bulk_dir
-  [state] path                                     e.g. FHIR_LEUKO_STATE_PATH
+          profile, log_format, every, cron, stale_lock_after, bulk, bulk_dir,
+          metrics_textfile, metrics_pushgateway, metrics_listen (watch)
+  [state] path, dir                                e.g. FHIR_LEUKO_STATE_PATH, FHIR_LEUKO_STATE_DIR
   [scale] workers, dask_scheduler, work_dir        (evaluate; docs/population.md)
   Secrets are never flags: use the environment or *_file settings. See docs/scheduled-job.md.
 """
@@ -215,10 +231,35 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     how.add_argument(
         "--overlap", metavar="DURATION", help="re-read this far before the watermark (default 5m)"
     )
-    how.add_argument("--state", metavar="FILE", type=Path, help="the state file (SQLite)")
+    how.add_argument(
+        "--state",
+        metavar="FILE",
+        type=Path,
+        help="the state file (SQLite; default: state.sqlite3 in the state directory)",
+    )
+    how.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        type=Path,
+        help="the state directory shared with serve (FHIR_LEUKO_STATE_DIR; default "
+        "$XDG_STATE_HOME/fhir-leuko, i.e. ~/.local/state/fhir-leuko)",
+    )
     how.add_argument("--log-format", choices=("text", "json"), help="log lines as text or JSON")
     how.add_argument(
         "--no-progress", action="store_true", help="no progress bar even on a terminal"
+    )
+    metrics = parser.add_argument_group("monitoring (Prometheus; docs/scheduled-job.md)")
+    metrics.add_argument(
+        "--metrics-textfile",
+        metavar="FILE.prom",
+        type=Path,
+        help="after each pass, write its outcome for node_exporter's textfile collector "
+        "(atomically)",
+    )
+    metrics.add_argument(
+        "--metrics-pushgateway",
+        metavar="URL",
+        help="after each pass, push its outcome to this Prometheus Pushgateway",
     )
 
 
@@ -252,6 +293,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     schedule.add_argument("--cron", metavar="EXPR", help="a 5-field cron expression (UTC)")
     schedule.add_argument(
         "--max-passes", metavar="N", type=int, help="stop after N passes (tests, debugging)"
+    )
+    watch.add_argument(
+        "--metrics-listen",
+        metavar="[HOST:]PORT",
+        help="serve the passes' metrics at http://HOST:PORT/metrics (host default 127.0.0.1)",
     )
     watch.set_defaults(handler=watch_command)
 
@@ -308,8 +354,11 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
             "profile": args.profile,
             "every": getattr(args, "every", None),
             "cron": getattr(args, "cron", None),
+            "metrics_textfile": args.metrics_textfile,
+            "metrics_pushgateway": args.metrics_pushgateway,
+            "metrics_listen": getattr(args, "metrics_listen", None),
         },
-        "state": {"path": args.state},
+        "state": {"path": args.state, "dir": args.state_dir},
     }
     return {
         table: {k: v for k, v in values.items() if v is not None}
@@ -477,7 +526,7 @@ def _setup(args: argparse.Namespace) -> tuple[JobConfig, Job, State | None]:
         profiles = profiles.select(config.run.profile)
     stop = threading.Event()
     client = build_client(config, stop)
-    state_path = config.state.path or default_state_path()
+    state_path = resolve_state_path(config)
     if config.run.bulk and options.mode != "patients":
         bulk_dir = config.run.bulk_dir or state_path.parent / "fhir-leuko-bulk"
         options = dataclasses.replace(options, bulk_dir=bulk_dir)
@@ -503,6 +552,72 @@ def _setup(args: argparse.Namespace) -> tuple[JobConfig, Job, State | None]:
     return config, job, state
 
 
+class _Monitoring:
+    """Each pass's outcome to where monitoring reads it (``[run] metrics_*``): a textfile for
+    node_exporter, a Pushgateway, ``/metrics`` of ``watch``. A dry run reports nothing (it is not
+    the production pass). Failing to export is a warning: the pass itself went as it went."""
+
+    def __init__(self, config: JobConfig, job: Job, state: State | None) -> None:
+        self.config = config.run
+        self.job = job
+        self.state = state
+        self.metrics = JobMetrics()
+        self.enabled = not job.options.dry_run
+        textfile = self.config.metrics_textfile
+        if textfile is not None and textfile.suffix != ".prom":
+            raise UsageError(
+                f"--metrics-textfile {textfile}: node_exporter's textfile collector reads only "
+                "*.prom files"
+            )
+
+    def listen(self) -> Any:
+        if self.config.metrics_listen is None:
+            return None
+        host, port = parse_listen(self.config.metrics_listen)
+        server = self.metrics.serve(host, port)
+        log.info("metrics at http://%s:%d/metrics", host, port)
+        return server
+
+    @contextmanager
+    def pass_(self, exit_code: Callable[[PassReport], int]) -> Iterator[Callable[[PassReport], None]]:
+        """Time a pass; its report is handed to the callable yielded. An exception ends the pass
+        without one: recorded as status ``error`` with the exit code it ends ``run`` with."""
+        started = time.time()
+        reports: list[PassReport] = []
+        try:
+            yield reports.append
+        except BaseException as exc:
+            code = int(exc.exit_code) if isinstance(exc, FhirLeukoError) else 130 if isinstance(exc, KeyboardInterrupt) else int(ExitCode.INTERNAL)
+            self._record(started, None, code)
+            raise
+        report = reports[0]
+        self._record(started, report, exit_code(report))
+
+    def _record(self, started: float, report: PassReport | None, code: int) -> None:
+        if not self.enabled:
+            return
+        finished = time.time()
+        server = self.job.server
+        last_success: float | None = None
+        if code in (ExitCode.OK, ExitCode.INPUT_PROBLEMS) and report is not None:
+            last_success = finished
+            if self.state is not None:
+                self.state.set_last_success(
+                    server, datetime.fromtimestamp(finished, UTC).isoformat(timespec="seconds")
+                )
+        elif self.state is not None:
+            noted = self.state.last_success(server)
+            last_success = datetime.fromisoformat(noted).timestamp() if noted else None
+        self.metrics.record(PassOutcome(server, code, started, finished, report, last_success))
+        try:
+            if self.config.metrics_textfile is not None:
+                self.metrics.write_textfile(self.config.metrics_textfile)
+            if self.config.metrics_pushgateway:
+                self.metrics.push(self.config.metrics_pushgateway, server)
+        except Exception as exc:  # monitoring must not change the pass's outcome
+            log.warning("could not export the pass's metrics: %s: %s", type(exc).__name__, quoted(str(exc)))
+
+
 def pass_exit_code(report: PassReport, signum: int | None = None) -> int:
     """A pass's exit code (fhir_leuko.errors.ExitCode; the one mapping from a report): what
     failed outranks what was only noted. A pass stopped by signal N exits 128 + N."""
@@ -523,9 +638,14 @@ def run_command(args: argparse.Namespace) -> int:
     flagged: list[tuple[PatientRecord, list[Finding]]] = []
     if args.report is not None:
         job.flagged = lambda record, findings: flagged.append((record, findings))
+    metrics = _Monitoring(config, job, state)
     try:
-        with _stop_on_signals(job.stop) as received:
+        with (
+            _stop_on_signals(job.stop) as received,
+            metrics.pass_(lambda r: pass_exit_code(r, received[0] if received else None)) as done,
+        ):
             report = job.run()
+            done(report)
         _print_report(report, fmt)
         if args.report is not None:
             write_report(args.report, report, flagged, job.profiles, config.fhir.server or "")
@@ -559,12 +679,17 @@ def watch_command(args: argparse.Namespace) -> int:
     fmt = config.run.log_format
     next_after = schedule_from(config)
     passes = 0
+    metrics = _Monitoring(config, job, state)
+    listening = metrics.listen()
     try:
         with _stop_on_signals(job.stop):
             while not job.stop.is_set():
                 started = datetime.now(UTC)
                 try:
-                    _print_report(job.run(), fmt)
+                    with metrics.pass_(pass_exit_code) as done:
+                        report = job.run()
+                        done(report)
+                    _print_report(report, fmt)
                 except LockError as exc:
                     log.warning("pass skipped: %s", exc)
                 except AuthError as exc:
@@ -590,6 +715,9 @@ def watch_command(args: argparse.Namespace) -> int:
                 job.stop.wait((due - now).total_seconds())
         return int(ExitCode.OK)
     finally:
+        if listening is not None:
+            listening.shutdown()
+            listening.server_close()
         job.client.close()
         if state is not None:
             state.close()

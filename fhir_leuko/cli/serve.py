@@ -84,6 +84,13 @@ def register(sub: Any) -> None:
         type=Path,
         help="TOML file with a [service] table (default: FHIR_LEUKO_SERVICE_* variables only)",
     )
+    parser.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        type=Path,
+        help="the state directory shared with the job: the feedback database is "
+        "cds-feedback.sqlite3 in it (FHIR_LEUKO_STATE_DIR; default ~/.local/state/fhir-leuko)",
+    )
     parser.set_defaults(handler=_serve)
 
 
@@ -139,7 +146,8 @@ def _serve(args: argparse.Namespace) -> int:
             f"the CDS Hooks service needs the service extra (missing module {exc.name!r}): "
             "pip install 'fhir-leuko[service]'"
         ) from None
-    settings = load_settings(args.config)
+    given = {"state_dir": args.state_dir} if args.state_dir is not None else {}
+    settings = load_settings(args.config, **given)
     host = args.host or settings.host
     port = args.port if args.port is not None else settings.port
     # Bound first, so a port in use fails at once, before the profiles are loaded.

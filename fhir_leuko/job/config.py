@@ -15,8 +15,9 @@ CDS Hooks service's, is ignored here)::
     [run]
     overlap = "5m"
     patients_per_request = 25
+    metrics_textfile = "/var/lib/node_exporter/textfile/fhir-leuko.prom"
     [state]
-    path = "/var/lib/fhir-leuko/state.sqlite3"
+    dir = "/var/lib/fhir-leuko"                # FHIR_LEUKO_STATE_DIR (state.sqlite3 in it)
 
 Secrets are never flags (a command line is visible to every user of the machine): they come from
 ``FHIR_LEUKO_AUTH_PASSWORD`` / ``_TOKEN`` / ``_CLIENT_SECRET`` or from files (``password_file``,
@@ -26,6 +27,7 @@ printed.
 
 from __future__ import annotations
 
+import logging
 import re
 from datetime import timedelta
 from pathlib import Path
@@ -42,6 +44,9 @@ from ..configfile import layer_sources, read_toml
 from ..core.fhirjson import INPUT_TYPES
 from ..errors import UsageError
 from ..fhir.auth import BearerTokenAuth, ClientCredentialsAuth, Secret, SmartBackendAuth
+from .state import STATE_FILE, default_state_path, legacy_state_path
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "AuthConfig",
@@ -158,6 +163,12 @@ class RunConfig(_Table):
     """``run --bulk``: the pass's patients come from a Bulk Data export (docs/population.md)."""
     bulk_dir: Path | None = None
     """Where ``run --bulk`` keeps the export while a pass runs (default: beside the state file)."""
+    metrics_textfile: Path | None = None
+    """After each pass, its outcome in Prometheus text format for node_exporter (``*.prom``)."""
+    metrics_pushgateway: str | None = None
+    """After each pass, push its outcome to this Prometheus Pushgateway URL."""
+    metrics_listen: str | None = None
+    """``watch``: serve the metrics at ``[HOST:]PORT`` (``/metrics``)."""
 
     @pydantic.field_validator("overlap", "stale_lock_after", "every")
     @classmethod
@@ -182,7 +193,10 @@ class ScaleConfig(_Table):
 
 class StateConfig(_Table):
     path: Path | None = None
-    """Default: the user data directory (``fhir-leuko/state.sqlite3``)."""
+    """The state file; default ``state.sqlite3`` in ``dir``."""
+    dir: Path | None = None
+    """The state directory shared with the service (``FHIR_LEUKO_STATE_DIR``); default
+    ``$XDG_STATE_HOME/fhir-leuko`` (``configfile.state_dir``)."""
 
 
 class JobConfig(BaseSettings):
@@ -233,6 +247,24 @@ def _read_tables(path: Path) -> dict[str, Any]:
             f"(the job reads [{'], ['.join(_TABLES)}])"
         )
     return {k: v for k, v in data.items() if k in _TABLES}
+
+
+def resolve_state_path(config: JobConfig) -> Path:
+    """The state file: ``[state] path``, else ``state.sqlite3`` in ``[state] dir``, else in the
+    default state directory, unless only fhir-leuko 0.1.0's default file exists (then that one,
+    with a warning, so an upgrade never starts over as a first pass)."""
+    if config.state.path is not None:
+        return config.state.path
+    if config.state.dir is not None:
+        return config.state.dir / STATE_FILE
+    path = default_state_path()
+    legacy = legacy_state_path()
+    if not path.exists() and legacy.exists():
+        log.warning(
+            "using the state file at its old place %s; move it to %s (or give --state)", legacy, path
+        )
+        return legacy
+    return path
 
 
 def load_job_config(flags: dict[str, Any], config_file: Path | None = None) -> JobConfig:

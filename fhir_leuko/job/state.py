@@ -34,14 +34,26 @@ from typing import Any
 
 import platformdirs
 
+from ..configfile import state_dir
 from ..core.fhirtime import parse_fhir_datetime
 from ..errors import LockError, StateError
+from .patients import pseudonym
 
-__all__ = ["SCHEMA_VERSION", "LockInfo", "State", "default_state_path", "server_key"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "STATE_FILE",
+    "LockInfo",
+    "State",
+    "default_state_path",
+    "legacy_state_path",
+    "server_key",
+]
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: the written ledger names the patient (pseudonym) and the finding kind (``fhir-leuko state
+ledger``); a version 1 file is upgraded in place."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -60,7 +72,7 @@ CREATE TABLE IF NOT EXISTS runs (
 CREATE TABLE IF NOT EXISTS written (
     id INTEGER PRIMARY KEY AUTOINCREMENT, run_id INTEGER, server TEXT NOT NULL,
     identifier TEXT NOT NULL, resource_id TEXT, version TEXT, action TEXT NOT NULL,
-    at TEXT NOT NULL);
+    at TEXT NOT NULL, patient TEXT, finding TEXT);
 CREATE INDEX IF NOT EXISTS written_identifier ON written (server, identifier);
 CREATE TABLE IF NOT EXISTS lock (
     server TEXT PRIMARY KEY, token TEXT NOT NULL, host TEXT NOT NULL, pid INTEGER NOT NULL,
@@ -68,9 +80,18 @@ CREATE TABLE IF NOT EXISTS lock (
 """
 
 
+STATE_FILE = "state.sqlite3"
+
+
 def default_state_path() -> Path:
-    """``<user data dir>/fhir-leuko/state.sqlite3`` (platformdirs)."""
-    return Path(platformdirs.user_data_dir("fhir-leuko", appauthor=False)) / "state.sqlite3"
+    """``state.sqlite3`` in the state directory (``configfile.state_dir``: ``FHIR_LEUKO_STATE_DIR``,
+    else ``$XDG_STATE_HOME/fhir-leuko``)."""
+    return state_dir() / STATE_FILE
+
+
+def legacy_state_path() -> Path:
+    """Where fhir-leuko 0.1.0 kept the state file by default (the user *data* directory)."""
+    return Path(platformdirs.user_data_dir("fhir-leuko", appauthor=False)) / STATE_FILE
 
 
 def server_key(base_url: str) -> str:
@@ -134,14 +155,25 @@ class State:
             row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if row is None:
                 self.db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            elif int(row[0]) == 1:
+                self._upgrade_from_1()
             elif int(row[0]) != SCHEMA_VERSION:
                 raise StateError(
                     f"{path}: state schema {row[0]}, this fhir-leuko reads {SCHEMA_VERSION}"
                 )
+            self.schema = SCHEMA_VERSION
         except sqlite3.DatabaseError as exc:
             raise StateError(f"{path}: cannot use the state file: {exc}") from None
         except OSError as exc:
             raise StateError(f"{path}: cannot create the state file: {exc.strerror}") from None
+
+    def _upgrade_from_1(self) -> None:
+        with self.transaction() as db:
+            columns = {r[1] for r in db.execute("PRAGMA table_info(written)")}
+            for column in ("patient", "finding"):
+                if column not in columns:
+                    db.execute(f"ALTER TABLE written ADD COLUMN {column} TEXT")
+            db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
 
     def close(self) -> None:
         self.db.close()
@@ -318,11 +350,15 @@ class State:
         resource_id: str | None,
         version: str | None,
         action: str,
+        *,
+        patient: str | None = None,
+        finding: str | None = None,
     ) -> None:
+        """One write; ``patient`` is the patient's pseudonym (as in the logs), ``finding`` its kind."""
         self.db.execute(
-            "INSERT INTO written (run_id, server, identifier, resource_id, version, action, at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (run_id, server, identifier, resource_id, version, action, _now_text()),
+            "INSERT INTO written (run_id, server, identifier, resource_id, version, action, at, "
+            "patient, finding) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (run_id, server, identifier, resource_id, version, action, _now_text(), patient, finding),
         )
 
     def runs(self, server: str) -> list[dict[str, Any]]:
@@ -336,6 +372,79 @@ class State:
         cursor = self.db.execute("SELECT * FROM written WHERE server=? ORDER BY id", (server,))
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+
+    # -- for people: fhir-leuko state -----------------------------------------------------------
+
+    def servers(self) -> list[str]:
+        """Every server the file knows (a pass, a watermark, pending patients, a lock)."""
+        rows = self.db.execute(
+            "SELECT server FROM runs UNION SELECT server FROM watermark "
+            "UNION SELECT server FROM pending UNION SELECT server FROM lock ORDER BY 1"
+        ).fetchall()
+        return [str(r[0]) for r in rows]
+
+    def pending_rows(self, server: str) -> list[dict[str, Any]]:
+        cursor = self.db.execute(
+            "SELECT patient, reason, since, attempts FROM pending WHERE server=? "
+            "ORDER BY since, patient",
+            (server,),
+        )
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+    def patient_of(self, server: str, alias: str) -> str | None:
+        """The reference behind a pseudonym, when the file holds it (a pending patient)."""
+        for row in self.pending_rows(server):
+            if pseudonym(server, row["patient"]) == alias:
+                return str(row["patient"])
+        return None
+
+    def ledger(self, server: str, patient: str, identifiers: Iterable[str] = ()) -> list[dict[str, Any]]:
+        """The writes for one patient: by pseudonym, or by the identifiers of its findings (rows
+        written before schema 2 name no patient)."""
+        wanted = list(identifiers)
+        marks = ",".join("?" * len(wanted))
+        where = "patient=?" + (f" OR identifier IN ({marks})" if wanted else "")
+        query = (
+            "SELECT id, run_id, identifier, resource_id, version, action, at, patient, finding "  # noqa: S608 (only ? marks are added)
+            f"FROM written WHERE server=? AND ({where}) ORDER BY id"
+        )
+        cursor = self.db.execute(query, (server, patient, *wanted))
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+    def set_last_success(self, server: str, at: str) -> None:
+        """When a pass that wrote everything (exit 0 or 1) ended (monitoring)."""
+        self.db.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (f"last_success {server}", at)
+        )
+
+    def last_success(self, server: str) -> str | None:
+        row = self.db.execute(
+            "SELECT value FROM meta WHERE key=?", (f"last_success {server}",)
+        ).fetchone()
+        return str(row[0]) if row else None
+
+    def reset(self, server: str) -> None:
+        """Forget a server's progress (watermark, seen versions, pending patients); the ledgers
+        are kept and the reset is recorded in the pass ledger.
+
+        Raises:
+            LockError: a run holds the server's lock.
+        """
+        with self.transaction() as db:
+            holder = db.execute("SELECT host, pid FROM lock WHERE server=?", (server,)).fetchone()
+            if holder is not None:
+                raise LockError(f"{server}: a run holds the lock (host {holder[0]}, pid {holder[1]})")
+            for table in ("watermark", "seen", "pending"):
+                db.execute(f"DELETE FROM {table} WHERE server=?", (server,))  # noqa: S608
+            now = _now_text()
+            db.execute(
+                "INSERT INTO runs (server, mode, started_at, finished_at, status, pid) "
+                "VALUES (?, 'reset', ?, ?, 'reset', ?)",
+                (server, now, now, os.getpid()),
+            )
 
 
 def _instant_key(text: str) -> datetime:

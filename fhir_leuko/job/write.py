@@ -25,6 +25,7 @@ from ..errors import (
     FhirTemporaryError,
     LockError,
 )
+from .patients import pseudonym
 from .plan import Write, content, for_update, is_resolved, version_of
 
 if TYPE_CHECKING:
@@ -109,7 +110,16 @@ class Writer:
         self.actions[action] += 1
         state = self.job.state
         if state is not None:
-            state.record_write(self.run_id, self.server, w.identifier, resource_id, version, action)
+            state.record_write(
+                self.run_id,
+                self.server,
+                w.identifier,
+                resource_id,
+                version,
+                action,
+                patient=pseudonym(self.server, w.patient),
+                finding=w.kind.value,
+            )
 
     def transaction(self, writes: list[Write]) -> list[Write]:
         """All writes in one transaction; returns the writes that need a second look (a

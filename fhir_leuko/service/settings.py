@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-import platformdirs
 import pydantic
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from ..configfile import layer_sources, read_toml
+from ..configfile import layer_sources, read_toml, state_dir
 from ..errors import UsageError
 
 __all__ = [
@@ -126,8 +125,12 @@ DEFAULT_OVERRIDE_REASONS = (
 )
 
 
+FEEDBACK_FILE = "cds-feedback.sqlite3"
+
+
 def _default_database() -> Path:
-    return platformdirs.user_state_path("fhir-leuko") / "cds-feedback.sqlite3"
+    """``cds-feedback.sqlite3`` in the state directory shared with the job (``state_dir``)."""
+    return state_dir() / FEEDBACK_FILE
 
 
 def _check_url(value: str, field: str, allow_http: bool) -> str:
@@ -176,7 +179,11 @@ class ServiceSettings(BaseSettings):
     jwks_refetch_seconds: float = pydantic.Field(default=30.0, ge=0)
     """At most one JWKS refetch per key set in this time when a token names an unknown ``kid``."""
     jwks_timeout_seconds: float = pydantic.Field(default=5.0, gt=0)
+    state_dir: Path | None = None
+    """The state directory shared with the job (``serve --state-dir``, ``[state] dir`` of the
+    same file, ``FHIR_LEUKO_STATE_DIR``; default ``$XDG_STATE_HOME/fhir-leuko``)."""
     feedback_database: Path = pydantic.Field(default_factory=_default_database)
+    """Default: ``cds-feedback.sqlite3`` in the state directory."""
     issued_card_retention_days: int = pydantic.Field(default=90, ge=0)
     """Days the issued cards are kept for matching feedback (0: forever)."""
     card_page_days: int = pydantic.Field(default=7, ge=0)
@@ -203,6 +210,13 @@ class ServiceSettings(BaseSettings):
     openapi: bool = True
     """Serve the OpenAPI document at /openapi.json and its viewer at /docs."""
     testing: TestingSettings = TestingSettings()
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _database_in_state_dir(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("state_dir") and not data.get("feedback_database"):
+            data = {**data, "feedback_database": Path(data["state_dir"]) / FEEDBACK_FILE}
+        return data
 
     @pydantic.model_validator(mode="after")
     def _consistent(self) -> ServiceSettings:
@@ -266,8 +280,9 @@ def _resolve_paths(table: dict[str, Any], base: Path) -> dict[str, Any]:
         return value
 
     out = dict(table)
-    if "feedback_database" in out:
-        out["feedback_database"] = rel(out["feedback_database"])
+    for key in ("feedback_database", "state_dir"):
+        if key in out:
+            out[key] = rel(out[key])
     if isinstance(out.get("profiles"), list):
         out["profiles"] = [rel(p) for p in out["profiles"]]
     if isinstance(out.get("clients"), list):
@@ -298,9 +313,14 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> ServiceS
     table: dict[str, Any] = {}
     where = str(config_file) if config_file else f"no --config FILE, {ENV_PREFIX}* variables only"
     if config_file is not None:
-        service = read_toml(config_file, str(config_file)).get("service")
+        document = read_toml(config_file, str(config_file))
+        service = document.get("service")
         if not isinstance(service, dict):
             raise UsageError(f"{config_file}: no [service] table (see examples/cds/service.toml)")
+        shared = document.get("state")
+        if isinstance(shared, dict) and "dir" in shared and "state_dir" not in service:
+            # One state directory for the job and the service: the job's [state] dir.
+            service = {**service, "state_dir": shared["dir"]}
         table = _resolve_paths(service, config_file.resolve().parent)
     try:
         return ServiceSettings(**layer_sources(ServiceSettings, table, overrides))
