@@ -196,7 +196,15 @@ class PrefetchUnavailableError(ServiceError):
 
 
 class FhirFetchError(ServiceError):
-    """Fetching from the CDS client's FHIR server failed (HTTP error, timeout, bad page)."""
+    """Fetching from the CDS client's FHIR server failed (HTTP error, timeout, bad page).
+
+    ``kind`` (for metrics): ``http`` (an error status), ``timeout`` (no answer in time, connection
+    errors), ``refused`` (a link the service will not follow), ``invalid`` (an unusable answer).
+    """
+
+    def __init__(self, message: str, kind: str = "invalid") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class ServiceTimeoutError(ServiceError):

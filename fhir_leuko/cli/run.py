@@ -50,6 +50,7 @@ from .formats import check_report_target, write_report
 from .options import parse_instant
 
 __all__ = [
+    "JsonFormatter",
     "add_connection_options",
     "build_client",
     "connection_flags",
@@ -416,7 +417,9 @@ def build_client(config: JobConfig, stop: threading.Event | None = None) -> Fhir
 # -- logging --------------------------------------------------------------------------------
 
 
-class _JsonFormatter(logging.Formatter):
+class JsonFormatter(logging.Formatter):
+    """One JSON object per log line (``run``, ``watch`` and ``serve`` with ``--log-format json``)."""
+
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
@@ -437,7 +440,7 @@ class _JsonFormatter(logging.Formatter):
 def _setup_logging(fmt: str, verbose: int) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
+        handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("fhir-leuko: %(levelname)s: %(message)s"))
     logging.basicConfig(

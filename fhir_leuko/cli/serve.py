@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ExitCode, ListenError, UsageError, exit_code_table
-from ..fhir.privacy import uvicorn_log_config
+from ..fhir.privacy import install_log_scrubbing, uvicorn_log_config
+from .run import JsonFormatter
 
 __all__ = ["bind", "register", "startup_line"]
 
@@ -85,6 +86,12 @@ def register(sub: Any) -> None:
         help="TOML file with a [service] table (default: FHIR_LEUKO_SERVICE_* variables only)",
     )
     parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        help="log lines as text (default) or one JSON object per line, uvicorn's included "
+        "([service] log_format)",
+    )
+    parser.add_argument(
         "--state-dir",
         metavar="DIR",
         type=Path,
@@ -136,6 +143,31 @@ def startup_line(host: str, port: int, public_base_url: str | None) -> str:
     return f"fhir-leuko: CDS Hooks service listening on {where} (no JWT checked: local tests only)"
 
 
+def _json_logging(verbose: int) -> None:
+    """One JSON object per line on stderr (the job's format: ``time``, ``level``, ``logger``,
+    ``message``), for the service's and uvicorn's loggers alike."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    logging.basicConfig(
+        level=logging.DEBUG if verbose >= 2 else logging.INFO, handlers=[handler], force=True
+    )
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
+    # Patients as pseudonyms in every line, urllib3's request lines silenced (fhir/privacy.py).
+    install_log_scrubbing()
+
+
+def _uvicorn_logging(json_logs: bool) -> dict[str, Any]:
+    """uvicorn's ``log_config``: none with JSON logs (its loggers propagate to the root handler),
+    else its own configuration with the log scrubber on its handlers."""
+    if json_logs:
+        return {"log_config": None}
+    from uvicorn.config import LOGGING_CONFIG
+
+    return {"log_config": uvicorn_log_config(LOGGING_CONFIG)}
+
+
 def _serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
@@ -146,8 +178,15 @@ def _serve(args: argparse.Namespace) -> int:
             f"the CDS Hooks service needs the service extra (missing module {exc.name!r}): "
             "pip install 'fhir-leuko[service]'"
         ) from None
-    given = {"state_dir": args.state_dir} if args.state_dir is not None else {}
+    given: dict[str, Any] = {}
+    if args.state_dir is not None:
+        given["state_dir"] = args.state_dir
+    if args.log_format is not None:
+        given["log_format"] = args.log_format
     settings = load_settings(args.config, **given)
+    json_logs = settings.log_format == "json"
+    if json_logs:
+        _json_logging(args.verbose)
     host = args.host or settings.host
     port = args.port if args.port is not None else settings.port
     # Bound first, so a port in use fails at once, before the profiles are loaded.
@@ -166,17 +205,17 @@ def _serve(args: argparse.Namespace) -> int:
     # of tens of milliseconds on hook calls (benchmarks/README.md, "cds").
     gc.collect()
     gc.freeze()
-    print(startup_line(host, port, settings.public_base_url), file=sys.stderr, flush=True)
-    # uvicorn's own handlers get the log scrubber too (a traceback of a failed request may name the
-    # patient); fhir_leuko.cli.main put it on the root handler the service's loggers use.
-    from uvicorn.config import LOGGING_CONFIG
-
-    config = uvicorn.Config(
-        app,
-        server_header=False,
-        log_level="info",
-        log_config=uvicorn_log_config(LOGGING_CONFIG),
-    )
+    line = startup_line(host, port, settings.public_base_url)
+    if json_logs:
+        logging.getLogger("fhir_leuko.service").info(
+            line.removeprefix("fhir-leuko: "), extra={"fields": {"event": "service.listening"}}
+        )
+    else:
+        print(line, file=sys.stderr, flush=True)
+    # JSON: uvicorn's loggers (start-up, access lines) go to the root handler (one JSON object per
+    # line, scrubbed); text: uvicorn's own format, its handlers scrubbed too (a traceback of a
+    # failed request may name the patient).
+    config = uvicorn.Config(app, server_header=False, log_level="info", **_uvicorn_logging(json_logs))
     with sock:
         uvicorn.Server(config).run(sockets=[sock])
     return 0

@@ -44,7 +44,8 @@ from ..files.documents import load_knowledge, load_profiles
 from .feedback import FeedbackStore
 from .fetch import FhirClientFetcher, FhirFetcher
 from .health import Readiness, install_health
-from .hooks import CdsEngine
+from .hooks import SERVICES, CdsEngine
+from .metrics import CountingFetcher, MetricsMiddleware, ServiceMetrics, install_metrics_route
 from .models import FeedbackRequest, HookRequest
 from .pages import TokenScrubber, install_card_pages
 from .routes import install_routes, run_with_deadline
@@ -191,6 +192,8 @@ def create_app(
     store = FeedbackStore(
         settings.feedback_database, retention=timedelta(days=days) if days else None
     )
+    metrics = ServiceMetrics({s.id: s.hook for s in SERVICES})
+    token = _metrics_token(settings)
     executor = ThreadPoolExecutor(
         max_workers=settings.fetch_workers, thread_name_prefix="fhir-leuko-fetch"
     )
@@ -198,9 +201,12 @@ def create_app(
         settings,
         knowledge,
         profiles,
-        fetcher=fetcher
-        or FhirClientFetcher(
-            timeout=settings.fetch_timeout_seconds, max_pages=settings.fetch_max_pages
+        fetcher=CountingFetcher(
+            fetcher
+            or FhirClientFetcher(
+                timeout=settings.fetch_timeout_seconds, max_pages=settings.fetch_max_pages
+            ),
+            metrics,
         ),
         store=store,
         executor=executor,
@@ -212,7 +218,9 @@ def create_app(
         refetch_seconds=settings.jwks_refetch_seconds,
         timeout=settings.jwks_timeout_seconds,
     )
-    verifier = JwtVerifier(settings, jwks=jwks, clock=lambda: now().timestamp())
+    verifier = JwtVerifier(
+        settings, jwks=jwks, clock=lambda: now().timestamp(), on_reject=metrics.jwt_rejected
+    )
     if settings.testing.disable_jwt:
         logger.warning("JWT checking is DISABLED ([service.testing] disable_jwt): tests only")
 
@@ -223,7 +231,14 @@ def create_app(
         # After the server has configured its logging: card page tokens never reach a log line.
         access = logging.getLogger("uvicorn.access")
         access.addFilter(scrubber)
+        # /metrics on a port of its own, when configured (not on the service's port then).
+        side = metrics.serve(settings.metrics_host, settings.metrics_port, token) if (
+            settings.metrics and settings.metrics_port is not None
+        ) else None
         yield
+        if side is not None:
+            side.shutdown()
+            side.server_close()
         access.removeFilter(scrubber)
         executor.shutdown(wait=False, cancel_futures=True)
         store.close()
@@ -233,13 +248,14 @@ def create_app(
         version=__version__,
         description="CDS Hooks 2.0 services for low white-cell counts: patient-view, "
         "order-select, order-sign, and feedback. See docs/cds-hooks.md.",
-        openapi_url="/openapi.json" if settings.openapi else None,
-        docs_url="/docs" if settings.openapi else None,
+        openapi_url="/openapi.json" if settings.openapi or settings.docs else None,
+        docs_url="/docs" if settings.docs else None,
         redoc_url=None,
         lifespan=lifespan,
     )
     app.state.engine = engine
     app.state.store = store
+    app.state.metrics = metrics
     app.add_exception_handler(FhirLeukoError, _on_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
@@ -257,7 +273,10 @@ def create_app(
         max_body_bytes=settings.max_body_bytes,
         timeout=settings.request_timeout_seconds,
         clock=now,
+        metrics=metrics,
     )
+    if settings.metrics and settings.metrics_port is None:
+        install_metrics_route(app, metrics, token)
     if settings.cors_origins:
         # CDS Hooks clients in a browser (the sandbox, web EHRs) need CORS; the preflight must
         # allow Authorization and Content-Type (cds-hooks.md §1.7). No cookies are used.
@@ -275,8 +294,24 @@ def create_app(
         clock=now,
         reasons={r.code: r.display for r in settings.override_reasons},
     )
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
     _install_openapi(app)
     return app
+
+
+def _metrics_token(settings: ServiceSettings) -> str | None:
+    """The bearer token /metrics needs, read from ``metrics_token_file`` at start-up."""
+    if settings.metrics_token_file is None:
+        return None
+    try:
+        token = settings.metrics_token_file.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise UsageError(
+            f"{settings.metrics_token_file}: cannot read the metrics token: {exc.strerror}"
+        ) from None
+    if len(token) < 16:
+        raise UsageError(f"{settings.metrics_token_file}: the metrics token is shorter than 16 characters")
+    return token
 
 
 def _clock(settings: ServiceSettings) -> Callable[[], datetime]:

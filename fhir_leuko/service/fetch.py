@@ -96,10 +96,10 @@ class _Bearer(requests.auth.AuthBase):
 def _fetch_error(exc: FhirError) -> FhirFetchError:
     # FhirError messages name URLs, which name the patient: keep them out of answers and logs.
     if exc.status is not None:
-        return FhirFetchError(f"the FHIR server answered HTTP {exc.status}")
+        return FhirFetchError(f"the FHIR server answered HTTP {exc.status}", "http")
     if isinstance(exc, FhirTemporaryError):
         return FhirFetchError(
-            "the FHIR server did not answer in time (timeout or connection error)"
+            "the FHIR server did not answer in time (timeout or connection error)", "timeout"
         )
     return FhirFetchError(f"the FHIR server's answer could not be used ({type(exc).__name__})")
 
@@ -145,7 +145,9 @@ class FhirClientFetcher:
     def pages(self, base: str, url: str, *, token: str) -> Iterator[bytes]:
         if url.startswith(("http://", "https://")):
             if not under_base(url, base):
-                raise FhirFetchError("a next link leads outside the FHIR server: not followed")
+                raise FhirFetchError(
+                    "a next link leads outside the FHIR server: not followed", "refused"
+                )
             path, params = url, []
         else:
             path, _, query = url.partition("?")

@@ -22,11 +22,13 @@ from fastapi import FastAPI, Request, Response
 from ..errors import (
     FhirLeukoError,
     MalformedRequestError,
+    PrefetchUnavailableError,
     RequestTooLargeError,
     ServiceError,
     ServiceTimeoutError,
 )
 from .hooks import CdsEngine
+from .metrics import ServiceMetrics
 from .models import CardsResponse, DiscoveryResponse, FeedbackRequest, OperationOutcome
 from .security import JwtVerifier
 from .store import CardStore
@@ -107,6 +109,7 @@ def install_routes(
     max_body_bytes: int,
     timeout: float,
     clock: Callable[[], datetime],
+    metrics: ServiceMetrics,
 ) -> None:
     """Add the CDS Hooks endpoints to ``app``."""
     root = f"{public_base_url}/cds-services"
@@ -165,7 +168,13 @@ def install_routes(
 
         def work() -> dict[str, Any]:
             caller = verifier.verify(authorization, f"{root}/{service_id}")
-            return engine.call(service_id, body, caller)
+            try:
+                answer = engine.call(service_id, body, caller)
+            except PrefetchUnavailableError as exc:
+                metrics.prefetch_unavailable(sorted(exc.missing))
+                raise
+            metrics.cards_returned(service_id, answer["cards"])
+            return answer
 
         return _json(await run_with_deadline(timeout, work))
 

@@ -38,6 +38,7 @@ from .settings import ClientSettings, ServiceSettings
 
 __all__ = [
     "ALLOWED_ALGORITHMS",
+    "REJECTION_REASONS",
     "Caller",
     "JwksCache",
     "JwtVerifier",
@@ -210,23 +211,61 @@ class ReplayCache:
             return True
 
 
+REJECTION_REASONS = (
+    "missing",
+    "malformed",
+    "header",
+    "algorithm",
+    "issuer",
+    "jku",
+    "key",
+    "signature",
+    "audience",
+    "claims",
+    "expired",
+    "not_yet_valid",
+    "lifetime",
+    "tenant",
+    "replay",
+)
+"""The reasons a JWT is refused, as counted in ``fhir_leuko_cds_jwt_rejections_total{reason}``."""
+
+
 class _Rejected(Exception):
-    """Internal: why a token was rejected (logged, never sent)."""
+    """Internal: why a token was rejected (logged, never sent); ``reason`` is one of
+    :data:`REJECTION_REASONS`."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _reason(exc: jwt.PyJWTError) -> str:
+    """The rejection reason of a PyJWT error."""
+    if isinstance(exc, jwt.InvalidSignatureError):
+        return "signature"
+    if isinstance(exc, jwt.InvalidAudienceError):
+        return "audience"
+    if isinstance(exc, jwt.InvalidIssuerError):
+        return "issuer"
+    if isinstance(exc, jwt.MissingRequiredClaimError):
+        return "claims"
+    return "malformed"
 
 
 def _number(claims: dict[str, Any], name: str) -> float:
     value = claims.get(name)
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _Rejected(f"'{name}' missing or not a number")
+        raise _Rejected("claims", f"'{name}' missing or not a number")
     return float(value)
 
 
 def _bearer(authorization: str | None) -> str:
     if not authorization:
-        raise _Rejected("no Authorization header")
+        raise _Rejected("missing", "no Authorization header")
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise _Rejected("Authorization is not a Bearer token")
+        raise _Rejected("missing", "Authorization is not a Bearer token")
     return token.strip()
 
 
@@ -240,7 +279,9 @@ class JwtVerifier:
         jwks: JwksCache,
         clock: Callable[[], float],
         replay: ReplayCache | None = None,
+        on_reject: Callable[[str], None] | None = None,
     ) -> None:
+        """``on_reject(reason)`` is called for each refused token (metrics)."""
         self._disabled = settings.testing.disable_jwt
         self._clients = {c.iss: c for c in settings.clients}
         self._all_servers = tuple(
@@ -249,6 +290,7 @@ class JwtVerifier:
         self._jwks = jwks
         self._clock = clock
         self._replay = replay or ReplayCache()
+        self._on_reject = on_reject
         self._leeway = settings.jwt_leeway_seconds
         self._max_lifetime = settings.jwt_max_lifetime_seconds
 
@@ -266,6 +308,8 @@ class JwtVerifier:
             token = _bearer(authorization)
             return self._verify(token, audience, header, claims)
         except (_Rejected, jwt.PyJWTError) as exc:
+            if self._on_reject is not None:
+                self._on_reject(exc.reason if isinstance(exc, _Rejected) else _reason(exc))
             logger.info(
                 "JWT rejected (%s): iss=%r kid=%r jti=%r aud=%s",
                 exc if isinstance(exc, _Rejected) else type(exc).__name__,
@@ -287,25 +331,25 @@ class JwtVerifier:
             header.get("jku"),
         )
         if not isinstance(typ, str) or typ.upper() != "JWT":
-            raise _Rejected(f"typ {typ!r} is not JWT")
+            raise _Rejected("header", f"typ {typ!r} is not JWT")
         if alg not in ALLOWED_ALGORITHMS:
-            raise _Rejected(f"alg {alg!r} is not ES384 or RS384")
+            raise _Rejected("algorithm", f"alg {alg!r} is not ES384 or RS384")
         if not isinstance(kid, str) or not kid:
-            raise _Rejected("no kid")
+            raise _Rejected("header", "no kid")
         unverified = jwt.decode(token, options={"verify_signature": False})
         if not isinstance(unverified, dict):
-            raise _Rejected("payload is not an object")
+            raise _Rejected("malformed", "payload is not an object")
         claims.update(unverified)
         iss = claims.get("iss")
         client = self._clients.get(iss) if isinstance(iss, str) else None
         if client is None:
-            raise _Rejected("iss is not a configured client")
+            raise _Rejected("issuer", "iss is not a configured client")
         location = self._key_location(client, jku)
         key = self._jwks.key(location, kid)
         if key is None:
-            raise _Rejected("kid not found in the client's JWK Set")
+            raise _Rejected("key", "kid not found in the client's JWK Set")
         if key.alg != alg:
-            raise _Rejected(f"alg {alg} does not match the key type ({key.alg})")
+            raise _Rejected("algorithm", f"alg {alg} does not match the key type ({key.alg})")
         verified = jwt.decode(
             token,
             key.key,
@@ -323,21 +367,21 @@ class JwtVerifier:
         leeway = self._leeway
         exp, iat = _number(verified, "exp"), _number(verified, "iat")
         if exp <= now - leeway:
-            raise _Rejected("expired")
+            raise _Rejected("expired", "expired")
         if iat > now + leeway:
-            raise _Rejected("iat is in the future")
+            raise _Rejected("not_yet_valid", "iat is in the future")
         if "nbf" in verified and _number(verified, "nbf") > now + leeway:
-            raise _Rejected("not yet valid (nbf)")
+            raise _Rejected("not_yet_valid", "not yet valid (nbf)")
         if exp - iat > self._max_lifetime:
-            raise _Rejected(f"lifetime exp - iat exceeds {self._max_lifetime} s")
+            raise _Rejected("lifetime", f"lifetime exp - iat exceeds {self._max_lifetime} s")
         tenant = verified.get("tenant")
         if client.tenants and tenant not in client.tenants:
-            raise _Rejected("tenant not allowed for this client")
+            raise _Rejected("tenant", "tenant not allowed for this client")
         jti = verified.get("jti")
         if not isinstance(jti, str) or not jti:
-            raise _Rejected("jti missing")
+            raise _Rejected("claims", "jti missing")
         if not self._replay.first_use(client.iss, jti, exp + leeway, now):
-            raise _Rejected("jti replayed")
+            raise _Rejected("replay", "jti replayed")
         return Caller(
             client.iss,
             tenant if isinstance(tenant, str) else None,
@@ -363,7 +407,7 @@ class JwtVerifier:
     def _key_location(client: ClientSettings, jku: object) -> str:
         if jku is not None:
             if not isinstance(jku, str) or jku not in client.jku:
-                raise _Rejected("jku is not registered for this client")
+                raise _Rejected("jku", "jku is not registered for this client")
             return jku
         if client.jwks_url:
             return client.jwks_url
@@ -371,4 +415,4 @@ class JwtVerifier:
             return f"file:{client.jwks_file}"
         if len(client.jku) == 1:
             return client.jku[0]  # the one registered key set, used without naming it
-        raise _Rejected("no jku and no jwks_url/jwks_file for this client")
+        raise _Rejected("key", "no jku and no jwks_url/jwks_file for this client")

@@ -13,7 +13,7 @@ Every key is documented in docs/cds-hooks.md; examples/cds/service.toml is a com
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import pydantic
@@ -208,7 +208,19 @@ class ServiceSettings(BaseSettings):
         default_factory=lambda: list(DEFAULT_OVERRIDE_REASONS)
     )
     openapi: bool = True
-    """Serve the OpenAPI document at /openapi.json and its viewer at /docs."""
+    """Serve the OpenAPI document at /openapi.json."""
+    log_format: Literal["text", "json"] = "text"
+    """``serve``'s log lines: text, or one JSON object per line (``--log-format``)."""
+    docs: bool = False
+    """Serve the Swagger UI viewer at /docs. Off by default: its scripts and styles load from a
+    public CDN, so on an air-gapped network it renders blank (and the browser calls out)."""
+    metrics: bool = True
+    """Serve Prometheus metrics at GET /metrics (no patient data; ``fhir_leuko.service.metrics``)."""
+    metrics_port: int | None = pydantic.Field(default=None, ge=1, le=65535)
+    """Serve /metrics on this port of ``metrics_host`` instead of the service's own port."""
+    metrics_host: str = "127.0.0.1"
+    metrics_token_file: Path | None = None
+    """If given, /metrics needs ``Authorization: Bearer <the file's content>``."""
     testing: TestingSettings = TestingSettings()
 
     @pydantic.model_validator(mode="before")
@@ -280,7 +292,7 @@ def _resolve_paths(table: dict[str, Any], base: Path) -> dict[str, Any]:
         return value
 
     out = dict(table)
-    for key in ("feedback_database", "state_dir"):
+    for key in ("feedback_database", "state_dir", "metrics_token_file"):
         if key in out:
             out[key] = rel(out[key])
     if isinstance(out.get("profiles"), list):

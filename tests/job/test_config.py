@@ -9,7 +9,7 @@ import pytest
 
 from fhir_leuko.errors import UsageError
 from fhir_leuko.fhir.auth import Secret
-from fhir_leuko.job.config import build_auth, load_job_config, parse_interval
+from fhir_leuko.job.config import build_auth, load_job_config, parse_interval, resolve_state_path
 
 TOML = """\
 [fhir]
@@ -113,8 +113,8 @@ def test_intervals() -> None:
 def test_the_deployment_example_is_a_valid_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
     from .conftest import EXAMPLES
 
-    for name in ("FHIR_LEUKO_STATE_PATH", "FHIR_LEUKO_FHIR_SERVER"):
+    for name in ("FHIR_LEUKO_STATE_PATH", "FHIR_LEUKO_STATE_DIR", "FHIR_LEUKO_FHIR_SERVER"):
         monkeypatch.delenv(name, raising=False)
     config = load_job_config({}, EXAMPLES / "deploy" / "job.toml")
     assert config.auth.method == "smart-backend" and config.run.log_format == "json"
-    assert config.state.path == Path("/var/lib/fhir-leuko/state.sqlite3")
+    assert resolve_state_path(config) == Path("/var/lib/fhir-leuko/state.sqlite3")

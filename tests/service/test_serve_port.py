@@ -112,3 +112,44 @@ def test_the_listening_line_comes_when_it_listens(tmp_path: Path) -> None:
         f"fhir-leuko: CDS Hooks service listening on http://127.0.0.1:{port}/cds-services "
         "(no JWT checked: local tests only)"
     ) in text
+
+
+def test_log_format_json_is_one_object_per_line(tmp_path: Path) -> None:
+    import json
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FHIR_LEUKO_")}
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "fhir_leuko", "serve", "--config", str(LOCAL), "--port", str(port),
+             "--log-format", "json", "--state-dir", str(tmp_path)],
+            stdout=subprocess.DEVNULL, stderr=out, env=env,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                        break
+                except requests.ConnectionError:
+                    pass
+                assert process.poll() is None, log.read_text()
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            from .test_spec_examples import read_http
+
+            _, path, body = read_http(EXAMPLES / "patient-view.http")
+            assert requests.post(f"http://127.0.0.1:{port}{path}", json=body, timeout=30).status_code == 200
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+    lines = [json.loads(line) for line in log.read_text().splitlines()]  # every line is JSON
+    assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
+    events = {line.get("event") for line in lines}
+    assert "service.listening" in events
+    loggers = {line["logger"] for line in lines}
+    assert {"fhir_leuko.service", "uvicorn.access", "uvicorn.error"} <= loggers
+    assert (tmp_path / "cds-feedback.sqlite3").exists()  # --state-dir
+    text = log.read_text()
+    assert "pt-cloz-severe" not in text and "Okafor" not in text
