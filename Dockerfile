@@ -17,7 +17,7 @@ COPY profiles ./profiles
 COPY container/install.sh /usr/local/bin/fhir-leuko-install
 # pip builds the wheel in an isolated environment (hatchling), which stays in this stage.
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /dist /src \
- && fhir-leuko-install /opt/fhir-leuko /dist/fhir_leuko-*.whl service
+ && fhir-leuko-install /opt/fhir-leuko /dist/fhir_leuko-*.whl service,postgres
 
 # --- final: the venv only; no compiler, no pip, no build backend; a user without a login ----------
 FROM ${PYTHON_IMAGE}

@@ -57,7 +57,7 @@ def test_dockerfile_shape() -> None:
     # The build stage runs exactly the script tested below, with the service extra.
     assert "COPY container/install.sh /usr/local/bin/fhir-leuko-install" in build
     (install,) = [line for line in build if line.startswith("RUN ")]
-    assert "fhir-leuko-install /opt/fhir-leuko /dist/fhir_leuko-*.whl service" in install
+    assert "fhir-leuko-install /opt/fhir-leuko /dist/fhir_leuko-*.whl service,postgres" in install
     # The final stage: the venv only, no installer run, a numeric non-root user, a health check.
     assert "COPY --from=build /opt/fhir-leuko /opt/fhir-leuko" in final
     runs = " ".join(line for line in final if line.startswith("RUN "))
@@ -187,7 +187,7 @@ def test_install_step_in_a_clean_venv(wheel: Path, tmp_path: Path) -> None:
     # The interpreter the venv is made from: this one's base Python, as the image's would be.
     env["PYTHON"] = str(Path(sys.base_prefix) / "bin" / "python3")
     done = subprocess.run(
-        ["sh", str(REPO / "container" / "install.sh"), str(venv), str(wheel), "service"],
+        ["sh", str(REPO / "container" / "install.sh"), str(venv), str(wheel), "service,postgres"],
         capture_output=True,
         text=True,
         env=env,

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
+import os
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -84,6 +87,13 @@ def register(sub: Any) -> None:
         metavar="FILE",
         type=Path,
         help="TOML file with a [service] table (default: FHIR_LEUKO_SERVICE_* variables only)",
+    )
+    parser.add_argument(
+        "--workers",
+        metavar="N",
+        type=int,
+        help="worker processes (default: [service] workers, else 1); they share the JWT replay "
+        "cache, the card and feedback store and the metrics",
     )
     parser.add_argument(
         "--log-format",
@@ -183,6 +193,8 @@ def _serve(args: argparse.Namespace) -> int:
         given["state_dir"] = args.state_dir
     if args.log_format is not None:
         given["log_format"] = args.log_format
+    if args.workers is not None:
+        given["workers"] = args.workers
     settings = load_settings(args.config, **given)
     json_logs = settings.log_format == "json"
     if json_logs:
@@ -195,6 +207,8 @@ def _serve(args: argparse.Namespace) -> int:
     service_log = logging.getLogger("fhir_leuko")
     if service_log.getEffectiveLevel() > logging.INFO:
         service_log.setLevel(logging.INFO)
+    if settings.workers > 1:
+        return _serve_workers(args, given, settings, sock, host, port, json_logs)
     try:
         app = create_app(settings)
     except BaseException:
@@ -219,3 +233,78 @@ def _serve(args: argparse.Namespace) -> int:
     with sock:
         uvicorn.Server(config).run(sockets=[sock])
     return 0
+
+
+# -- several worker processes ------------------------------------------------------------------
+
+_WORKER_ENV = "FHIR_LEUKO_SERVE_WORKER"
+"""JSON handed to each worker process: the config file, the overrides and the log format."""
+
+
+def _serve_workers(
+    args: argparse.Namespace,
+    given: dict[str, Any],
+    settings: Any,
+    sock: socket.socket,
+    host: str,
+    port: int,
+    json_logs: bool,
+) -> int:
+    """``--workers N``: uvicorn's supervisor and N processes on the one socket bound here. Each
+    builds its app from the same configuration (:func:`worker_app`), so all share the store of
+    the settings (the SQLite file of one machine, or PostgreSQL); the metrics of all of them are
+    gathered in a private ``PROMETHEUS_MULTIPROC_DIR``."""
+    import tempfile
+
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    from ..service import create_app
+
+    # Check the configuration once here (a broken profile is one error, not N).
+    create_app(settings)
+    metrics_dir = tempfile.mkdtemp(prefix="fhir-leuko-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    os.environ[_WORKER_ENV] = json.dumps(
+        {
+            "config": str(args.config) if args.config is not None else None,
+            "given": {k: str(v) if isinstance(v, Path) else v for k, v in given.items()},
+            "verbose": args.verbose,
+        }
+    )
+    line = startup_line(host, port, settings.public_base_url)
+    print(f"{line} ({settings.workers} worker processes)", file=sys.stderr, flush=True)
+    config = uvicorn.Config(
+        "fhir_leuko.cli.serve:worker_app",
+        factory=True,
+        workers=settings.workers,
+        server_header=False,
+        log_level="info",
+        **({"log_config": None} if json_logs else {}),  # type: ignore[arg-type]
+    )
+    try:
+        with sock:
+            Multiprocess(config, sockets=[sock]).run()
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    return 0
+
+
+def worker_app() -> Any:
+    """The app of one worker process (``--workers N``), from the configuration the supervisor
+    was given."""
+    from ..service import create_app, load_settings
+
+    spec = json.loads(os.environ[_WORKER_ENV])
+    given = dict(spec["given"])
+    for key in ("state_dir",):
+        if key in given:
+            given[key] = Path(given[key])
+    config = Path(spec["config"]) if spec["config"] else None
+    settings = load_settings(config, **given)
+    if settings.log_format == "json":
+        _json_logging(spec["verbose"])
+    service_log = logging.getLogger("fhir_leuko")
+    if service_log.getEffectiveLevel() > logging.INFO:
+        service_log.setLevel(logging.INFO)
+    return create_app(settings)

@@ -48,9 +48,10 @@ from .hooks import SERVICES, CdsEngine
 from .metrics import CountingFetcher, MetricsMiddleware, ServiceMetrics, install_metrics_route
 from .models import FeedbackRequest, HookRequest
 from .pages import TokenScrubber, install_card_pages
+from .replay import ReplayStore, SqliteReplayCache
 from .routes import install_routes, run_with_deadline
-from .security import JwksCache, JwtVerifier, keys_from_jwks
-from .settings import ServiceSettings
+from .security import JwksCache, JwtVerifier, ReplayCache, keys_from_jwks
+from .settings import ServiceSettings, database_url
 
 __all__ = ["create_app", "error_response"]
 
@@ -218,8 +219,13 @@ def create_app(
         refetch_seconds=settings.jwks_refetch_seconds,
         timeout=settings.jwks_timeout_seconds,
     )
+    replay, close_replay = _replay_store(settings)
     verifier = JwtVerifier(
-        settings, jwks=jwks, clock=lambda: now().timestamp(), on_reject=metrics.jwt_rejected
+        settings,
+        jwks=jwks,
+        clock=lambda: now().timestamp(),
+        on_reject=metrics.jwt_rejected,
+        replay=replay,
     )
     if settings.testing.disable_jwt:
         logger.warning("JWT checking is DISABLED ([service.testing] disable_jwt): tests only")
@@ -242,6 +248,7 @@ def create_app(
         access.removeFilter(scrubber)
         executor.shutdown(wait=False, cancel_futures=True)
         store.close()
+        close_replay()
 
     app = FastAPI(
         title="fhir-leuko CDS Hooks service",
@@ -297,6 +304,20 @@ def create_app(
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     _install_openapi(app)
     return app
+
+
+def _replay_store(settings: ServiceSettings) -> tuple[ReplayStore, Callable[[], None]]:
+    """The JWT replay cache every process of the deployment shares (service/replay.py)."""
+    if settings.testing.disable_jwt:
+        memory = ReplayCache()
+        return memory, lambda: None
+    if settings.store == "postgresql":
+        from .postgres import PostgresReplayCache, connect_pool
+
+        shared = PostgresReplayCache(connect_pool(database_url(settings)))
+        return shared, shared.close
+    local = SqliteReplayCache(settings.feedback_database)
+    return local, local.close
 
 
 def _metrics_token(settings: ServiceSettings) -> str | None:

@@ -34,6 +34,7 @@ import orjson
 import requests
 
 from ..errors import AuthenticationError
+from .replay import ReplayStore
 from .settings import ClientSettings, ServiceSettings
 
 __all__ = [
@@ -278,7 +279,7 @@ class JwtVerifier:
         *,
         jwks: JwksCache,
         clock: Callable[[], float],
-        replay: ReplayCache | None = None,
+        replay: ReplayStore | None = None,
         on_reject: Callable[[str], None] | None = None,
     ) -> None:
         """``on_reject(reason)`` is called for each refused token (metrics)."""

@@ -179,6 +179,14 @@ class ServiceSettings(BaseSettings):
     jwks_refetch_seconds: float = pydantic.Field(default=30.0, ge=0)
     """At most one JWKS refetch per key set in this time when a token names an unknown ``kid``."""
     jwks_timeout_seconds: float = pydantic.Field(default=5.0, gt=0)
+    store: Literal["sqlite", "postgresql"] = "sqlite"
+    """Where the JWT replay cache (and, with PostgreSQL, the issued cards and feedback) live:
+    ``sqlite`` (the embedded default, one machine: ``feedback_database``; every process on it,
+    ``--workers N`` included, shares the file) or ``postgresql`` (several replicas)."""
+    database_url: pydantic.SecretStr | None = None
+    """``store = "postgresql"``: ``postgresql://user@host/db`` (``FHIR_LEUKO_SERVICE_DATABASE_URL``;
+    it may hold a password: prefer the environment or ``database_url_file``)."""
+    database_url_file: Path | None = None
     state_dir: Path | None = None
     """The state directory shared with the job (``serve --state-dir``, ``[state] dir`` of the
     same file, ``FHIR_LEUKO_STATE_DIR``; default ``$XDG_STATE_HOME/fhir-leuko``)."""
@@ -209,6 +217,8 @@ class ServiceSettings(BaseSettings):
     )
     openapi: bool = True
     """Serve the OpenAPI document at /openapi.json."""
+    workers: int = pydantic.Field(default=1, ge=1, le=64)
+    """``serve``'s worker processes (``--workers``); they share the store and the metrics."""
     log_format: Literal["text", "json"] = "text"
     """``serve``'s log lines: text, or one JSON object per line (``--log-format``)."""
     docs: bool = False
@@ -262,6 +272,14 @@ class ServiceSettings(BaseSettings):
             ]
             object.__setattr__(client, "fhir_servers", servers)
         _check_url(self.documentation_url, "documentation_url", allow_http=False)
+        if self.workers > 1 and self.metrics_port is not None:
+            raise ValueError(
+                "metrics_port: with workers > 1, /metrics is served on the service's own port"
+            )
+        if self.store == "postgresql" and not (self.database_url or self.database_url_file):
+            raise ValueError(
+                'store = "postgresql" needs FHIR_LEUKO_SERVICE_DATABASE_URL or database_url_file'
+            )
         if "*" in self.cors_origins and not self.testing.allow_cors_wildcard:
             raise ValueError(
                 "cors_origins: '*' is allowed only with [service.testing] allow_cors_wildcard; "
@@ -292,7 +310,7 @@ def _resolve_paths(table: dict[str, Any], base: Path) -> dict[str, Any]:
         return value
 
     out = dict(table)
-    for key in ("feedback_database", "state_dir", "metrics_token_file"):
+    for key in ("feedback_database", "state_dir", "metrics_token_file", "database_url_file"):
         if key in out:
             out[key] = rel(out[key])
     if isinstance(out.get("profiles"), list):
@@ -344,3 +362,18 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> ServiceS
             message = "unknown setting (see docs/cds-hooks.md)"
         prefix = f"[service] {field}: " if field else ""
         raise UsageError(f"{where}: {prefix}{message}") from None
+
+
+def database_url(settings: ServiceSettings) -> str:
+    """The PostgreSQL connection string (``database_url``, else the file's first line).
+
+    Raises:
+        UsageError: the file cannot be read.
+    """
+    if settings.database_url is not None:
+        return settings.database_url.get_secret_value()
+    assert settings.database_url_file is not None
+    try:
+        return settings.database_url_file.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise UsageError(f"{settings.database_url_file}: cannot read: {exc.strerror}") from None
