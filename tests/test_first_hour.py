@@ -227,7 +227,7 @@ def test_demo_keep_leaves_a_server_to_explore(tmp_path: Path) -> None:
             try:
                 if requests.get(f"{base}/healthz", timeout=2).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except requests.RequestException:  # refused, or queued while it starts
                 pass
             assert serve.poll() is None and time.monotonic() < deadline
             time.sleep(0.1)

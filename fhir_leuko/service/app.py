@@ -52,6 +52,7 @@ from .replay import ReplayStore, SqliteReplayCache
 from .routes import install_routes, run_with_deadline
 from .security import JwksCache, JwtVerifier, ReplayCache, keys_from_jwks
 from .settings import ServiceSettings, database_url
+from .store import CardStore
 
 __all__ = ["create_app", "error_response"]
 
@@ -190,9 +191,7 @@ def create_app(
     _check_key_files(settings)
     now = clock or _clock(settings)
     days = settings.issued_card_retention_days
-    store = FeedbackStore(
-        settings.feedback_database, retention=timedelta(days=days) if days else None
-    )
+    store, replay, close_stores = _stores(settings, timedelta(days=days) if days else None)
     metrics = ServiceMetrics({s.id: s.hook for s in SERVICES})
     token = _metrics_token(settings)
     executor = ThreadPoolExecutor(
@@ -219,7 +218,6 @@ def create_app(
         refetch_seconds=settings.jwks_refetch_seconds,
         timeout=settings.jwks_timeout_seconds,
     )
-    replay, close_replay = _replay_store(settings)
     verifier = JwtVerifier(
         settings,
         jwks=jwks,
@@ -247,8 +245,7 @@ def create_app(
             side.server_close()
         access.removeFilter(scrubber)
         executor.shutdown(wait=False, cancel_futures=True)
-        store.close()
-        close_replay()
+        close_stores()
 
     app = FastAPI(
         title="fhir-leuko CDS Hooks service",
@@ -306,18 +303,33 @@ def create_app(
     return app
 
 
-def _replay_store(settings: ServiceSettings) -> tuple[ReplayStore, Callable[[], None]]:
-    """The JWT replay cache every process of the deployment shares (service/replay.py)."""
-    if settings.testing.disable_jwt:
-        memory = ReplayCache()
-        return memory, lambda: None
+def _stores(
+    settings: ServiceSettings, retention: timedelta | None
+) -> tuple[CardStore, ReplayStore, Callable[[], None]]:
+    """The card and feedback store and the JWT replay cache that every process of the
+    deployment shares: the SQLite file of ``feedback_database`` (one machine), or PostgreSQL
+    (``store = "postgresql"``, several replicas; service/postgres.py); and how to close them."""
     if settings.store == "postgresql":
-        from .postgres import PostgresReplayCache, connect_pool
+        from .postgres import PostgresCardStore, PostgresReplayCache, connect_pool
 
-        shared = PostgresReplayCache(connect_pool(database_url(settings)))
-        return shared, shared.close
+        pool = connect_pool(database_url(settings))
+        return PostgresCardStore(pool, retention=retention), PostgresReplayCache(pool), pool.close
+    cards = FeedbackStore(settings.feedback_database, retention=retention)
+    replay: ReplayStore
+    if settings.testing.disable_jwt:
+        replay = ReplayCache()  # no token is checked: nothing to share
+
+        def close() -> None:
+            cards.close()
+
+        return cards, replay, close
     local = SqliteReplayCache(settings.feedback_database)
-    return local, local.close
+
+    def close_both() -> None:
+        cards.close()
+        local.close()
+
+    return cards, local, close_both
 
 
 def _metrics_token(settings: ServiceSettings) -> str | None:

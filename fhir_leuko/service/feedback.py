@@ -46,7 +46,7 @@ from .store import (
     StoredFeedback,
 )
 
-__all__ = ["FeedbackStore", "IssuedCard", "StoredFeedback", "token_hash"]
+__all__ = ["FeedbackStore", "IssuedCard", "StoredFeedback", "entry_key", "findings_json", "token_hash"]
 
 _SCHEMA_VERSION = 2
 
@@ -124,7 +124,7 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def _entry_key(service_id: str, entry: FeedbackEntry) -> str:
+def entry_key(service_id: str, entry: FeedbackEntry) -> str:
     reason = entry.overrideReason
     identity = {
         "service": service_id,
@@ -140,7 +140,7 @@ def _entry_key(service_id: str, entry: FeedbackEntry) -> str:
     return hashlib.sha256(orjson.dumps(identity, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
-def _findings_json(findings: Sequence[CardFinding]) -> str:
+def findings_json(findings: Sequence[CardFinding]) -> str:
     return orjson.dumps(
         [
             {"kind": f.kind, "rank": f.rank, "grade": f.grade, "value": f.value,
@@ -248,7 +248,7 @@ class FeedbackStore:
                 c.summary,
                 1 if c.silent else 0,
                 c.subject,
-                _findings_json(c.findings),
+                findings_json(c.findings),
                 orjson.dumps(c.page).decode() if c.page is not None else None,
                 c.token_hash,
                 format_instant(c.page_expires) if c.page_expires is not None else None,
@@ -316,7 +316,7 @@ class FeedbackStore:
                         "override_display, user_comment, client_iss, known_card, received_at) "
                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (
-                            _entry_key(service_id, entry),
+                            entry_key(service_id, entry),
                             service_id,
                             entry.card,
                             entry.outcome,

@@ -16,6 +16,7 @@ import requests
 from fhir_leuko.core.knowledge import Knowledge
 from fhir_leuko.core.profiles import ProfileSet
 from fhir_leuko.service import ServiceSettings, create_app
+from fhir_leuko.testing.postgres import PostgresServer, find_bin
 from fhir_leuko.testing.sekmet import SekmetServer
 
 from .harness import (
@@ -217,3 +218,17 @@ def make_service(tmp_path: Path, knowledge: Knowledge, profiles: ProfileSet) -> 
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[str]:
+    """A real PostgreSQL server for the session (started once, about 3 s)."""
+    bin_dir = find_bin()
+    if bin_dir is None:
+        pytest.skip(
+            "no PostgreSQL server programs (initdb): ./dev test installs Debian's postgresql when "
+            "run as root; else apt-get install postgresql"
+        )
+    pytest.importorskip("psycopg", reason="the postgres extra is not installed")
+    with PostgresServer(bin_dir) as server:
+        yield server.dsn

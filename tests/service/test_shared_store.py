@@ -13,34 +13,18 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 
-from fhir_leuko.testing.postgres import PostgresServer, find_bin
 from fhir_leuko.testing.sekmet import free_port
 
-from .harness import AS_OF, CdsClient, ClientKeys, MutableClock
+from .harness import AS_OF, CdsClient, ClientKeys, MutableClock, hook_request, prefetch
 
 PUBLIC = "https://cds.example.org"
 ISS = "https://ehr.example.org"
-
-
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[str]:
-    """A real PostgreSQL server for the session (started once, about 3 s)."""
-    bin_dir = find_bin()
-    if bin_dir is None:
-        pytest.skip(
-            "no PostgreSQL server programs (initdb): ./dev test installs Debian's postgresql when "
-            "run as root; else apt-get install postgresql"
-        )
-    pytest.importorskip("psycopg", reason="the postgres extra is not installed")
-    with PostgresServer(bin_dir) as server:
-        yield server.dsn
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +69,9 @@ class _Serve:
         deadline = time.monotonic() + 90
         while True:
             try:
-                if requests.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                if requests.get(f"{self.url}/readyz", timeout=5).status_code == 200:
                     return
-            except requests.ConnectionError:
+            except requests.RequestException:  # refused, or queued on the socket while starting
                 pass
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
@@ -162,10 +146,29 @@ def test_two_processes_share_the_postgresql_store(tmp_path: Path, keys: ClientKe
         second = _Serve(configs[1], tmp_path / "b.log", env=env)
         try:
             _once_across(keys, first, second)
+            # A card issued by one replica, its feedback received by the other: one store.
+            view = _client(keys, first.url).call(
+                "leuko-patient-view",
+                hook_request("patient-view", "pt-cloz-severe", prefetch=prefetch("clozapine-severe")),
+            )
+            (card,) = view.cards
+            entry = {
+                "card": card["uuid"],
+                "outcome": "overridden",
+                "overrideReason": {"reason": card["overrideReasons"][0], "userComment": "known"},
+                "outcomeTimestamp": "2026-11-20T12:01:00Z",
+            }
+            feedback = _client(keys, second.url).feedback("leuko-patient-view", {"feedback": [entry]})
+            assert feedback.status == 200
         finally:
             second.stop()
     finally:
         first.stop()
+    import psycopg
+
+    with psycopg.connect(postgres) as connection:
+        rows = connection.execute("SELECT card, known_card FROM feedback").fetchall()
+    assert rows == [(card["uuid"], True)]
     log = (tmp_path / "a.log").read_text() + (tmp_path / "b.log").read_text()
     assert postgres not in log  # the connection string is never logged
 

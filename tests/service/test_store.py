@@ -8,6 +8,7 @@ unchanged. Time is always passed in.
 from __future__ import annotations
 
 import sqlite3
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,20 +29,42 @@ def _sqlite(tmp_path: Path, retention: timedelta | None) -> CardStore:
 BACKENDS: dict[str, Callable[[Path, timedelta | None], CardStore]] = {"sqlite": _sqlite}
 
 
-@pytest.fixture(params=sorted(BACKENDS))
+def _postgresql_database(request: pytest.FixtureRequest) -> str:
+    """A new, empty database on the session's PostgreSQL server (issue 11's shared store)."""
+    import psycopg
+
+    server: str = request.getfixturevalue("postgres")
+    name = "store_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(server, autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+    return server.rsplit("/", 1)[0] + "/" + name
+
+
+@pytest.fixture(params=[*sorted(BACKENDS), "postgresql"])
 def make_store(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> Iterator[Callable[..., CardStore]]:
     made: list[CardStore] = []
+    closers: list[Callable[[], None]] = []
+    database = _postgresql_database(request) if request.param == "postgresql" else ""
 
     def make(retention: timedelta | None = timedelta(days=90)) -> CardStore:
-        store = BACKENDS[request.param](tmp_path, retention)
+        if request.param == "postgresql":
+            from fhir_leuko.service.postgres import PostgresCardStore, connect_pool
+
+            pool = connect_pool(database, max_size=2)
+            closers.append(pool.close)
+            store: CardStore = PostgresCardStore(pool, retention=retention)
+        else:
+            store = BACKENDS[request.param](tmp_path, retention)
         made.append(store)
         return store
 
     yield make
     for store in made:
         store.close()
+    for close in closers:
+        close()
 
 
 def card(uuid: str, *, snooze: int = 3600, silent: bool = False, token: str = "tok") -> IssuedCard:
