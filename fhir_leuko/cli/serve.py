@@ -280,7 +280,7 @@ def _serve_workers(
         workers=settings.workers,
         server_header=False,
         log_level="info",
-        **({"log_config": None} if json_logs else {}),  # type: ignore[arg-type]
+        **_uvicorn_logging(json_logs),
     )
     try:
         with sock:
@@ -304,6 +304,8 @@ def worker_app() -> Any:
     settings = load_settings(config, **given)
     if settings.log_format == "json":
         _json_logging(spec["verbose"])
+    else:
+        install_log_scrubbing()
     service_log = logging.getLogger("fhir_leuko")
     if service_log.getEffectiveLevel() > logging.INFO:
         service_log.setLevel(logging.INFO)
