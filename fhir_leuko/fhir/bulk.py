@@ -13,7 +13,7 @@ Flow (https://hl7.org/fhir/uv/bulkdata/STU2/export.html):
   mapped LOINC codes (a server that refuses it with a 4xx gets the kick-off again without it, and
   the result says so) and ``_since``; the answer is 202 and the status URL in ``Content-Location``.
 * **Status**: 202 while running (``X-Progress`` goes to ``on_status``; the next poll waits
-  ``Retry-After``, or 1 s growing to 60 s without it); 200 with the manifest when complete; 429 and
+  ``Retry-After``, and at least 1 s growing by half each poll up to 60 s); 200 with the manifest when complete; 429 and
   502-504 are retried by :class:`~fhir_leuko.fhir.client.FhirClient` like every other request; any
   other error means the export failed (its OperationOutcome is in the error).
 * **Download** of every ``output`` file, streamed to disk (``Range`` resumes a partial file where
@@ -360,7 +360,9 @@ class BulkExport:
                 self.on_status(f"export in progress: {progress}")
                 last = progress
             after = self.client._retry_after(response)  # the one Retry-After parser
-            delay = after if after is not None else wait
+            # Never sooner than Retry-After, and growing: a long export is not polled every second
+            # (about one poll per third of the time waited so far, at most one a minute).
+            delay = max(after or 0.0, wait)
             wait = min(wait * 1.5, 60.0)
             if self.clock() - started + delay > self.max_wait:
                 raise FhirTemporaryError(
