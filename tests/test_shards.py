@@ -64,7 +64,9 @@ def _whole(paths: list[Path], knowledge: Knowledge, profiles: ProfileSet, as_of:
 
 
 def _sharded(paths: list[Path], tmp: Path, count: int, as_of: AsOf) -> Evaluation:
-    got = evaluate_sharded(input_files(paths), as_of=as_of, work_dir=tmp / f"s{count}", count=count)
+    got = evaluate_sharded(
+        input_files(paths), as_of=as_of, work_dir=tmp / f"s{count}", count=count, records=True
+    )
     assert got is not None
     result, flagged = got
     assert set(flagged.patients) == {f.patient for f in result.findings}

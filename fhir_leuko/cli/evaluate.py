@@ -190,7 +190,8 @@ def run(args: argparse.Namespace) -> int:
         progress = bar.update if show else None
         if scale.shards or (scale.shards is None and total >= SHARD_BYTES):
             # Bounded memory: partition by patient on disk, evaluate shard by shard (files/shards.py).
-            sharded = evaluate_in_shards(files, total, scale, args, as_of, progress)
+            html = chosen_format(args, sys.stdout.isatty()) == "html"  # needs the records
+            sharded = evaluate_in_shards(files, total, scale, args, as_of, progress, html)
         if sharded is None:
             # Progress counts decompressed bytes for .gz input, so the bar may run past its total.
             dataset = normalise_files(files, knowledge, progress=progress)

@@ -114,6 +114,7 @@ def evaluate_in_shards(
     args: argparse.Namespace,
     as_of: AsOf,
     progress: Progress | None,
+    records: bool = False,
 ) -> tuple[Evaluation, Dataset] | None:
     """The sharded evaluation of ``evaluate`` and the records of the patients with findings
     (``None``: this input is evaluated in memory)."""
@@ -128,4 +129,5 @@ def evaluate_in_shards(
             select=args.profile,
             run_map=run_map,
             progress=progress,
+            records=records,
         )

@@ -27,6 +27,7 @@ before: :func:`partition` returns ``None`` and says why.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import mmap
@@ -75,9 +76,9 @@ normalising and evaluating then peaks well under 500 MB (benchmarks/README.md)."
 
 _PENDING = 0xFFFF
 """The shard of a resource that has none of its own yet (a subject-less Observation)."""
-_BUCKETS = 16
+_BUCKETS = 64
 _MASK = _BUCKETS - 1
-_FLUSH = 1 << 17
+_FLUSH = 1 << 15
 _SUBJECT_TYPES = frozenset(
     {
         "Observation",
@@ -566,6 +567,8 @@ class ShardSpec:
     as_of: AsOf
     profile_dirs: tuple[str, ...] = ()
     select: tuple[str, ...] = ()
+    records: bool = False
+    """Send back the records of the patients with findings (the HTML report's trends)."""
 
 
 @dataclass
@@ -619,12 +622,16 @@ def _load(
 
 def evaluate_shard(spec: ShardSpec) -> ShardResult:
     """Normalise and evaluate one shard: the patients it owns, with the same core as ever."""
+    # The previous shard's objects are garbage now, and a few of them may be in cycles, which
+    # reference counting alone never frees while evaluate keeps the cyclic collector off: one
+    # collection per shard (cheap here, with little else alive) keeps memory flat over shards.
+    gc.collect()
     knowledge, profiles = _profiles(spec.profile_dirs, spec.select)
     dataset = _load(
         Path(spec.directory), spec.index, spec.count, spec.files, spec.inputs, knowledge
     )
     evaluation = evaluate_dataset(dataset, profiles, as_of=spec.as_of)
-    mine = dataset.patients
+    mine = dataset.patients if spec.records else {}
     flagged = {f.patient: mine[f.patient] for f in evaluation.findings if f.patient in mine}
     return ShardResult(spec.index, evaluation, flagged)
 
@@ -635,7 +642,7 @@ def merge_results(
     """One :class:`Evaluation` from the shards', as evaluating everything at once gives it:
     DetectedIssues in patient-key order; a problem found in several shards (a copied resource)
     once; why nothing was found summed over the shards. With it, a :class:`Dataset` of the
-    records of the patients with findings."""
+    records of the patients with findings (when the shards sent them: ``records``)."""
     ordered = sorted(results, key=lambda r: r.index)
     shards = [r.evaluation for r in ordered]
     flagged = Dataset()
@@ -700,6 +707,7 @@ def evaluate_sharded(
     select: Sequence[str] = (),
     run_map: Callable[..., Iterable[ShardResult]] = map,
     progress: Progress | None = None,
+    records: bool = False,
 ) -> tuple[Evaluation, Dataset] | None:
     """Partition, evaluate every shard with ``run_map`` (``map``, or an executor of
     :mod:`.executors`), merge (:func:`merge_results`). ``None`` when the input must be evaluated
@@ -717,6 +725,7 @@ def evaluate_sharded(
             as_of,
             tuple(str(d) for d in profile_dirs),
             tuple(select),
+            records,
         )
         for index in range(count)
     ]
