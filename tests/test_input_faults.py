@@ -293,6 +293,9 @@ def _edge_bundle(edge: str) -> dict[str, Any]:
     return {"resourceType": "Bundle", "type": "collection", "entry": [entry(r) for r in resources]}
 
 
+BORN_AFTER = "birthDate is after one of the patient's lab results: age treated as unknown"
+
+
 @pytest.mark.parametrize("edge", EDGES)
 def test_calendar_edge_dates_in_every_date_element(
     tmp_path: Path, edge: str, knowledge: Knowledge, profiles: ProfileSet
@@ -308,6 +311,7 @@ def test_calendar_edge_dates_in_every_date_element(
     assert sorted((p.resource, p.reason) for p in result.problems) == [
         ("Observation/edge-obs-wbc", reason),
         ("Observation/edge-report-wbc", reason),
+        ("Patient/edge-born", BORN_AFTER),
     ]
     assert found == {"clean", "edge-med-0", "edge-med-1", "edge-med-2", "edge-cond", "edge-born"}
     implicated = {
@@ -416,3 +420,22 @@ def test_changed_patients_of_an_export_skip_deep_lines_and_corrupt_files(tmp_pat
     bad = tmp_path / "Condition.ndjson.gz"
     bad.write_bytes(_corrupt_gzip(json.dumps(_wbc("lost")).encode() * 20))
     assert _changed_patients([(good, None), (bad, None)]) == {"Patient/named"}
+
+
+def test_a_birth_date_after_the_patients_results_is_a_problem_and_the_age_unknown(
+    data_dir: Path, knowledge: Knowledge, profiles: ProfileSet
+) -> None:
+    """Firing case: born 2030, a WBC of 3.5 in 2024. Taken as given, the negative age matched no
+    pediatric age band, so no lower limit was known and nothing was said; now the Patient is a
+    problem and the count is graded with the limits for an unknown age (adult: grade 1).
+    Near misses: a toddler and a baby whose first count carries the day before its birth date
+    (a local date against a result in another offset) keep their ages and give no problem."""
+    result = run_paths([data_dir / "birth-after-results.json"], knowledge, profiles)
+    assert [(p.resource, p.reason) for p in result.problems] == [
+        ("Patient/born-later", BORN_AFTER)
+    ]
+    found = by_patient(result)
+    assert found[("born-later", "leukopenia")].severity == "low"
+    assert ("toddler", "leukopenia") not in found
+    # 5.0 is below the first week's limit of 9.0: the baby's age was kept.
+    assert found[("born-that-day", "leukopenia")].severity == "low"

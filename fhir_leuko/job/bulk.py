@@ -29,7 +29,7 @@ import msgspec
 import orjson
 
 from ..core.detectedissue import IDENTIFIER_SYSTEM
-from ..core.fhirjson import INPUT_TYPES
+from ..core.fhirjson import INPUT_TYPES, decode_json
 from ..core.fhirtime import format_instant, parse_fhir_datetime
 from ..core.model import Problem
 from ..core.normalise import Dataset
@@ -140,22 +140,57 @@ def _changed_patients(files: Sequence[tuple[Path, str | None]]) -> set[str]:
     return found
 
 
-def _existing(files: Sequence[tuple[Path, str | None]]) -> Existing:
-    """fhir-leuko's DetectedIssues in the export, by patient and identifier value."""
+class _Identifier(msgspec.Struct):
+    system: str | None = None
+    value: str | None = None
+
+
+class _PatientRef(msgspec.Struct):
+    reference: str | None = None
+
+
+class _IssueHead(msgspec.Struct):
+    """What the writer needs of a DetectedIssue line: its type, patient and identifiers."""
+
+    resourceType: str | None = None
+    patient: _PatientRef | None = None
+    identifier: list[_Identifier] | None = None
+
+
+_ISSUE_HEAD = msgspec.json.Decoder(_IssueHead)
+
+
+def _existing(files: Sequence[tuple[Path, str | None]], problems: list[Problem]) -> Existing:
+    """fhir-leuko's DetectedIssues in the export, by patient and identifier value.
+
+    A line or file that cannot be read is a problem naming it, never the end of the pass: the
+    writer's conditional create (``ifNoneExist`` on the identifier) still keeps the server from
+    getting a second copy of an alert this export failed to show.
+    """
     existing: Existing = {}
     for path, _input in files:
-        with open_input(path) as stream:
-            for line in stream:
-                if not line.strip():
-                    continue
-                resource = orjson.loads(line)
-                if resource.get("resourceType") != "DetectedIssue":
-                    continue
-                patient = patient_key((resource.get("patient") or {}).get("reference"))
-                for ident in resource.get("identifier") or []:
-                    if ident.get("system") == IDENTIFIER_SYSTEM and patient:
-                        by_id = existing.setdefault(patient, {})
-                        by_id.setdefault(str(ident.get("value")), []).append(resource)
+        number = 0
+        try:
+            with open_input(path) as stream:
+                for number, line in enumerate(stream, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        head = decode_json(_ISSUE_HEAD, line)
+                    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                        problems.append(
+                            Problem(path.name, f"not a readable DetectedIssue: {exc}", "", f"line {number}")
+                        )
+                        continue
+                    if head.resourceType != "DetectedIssue":
+                        continue
+                    patient = patient_key(head.patient.reference if head.patient else None)
+                    for ident in head.identifier or []:
+                        if ident.system == IDENTIFIER_SYSTEM and patient:
+                            by_id = existing.setdefault(patient, {})
+                            by_id.setdefault(str(ident.value), []).append(orjson.loads(line))
+        except READ_ERRORS as exc:
+            problems.append(Problem(path.name, f"cannot be read: {exc}", "", f"line {number + 1}"))
     return existing
 
 
@@ -179,7 +214,7 @@ def _evaluate_export(
 ) -> None:
     issues = [f for f in files if f[0].name.startswith("DetectedIssue.")]
     data = [f for f in files if not f[0].name.startswith("DetectedIssue.")]
-    existing = _existing(issues)
+    existing = _existing(issues, report.problems)
     size = passer.job.options.patients_per_request
     for index, count, dataset in _shards(passer, directory, data):
         report.problems.extend(dataset.problems)

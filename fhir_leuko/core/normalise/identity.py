@@ -27,6 +27,8 @@ Patient identity (issue 13 §4), always within one source:
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import msgspec
 
 from ..fhirjson import (
@@ -250,16 +252,19 @@ class Identity:
         """Drop the DiagnosticReports once linked: nothing resolves one after that."""
         self.index = {k: v for k, v in self.index.items() if not isinstance(v, DiagnosticReport)}
 
-    def demographics(self, data: Dataset) -> None:
+    def demographics(self, data: Dataset, problems: Problems) -> None:
         """Birth date, sex (``gender`` male or female: a lab's sex-specific range) and death
         (``deceased[x]``: no new alert, evaluate.is_deceased) of each patient's record; a retired
         record (``Patient.link``) gives none (its survivor's Patient does), a contained Patient
-        known by its identifier gives them to that patient."""
-        for patient, key, _where in self.patients:
+        known by its identifier gives them to that patient. Call it once the results are placed:
+        a birth date after one of the patient's results is a problem (below)."""
+        for patient, key, where in self.patients:
             # A Patient without id is known by its fullUrl (urn:uuid in transaction Bundles), which
             # is also the key of the results that reference it (see patient_key).
             if (patient.id or not key.startswith("Patient@")) and key not in self.survivors:
-                _describe(data.patient(f"{self.prefix}{key}"), patient)
+                record = data.patient(f"{self.prefix}{key}")
+                _describe(record, patient)
+                _check_birth(record, key, where, problems)
         for retired, survivor in sorted(self.survivors.items()):
             data.patient(f"{self.prefix}{survivor}").merged_from.append(retired)
         for subject, contained in sorted(self.contained.items()):
@@ -292,6 +297,23 @@ def _describe(record: PatientRecord, patient: Patient) -> None:
         # deceasedBoolean true, or a date-time that cannot be read: deceased, since when unknown
         # (never a reason to alert).
         record.deceased, record.deceased_at = True, None
+
+
+def _check_birth(record: PatientRecord, key: str, where: Where, problems: Problems) -> None:
+    """A birth date after one of the patient's own results is wrong data (a far-future
+    ``birthDate`` such as 9999-12-31, a typo): the age is unknown, not "a child" (which would
+    switch the pediatric limits on), and the Patient is named as a problem. The result's
+    date is not quoted: the problem line names the Patient and the reason only. One day of
+    slack: ``birthDate`` is a local date and a result's date is in its own offset, so a newborn's
+    first count may carry the previous calendar day."""
+    birth = record.birth_date
+    if birth is None or not record.results:
+        return
+    if min(result.effective.date() for result in record.results) < birth - timedelta(days=1):
+        record.birth_date = None
+        problems.report(
+            where, key, "birthDate is after one of the patient's lab results: age treated as unknown"
+        )
 
 
 def _contained_patient(contained: list[msgspec.Raw], local_id: str) -> Patient | None:

@@ -227,7 +227,7 @@ class Normaliser:
         for record in list(data.patients.values())[first:]:
             if record.results:
                 record.results.extend(derive(record.results, data.counts))
-        source.identity.demographics(data)
+        source.identity.demographics(data, self.problems)
         data.merged.update(source.identity.merged())
         self.choose_ranges(source, first)
         source.medications.finish(data)
