@@ -272,9 +272,9 @@ class Identity:
                 continue
             found = self.patient_key(subject)
             if found is not None and found.startswith(f"{self.prefix}{IDENTIFIER_KEY}"):
-                record = data.patients.get(found)
-                if record is not None:
-                    _describe(record, contained)
+                known = data.patients.get(found)
+                if known is not None:
+                    _describe(known, contained)
 
     def no_patient(self, subject: str | None) -> tuple[str, str]:
         """The problem (reason, kind) of a resource whose subject names no patient."""
