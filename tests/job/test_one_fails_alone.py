@@ -123,7 +123,8 @@ def test_calendar_edge_dates_on_the_server_fail_nobody(
     assert report.failed == [] and report.aborted is None
     assert report.patients == len(pids)
     assert [(p.resource, p.reason) for p in report.problems] == [
-        ("Observation/c-obs-anc", f"invalid effective time {edge!r}")
+        ("Observation/c-obs-anc", f"invalid effective time {edge!r}"),
+        ("Patient/c-born", "birthDate is after one of the patient's lab results: age treated as unknown"),
     ]
     assert _written(base) == set(pids)
     assert pass_exit_code(report) == ExitCode.INPUT_PROBLEMS
