@@ -13,32 +13,28 @@ The client is psycopg 3 (the PostgreSQL project's maintained driver family; the 
 ``pip install 'fhir-leuko[service,postgres]'``) with its connection pool. The connection string
 comes from ``FHIR_LEUKO_SERVICE_DATABASE_URL`` or ``database_url_file`` (it may hold a password:
 never a flag, never logged).
+
+The queries and rules are those of the SQLite store (:mod:`fhir_leuko.service.sqlstore`,
+:class:`fhir_leuko.service.replay.SqlReplayCache`); this module holds what is PostgreSQL's own: the
+pool and its connections, the schema, the readiness write.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import secrets
-import threading
-from collections.abc import Iterable, Sequence
-from datetime import datetime, timedelta
+import functools
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
-from ..core.fhirtime import format_instant
 from ..errors import UsageError
-from .feedback import entry_key, findings_json, token_hash
-from .models import FeedbackEntry
-from .store import CardPage, HeldBack, IssuedCard, Snooze, StoredCard, StoredFeedback
+from .replay import SqlReplayCache
+from .sqlstore import POSTGRESQL, Cursor, SqlCardStore
 
 if TYPE_CHECKING:
     from psycopg_pool import ConnectionPool
 
 __all__ = ["PostgresCardStore", "PostgresReplayCache", "connect_pool"]
-
-_PRUNE_EVERY = 60.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jwt_replay (
@@ -140,288 +136,73 @@ def connect_pool(url: str, *, max_size: int = 8) -> ConnectionPool[Any]:
     return pool
 
 
-class PostgresReplayCache:
+@functools.lru_cache(maxsize=64)
+def _placeholders(sql: str) -> str:
+    return sql.replace("?", "%s")
+
+
+class _PgConnection:
+    """A psycopg connection that runs the shared queries: their ``?`` placeholders as psycopg's
+    ``%s``; ``executemany`` on a cursor (:class:`fhir_leuko.service.sqlstore.Connection`)."""
+
+    __slots__ = ("_connection",)
+
+    def __init__(self, connection: Any) -> None:
+        self._connection = connection
+
+    def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Cursor:
+        cursor: Cursor = self._connection.execute(_placeholders(sql), parameters or None)
+        return cursor
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]], /) -> None:
+        self._connection.cursor().executemany(_placeholders(sql), rows)
+
+
+class PostgresReplayCache(SqlReplayCache):
     """``jwt_replay`` in PostgreSQL: one replay check for every replica."""
 
     def __init__(self, pool: ConnectionPool[Any]) -> None:
+        super().__init__()
         self._pool = pool
-        self._pruned = 0.0
-        self._lock = threading.Lock()
 
-    def first_use(self, iss: str, jti: str, keep_until: float, now: float) -> bool:
+    @contextmanager
+    def _connection(self) -> Iterator[_PgConnection]:
         with self._pool.connection() as connection:
-            with self._lock:
-                prune = now - self._pruned > _PRUNE_EVERY
-                if prune:
-                    self._pruned = now
-            if prune:
-                connection.execute("DELETE FROM jwt_replay WHERE keep_until < %s", (now,))
-            cursor = connection.execute(
-                "INSERT INTO jwt_replay (iss, jti, keep_until) VALUES (%s, %s, %s) "
-                "ON CONFLICT (iss, jti) DO NOTHING",
-                (iss, jti, keep_until),
-            )
-            return bool(cursor.rowcount == 1)
+            yield _PgConnection(connection)
 
     def close(self) -> None:
         self._pool.close()
 
 
-class PostgresCardStore:
+class PostgresCardStore(SqlCardStore):
     """Issued cards, feedback, snoozes and held-back records in PostgreSQL, shared by every
     replica. Implements :class:`~fhir_leuko.service.store.CardStore` with the meaning of the SQLite
     store (:class:`~fhir_leuko.service.feedback.FeedbackStore`), and passes the same contract
     tests (``tests/service/test_store.py``)."""
 
+    dialect = POSTGRESQL
+
     def __init__(
         self, pool: ConnectionPool[Any], *, retention: timedelta | None = timedelta(days=90)
     ) -> None:
+        super().__init__(retention)
         self._pool = pool
-        self.retention = retention
-        self._pruned_at: datetime | None = None
-        self._lock = threading.Lock()
-        with pool.connection() as connection:
-            connection.execute(
-                "INSERT INTO store_key (id, key) VALUES (1, %s) ON CONFLICT (id) DO NOTHING",
-                (secrets.token_bytes(32),),
-            )
-            row = connection.execute("SELECT key FROM store_key WHERE id = 1").fetchone()
-        assert row is not None
-        self._key = bytes(row[0])
+        with self._connection() as db:
+            self._load_key(db)
 
-    def subject_of(self, patient_id: str) -> str:
-        return hmac.new(self._key, patient_id.encode(), hashlib.sha256).hexdigest()[:32]
+    @contextmanager
+    def _connection(self) -> Iterator[_PgConnection]:
+        with self._pool.connection() as connection:
+            yield _PgConnection(connection)
 
-    def record_cards(
-        self,
-        service_id: str,
-        hook_instance: str,
-        issued_at: datetime,
-        cards: Sequence[IssuedCard],
-    ) -> None:
-        if not cards:
-            return
-        at = format_instant(issued_at)
-        rows = [
-            (
-                c.uuid,
-                service_id,
-                hook_instance,
-                at,
-                c.indicator,
-                c.topic,
-                orjson.dumps([{"uuid": u, "label": label} for u, label in c.suggestions]).decode(),
-                c.summary,
-                c.silent,
-                c.subject,
-                findings_json(c.findings),
-                orjson.dumps(c.page).decode() if c.page is not None else None,
-                c.token_hash,
-                format_instant(c.page_expires) if c.page_expires is not None else None,
-            )
-            for c in cards
-        ]
+    @contextmanager
+    def _transaction(self) -> Iterator[_PgConnection]:
         with self._pool.connection() as connection, connection.transaction():
-            connection.cursor().executemany(
-                "INSERT INTO issued_card (uuid, service_id, hook_instance, issued_at, indicator, "
-                "topic, suggestions, summary, silent, subject, findings, page, token_hash, "
-                "page_expires) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
-                "ON CONFLICT (uuid) DO NOTHING",
-                rows,
-            )
-            self._prune(connection, issued_at)
-
-    def _prune(self, connection: Any, now: datetime) -> None:
-        """Delete issued cards older than the retention, at most once an hour (of ``now``)."""
-        if self.retention is None:
-            return
-        with self._lock:
-            last = self._pruned_at
-            if last is not None and timedelta(0) <= now - last < timedelta(hours=1):
-                return
-            self._pruned_at = now
-        cutoff = format_instant((now - self.retention).replace(microsecond=0))
-        gone = "SELECT uuid FROM issued_card WHERE issued_at < %s"
-        connection.execute(f"DELETE FROM snooze WHERE card IN ({gone})", (cutoff,))  # noqa: S608
-        connection.execute(f"DELETE FROM held_back WHERE card IN ({gone})", (cutoff,))  # noqa: S608
-        connection.execute("DELETE FROM issued_card WHERE issued_at < %s", (cutoff,))
-
-    def issued_cards(self) -> list[str]:
-        with self._pool.connection() as connection:
-            rows = connection.execute(
-                "SELECT uuid FROM issued_card ORDER BY issued_at, uuid"
-            ).fetchall()
-        return [str(r[0]) for r in rows]
-
-    def record_feedback(
-        self,
-        service_id: str,
-        entries: Iterable[FeedbackEntry],
-        *,
-        client_iss: str | None,
-        received_at: datetime,
-    ) -> int:
-        new = 0
-        at = format_instant(received_at)
-        with self._pool.connection() as connection, connection.transaction():
-            for entry in entries:
-                known = connection.execute(
-                    "SELECT subject, findings FROM issued_card WHERE uuid = %s AND service_id = %s",
-                    (entry.card, service_id),
-                ).fetchone()
-                reason = entry.overrideReason
-                coding = reason.reason if reason is not None else None
-                cursor = connection.execute(
-                    "INSERT INTO feedback (entry_key, service_id, card, outcome, outcome_timestamp, "
-                    "accepted_suggestions, override_system, override_code, override_display, "
-                    "user_comment, client_iss, known_card, received_at) "
-                    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
-                    "ON CONFLICT (entry_key) DO NOTHING",
-                    (
-                        entry_key(service_id, entry),
-                        service_id,
-                        entry.card,
-                        entry.outcome,
-                        format_instant(entry.outcomeTimestamp),
-                        orjson.dumps([s.id for s in entry.acceptedSuggestions or []]).decode(),
-                        coding.system if coding else None,
-                        coding.code if coding else None,
-                        coding.display if coding else None,
-                        reason.userComment if reason is not None else None,
-                        client_iss,
-                        known is not None,
-                        at,
-                    ),
-                )
-                added = cursor.rowcount == 1
-                new += 1 if added else 0
-                if added and known is not None and entry.outcome == "overridden":
-                    self._snooze(connection, service_id, entry.card, known[0], known[1], received_at)
-        return new
-
-    def _snooze(
-        self, connection: Any, service_id: str, card: str, subject: str, findings: str, at: datetime
-    ) -> None:
-        for item in orjson.loads(findings):
-            seconds = int(item["snooze_seconds"])
-            if seconds <= 0 or not subject:
-                continue
-            connection.execute(
-                "INSERT INTO snooze (card, service_id, subject, kind, rank, grade, value, until) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (card, kind) DO NOTHING",
-                (
-                    card,
-                    service_id,
-                    subject,
-                    item["kind"],
-                    int(item["rank"]),
-                    str(item["grade"]),
-                    float(item["value"]),
-                    format_instant(at + timedelta(seconds=seconds)),
-                ),
-            )
-
-    def snoozes(self, service_id: str, subject: str, now: datetime) -> list[Snooze]:
-        with self._pool.connection() as connection:
-            rows = connection.execute(
-                "SELECT card, kind, rank, grade, value, until FROM snooze WHERE service_id = %s "
-                "AND subject = %s AND until > %s ORDER BY id",
-                (service_id, subject, format_instant(now)),
-            ).fetchall()
-        return [Snooze(r[0], r[1], int(r[2]), r[3], float(r[4]), r[5]) for r in rows]
-
-    def record_held_back(self, held: Sequence[HeldBack]) -> None:
-        if not held:
-            return
-        with self._pool.connection() as connection, connection.transaction():
-            connection.cursor().executemany(
-                "INSERT INTO held_back (card, service_id, hook_instance, at, what) "
-                "VALUES (%s, %s, %s, %s, %s)",
-                [(h.card, h.service_id, h.hook_instance, h.at, h.what) for h in held],
-            )
-
-    def feedback(self, card: str | None = None) -> list[StoredFeedback]:
-        query = (
-            "SELECT card, outcome, outcome_timestamp, accepted_suggestions, override_code, "
-            "user_comment, known_card, override_display FROM feedback"
-        )
-        args: tuple[str, ...] = ()
-        if card is not None:
-            query += " WHERE card = %s"
-            args = (card,)
-        with self._pool.connection() as connection:
-            rows = connection.execute(query + " ORDER BY id", args).fetchall()
-        return [
-            StoredFeedback(r[0], r[1], r[2], tuple(orjson.loads(r[3])), r[4], r[5], bool(r[6]), r[7])
-            for r in rows
-        ]
-
-    def card_page(self, uuid: str, token: str, now: datetime) -> CardPage | None:
-        with self._pool.connection() as connection:
-            row = connection.execute(
-                "SELECT service_id, issued_at, page, token_hash, page_expires FROM issued_card "
-                "WHERE uuid = %s",
-                (uuid,),
-            ).fetchone()
-            if row is None or row[2] is None or not row[3] or row[4] is None:
-                return None
-            if not hmac.compare_digest(row[3], token_hash(token)):
-                return None
-            if format_instant(now) >= row[4]:
-                return None
-            held = connection.execute(
-                "SELECT card, service_id, hook_instance, at, what FROM held_back WHERE card = %s "
-                "ORDER BY id",
-                (uuid,),
-            ).fetchall()
-        page: dict[str, Any] = orjson.loads(row[2])
-        return CardPage(
-            uuid=uuid,
-            service_id=row[0],
-            issued_at=row[1],
-            expires=row[4],
-            page=page,
-            feedback=self.feedback(uuid),
-            held_back=[HeldBack(*h) for h in held],
-        )
-
-    def cards(
-        self, *, silent_only: bool = False, since: datetime | None = None, limit: int = 1000
-    ) -> list[StoredCard]:
-        query = (
-            "SELECT c.uuid, c.service_id, c.issued_at, c.indicator, c.topic, c.summary, c.silent, "
-            "(SELECT string_agg(f.outcome, ',' ORDER BY f.id) FROM feedback f WHERE f.card = c.uuid), "
-            "(SELECT count(*) FROM held_back h WHERE h.card = c.uuid) "
-            "FROM issued_card c WHERE 1 = 1"
-        )
-        args: list[Any] = []
-        if silent_only:
-            query += " AND c.silent"
-        if since is not None:
-            query += " AND c.issued_at >= %s"
-            args.append(format_instant(since))
-        query += " ORDER BY c.issued_at DESC, c.uuid LIMIT %s"
-        args.append(limit)
-        with self._pool.connection() as connection:
-            rows = connection.execute(query, args).fetchall()
-        return [
-            StoredCard(
-                uuid=r[0],
-                service_id=r[1],
-                issued_at=r[2],
-                indicator=r[3],
-                topic=r[4],
-                summary=r[5],
-                silent=bool(r[6]),
-                feedback=tuple(r[7].split(",")) if r[7] else (),
-                held_back=int(r[8]),
-            )
-            for r in rows
-        ]
+            yield _PgConnection(connection)
 
     def check_writable(self) -> None:
-        with self._pool.connection() as connection:
-            connection.execute(
+        with self._connection() as db:
+            db.execute(
                 "INSERT INTO readiness (id, checked_at) VALUES (1, now()::text) "
                 "ON CONFLICT (id) DO UPDATE SET checked_at = EXCLUDED.checked_at"
             )

@@ -10,19 +10,24 @@ if absent, so whichever process sees the token first accepts it and every other 
 * :class:`fhir_leuko.service.postgres.PostgresReplayCache`: the same in PostgreSQL, for replicas.
 
 Rows are kept until the token could no longer be accepted (``exp`` + leeway) and then pruned, at
-most once a minute. Time is always passed in (the service's clock).
+most once a minute. Time is always passed in (the service's clock). Both backends run the same two
+statements (:class:`SqlReplayCache`); they differ in how they have a connection.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Protocol
 
 from ..errors import UsageError
+from .sqlstore import Connection, open_sqlite
 
-__all__ = ["ReplayStore", "SqliteReplayCache"]
+__all__ = ["ReplayStore", "SqlReplayCache", "SqliteReplayCache"]
 
 _PRUNE_EVERY = 60.0
 
@@ -33,17 +38,40 @@ class ReplayStore(Protocol):
         ...
 
 
-class SqliteReplayCache:
+class SqlReplayCache(ABC):
+    """``jwt_replay (iss, jti, keep_until)`` in a database; a backend gives the connection."""
+
+    def __init__(self) -> None:
+        self._pruned = 0.0
+        self._prune_lock = threading.Lock()
+
+    @abstractmethod
+    def _connection(self) -> AbstractContextManager[Connection]:
+        """A connection in autocommit: each statement is atomic on its own."""
+
+    def first_use(self, iss: str, jti: str, keep_until: float, now: float) -> bool:
+        with self._connection() as db:
+            with self._prune_lock:
+                prune = now - self._pruned > _PRUNE_EVERY
+                if prune:
+                    self._pruned = now
+            if prune:
+                db.execute("DELETE FROM jwt_replay WHERE keep_until < ?", (now,))
+            cursor = db.execute(
+                "INSERT INTO jwt_replay (iss, jti, keep_until) VALUES (?, ?, ?) "
+                "ON CONFLICT (iss, jti) DO NOTHING",
+                (iss, jti, keep_until),
+            )
+            return cursor.rowcount == 1
+
+
+class SqliteReplayCache(SqlReplayCache):
     """``jwt_replay`` in an SQLite file (WAL), shared by the processes that open it."""
 
     def __init__(self, path: Path) -> None:
+        super().__init__()
         try:
-            if str(path) != ":memory:":
-                path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db = open_sqlite(path)
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS jwt_replay (iss TEXT NOT NULL, jti TEXT NOT NULL, "
                 "keep_until REAL NOT NULL, PRIMARY KEY (iss, jti))"
@@ -51,19 +79,11 @@ class SqliteReplayCache:
         except (OSError, sqlite3.Error) as exc:
             raise UsageError(f"{path}: cannot open the JWT replay cache: {exc}") from None
         self._lock = threading.Lock()
-        self._pruned = 0.0
 
-    def first_use(self, iss: str, jti: str, keep_until: float, now: float) -> bool:
+    @contextmanager
+    def _connection(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            if now - self._pruned > _PRUNE_EVERY:
-                self._pruned = now
-                self._db.execute("DELETE FROM jwt_replay WHERE keep_until < ?", (now,))
-            cursor = self._db.execute(
-                "INSERT INTO jwt_replay (iss, jti, keep_until) VALUES (?, ?, ?) "
-                "ON CONFLICT (iss, jti) DO NOTHING",
-                (iss, jti, keep_until),
-            )
-            return cursor.rowcount == 1
+            yield self._db
 
     def close(self) -> None:
         with self._lock:
