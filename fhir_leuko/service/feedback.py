@@ -32,14 +32,27 @@ from datetime import timedelta
 from pathlib import Path
 
 from ..errors import UsageError
-from .sqlstore import SQLITE, SqlCardStore, entry_key, findings_json, open_sqlite, token_hash
+from .sqlstore import (
+    FEEDBACK_TABLES,
+    SNOOZE_TABLES,
+    SQLITE,
+    SqlCardStore,
+    entry_key,
+    findings_json,
+    open_sqlite,
+    token_hash,
+)
 from .store import IssuedCard, StoredFeedback
 
 __all__ = ["FeedbackStore", "IssuedCard", "StoredFeedback", "entry_key", "findings_json", "token_hash"]
 
 _SCHEMA_VERSION = 2
 
-_SCHEMA = """
+# Schema 1 (0.1.0): issued cards, feedback, readiness; schema 2 (issue 14) adds the card's page, its
+# token's hash, silent mode and snoozes. A new file is made by both, in this order, as an old one
+# was upgraded (the text of each statement stays in the file: sqlite_master).
+_SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS issued_card (
     uuid          TEXT PRIMARY KEY,
     service_id    TEXT NOT NULL,
@@ -48,32 +61,10 @@ CREATE TABLE IF NOT EXISTS issued_card (
     indicator     TEXT NOT NULL,
     topic         TEXT NOT NULL,
     suggestions   TEXT NOT NULL   -- JSON [{"uuid": ..., "label": ...}]
-);
-CREATE TABLE IF NOT EXISTS feedback (
-    id                   INTEGER PRIMARY KEY,
-    entry_key            TEXT NOT NULL UNIQUE,
-    service_id           TEXT NOT NULL,
-    card                 TEXT NOT NULL,
-    outcome              TEXT NOT NULL,
-    outcome_timestamp    TEXT NOT NULL,
-    accepted_suggestions TEXT NOT NULL,  -- JSON list of suggestion uuids
-    override_system      TEXT,
-    override_code        TEXT,
-    override_display     TEXT,
-    user_comment         TEXT,
-    client_iss           TEXT,
-    known_card           INTEGER NOT NULL,
-    received_at          TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS readiness (   -- one row, written by GET /readyz
-    id         INTEGER PRIMARY KEY CHECK (id = 1),
-    checked_at TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS feedback_card ON feedback (card);
-CREATE INDEX IF NOT EXISTS issued_card_time ON issued_card (issued_at);  -- retention pruning
-"""
-
-# Version 2 (issue 14): the card's page, its token's hash, silent mode, snoozes.
+);"""
+    + SQLITE.ddl(FEEDBACK_TABLES)
+    + "CREATE INDEX IF NOT EXISTS issued_card_time ON issued_card (issued_at);  -- retention pruning\n"
+)
 _SCHEMA_2 = """
 ALTER TABLE issued_card ADD COLUMN summary TEXT NOT NULL DEFAULT '';
 ALTER TABLE issued_card ADD COLUMN silent INTEGER NOT NULL DEFAULT 0;
@@ -81,31 +72,7 @@ ALTER TABLE issued_card ADD COLUMN subject TEXT NOT NULL DEFAULT '';
 ALTER TABLE issued_card ADD COLUMN findings TEXT NOT NULL DEFAULT '[]';
 ALTER TABLE issued_card ADD COLUMN page TEXT;
 ALTER TABLE issued_card ADD COLUMN token_hash TEXT NOT NULL DEFAULT '';
-ALTER TABLE issued_card ADD COLUMN page_expires TEXT;
-CREATE TABLE IF NOT EXISTS store_key (id INTEGER PRIMARY KEY CHECK (id = 1), key BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS snooze (
-    id         INTEGER PRIMARY KEY,
-    card       TEXT NOT NULL,
-    service_id TEXT NOT NULL,
-    subject    TEXT NOT NULL,
-    kind       TEXT NOT NULL,
-    rank       INTEGER NOT NULL,
-    grade      TEXT NOT NULL,
-    value      REAL NOT NULL,
-    until      TEXT NOT NULL,
-    UNIQUE (card, kind)
-);
-CREATE INDEX IF NOT EXISTS snooze_subject ON snooze (service_id, subject);
-CREATE TABLE IF NOT EXISTS held_back (
-    id            INTEGER PRIMARY KEY,
-    card          TEXT NOT NULL,
-    service_id    TEXT NOT NULL,
-    hook_instance TEXT NOT NULL,
-    at            TEXT NOT NULL,
-    what          TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS held_back_card ON held_back (card);
-"""
+ALTER TABLE issued_card ADD COLUMN page_expires TEXT;""" + SQLITE.ddl(SNOOZE_TABLES)
 
 
 @contextmanager

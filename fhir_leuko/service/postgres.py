@@ -29,14 +29,17 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import UsageError
 from .replay import SqlReplayCache
-from .sqlstore import POSTGRESQL, Cursor, SqlCardStore
+from .sqlstore import FEEDBACK_TABLES, POSTGRESQL, SNOOZE_TABLES, Cursor, SqlCardStore
 
 if TYPE_CHECKING:
     from psycopg_pool import ConnectionPool
 
 __all__ = ["PostgresCardStore", "PostgresReplayCache", "connect_pool"]
 
-_SCHEMA = """
+# The tables and columns of the SQLite store (service/feedback.py, schema 2), so the same queries
+# work on both; instants are the same text (fhirtime.format_instant).
+_SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS jwt_replay (
     iss        TEXT NOT NULL,
     jti        TEXT NOT NULL,
@@ -60,51 +63,10 @@ CREATE TABLE IF NOT EXISTS issued_card (
     token_hash    TEXT NOT NULL DEFAULT '',
     page_expires  TEXT
 );
-CREATE INDEX IF NOT EXISTS issued_card_time ON issued_card (issued_at);
-CREATE TABLE IF NOT EXISTS feedback (
-    id                   BIGSERIAL PRIMARY KEY,
-    entry_key            TEXT NOT NULL UNIQUE,
-    service_id           TEXT NOT NULL,
-    card                 TEXT NOT NULL,
-    outcome              TEXT NOT NULL,
-    outcome_timestamp    TEXT NOT NULL,
-    accepted_suggestions TEXT NOT NULL,
-    override_system      TEXT,
-    override_code        TEXT,
-    override_display     TEXT,
-    user_comment         TEXT,
-    client_iss           TEXT,
-    known_card           BOOLEAN NOT NULL,
-    received_at          TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS feedback_card ON feedback (card);
-CREATE TABLE IF NOT EXISTS store_key (id INTEGER PRIMARY KEY CHECK (id = 1), key BYTEA NOT NULL);
-CREATE TABLE IF NOT EXISTS snooze (
-    id         BIGSERIAL PRIMARY KEY,
-    card       TEXT NOT NULL,
-    service_id TEXT NOT NULL,
-    subject    TEXT NOT NULL,
-    kind       TEXT NOT NULL,
-    rank       INTEGER NOT NULL,
-    grade      TEXT NOT NULL,
-    value      DOUBLE PRECISION NOT NULL,
-    until      TEXT NOT NULL,
-    UNIQUE (card, kind)
-);
-CREATE INDEX IF NOT EXISTS snooze_subject ON snooze (service_id, subject);
-CREATE TABLE IF NOT EXISTS held_back (
-    id            BIGSERIAL PRIMARY KEY,
-    card          TEXT NOT NULL,
-    service_id    TEXT NOT NULL,
-    hook_instance TEXT NOT NULL,
-    at            TEXT NOT NULL,
-    what          TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS held_back_card ON held_back (card);
-CREATE TABLE IF NOT EXISTS readiness (id INTEGER PRIMARY KEY CHECK (id = 1), checked_at TEXT NOT NULL);
-"""
-# The tables and columns are those of the SQLite store (service/feedback.py, schema 2), so the same
-# queries work on both; instants are the same text (fhirtime.format_instant).
+CREATE INDEX IF NOT EXISTS issued_card_time ON issued_card (issued_at);"""
+    + POSTGRESQL.ddl(FEEDBACK_TABLES)
+    + POSTGRESQL.ddl(SNOOZE_TABLES)
+)
 
 
 def connect_pool(url: str, *, max_size: int = 8) -> ConnectionPool[Any]:

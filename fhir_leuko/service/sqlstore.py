@@ -37,7 +37,9 @@ from .models import FeedbackEntry
 from .store import CardFinding, CardPage, HeldBack, IssuedCard, Snooze, StoredCard, StoredFeedback
 
 __all__ = [
+    "FEEDBACK_TABLES",
     "POSTGRESQL",
+    "SNOOZE_TABLES",
     "SQLITE",
     "Connection",
     "Cursor",
@@ -137,8 +139,20 @@ class Dialect:
     silent: str
     """``c`` is a silent card (an integer 0/1 in SQLite, a BOOLEAN in PostgreSQL)."""
     issued_order: str
-    """The order of :meth:`SqlCardStore.issued_cards`, oldest first. SQLite breaks a tie of
-    ``issued_at`` by insertion (the index's rowid), PostgreSQL has no rowid: by uuid."""
+    """The order of :meth:`SqlCardStore.issued_cards`, oldest first. SQLite gives a tie of
+    ``issued_at`` in the order its index holds it (by rowid: insertion); PostgreSQL by uuid."""
+    row_id: str
+    """The type of an ``id`` the database numbers (SQLite's rowid alias, PostgreSQL's sequence)."""
+    boolean: str
+    double: str
+    """An 8-byte float (PostgreSQL's REAL has 4)."""
+    blob: str
+
+    def ddl(self, tables: str) -> str:
+        """:data:`FEEDBACK_TABLES` or :data:`SNOOZE_TABLES` with this database's types."""
+        return tables.format(
+            row_id=self.row_id, boolean=self.boolean, double=self.double, blob=self.blob
+        )
 
     def insert_new(self, table: str, columns: tuple[str, ...], key: str) -> str:
         """An INSERT of one row that skips (without an error) a row whose ``key`` is taken."""
@@ -150,13 +164,74 @@ SQLITE = Dialect(
     outcomes="group_concat(f.outcome, ',')",
     silent="c.silent = 1",
     issued_order="issued_at",
+    row_id="INTEGER",
+    boolean="INTEGER",
+    double="REAL",
+    blob="BLOB",
 )
 POSTGRESQL = Dialect(
     or_ignore=False,
     outcomes="string_agg(f.outcome, ',' ORDER BY f.id)",
     silent="c.silent",
     issued_order="issued_at, uuid",
+    row_id="BIGSERIAL",
+    boolean="BOOLEAN",
+    double="DOUBLE PRECISION",
+    blob="BYTEA",
 )
+
+# The tables both databases define alike but for a few types ({...}: Dialect.ddl). SQLite made
+# these in its schema 1 and 2 (service/feedback.py) and keeps each statement's text in every file
+# (sqlite_master): change them only with a new schema version. issued_card differs more (SQLite
+# adds schema 2's columns to schema 1's table): each backend defines it.
+FEEDBACK_TABLES = """
+CREATE TABLE IF NOT EXISTS feedback (
+    id                   {row_id} PRIMARY KEY,
+    entry_key            TEXT NOT NULL UNIQUE,
+    service_id           TEXT NOT NULL,
+    card                 TEXT NOT NULL,
+    outcome              TEXT NOT NULL,
+    outcome_timestamp    TEXT NOT NULL,
+    accepted_suggestions TEXT NOT NULL,  -- JSON list of suggestion uuids
+    override_system      TEXT,
+    override_code        TEXT,
+    override_display     TEXT,
+    user_comment         TEXT,
+    client_iss           TEXT,
+    known_card           {boolean} NOT NULL,
+    received_at          TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS readiness (   -- one row, written by GET /readyz
+    id         INTEGER PRIMARY KEY CHECK (id = 1),
+    checked_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS feedback_card ON feedback (card);
+"""
+SNOOZE_TABLES = """
+CREATE TABLE IF NOT EXISTS store_key (id INTEGER PRIMARY KEY CHECK (id = 1), key {blob} NOT NULL);
+CREATE TABLE IF NOT EXISTS snooze (
+    id         {row_id} PRIMARY KEY,
+    card       TEXT NOT NULL,
+    service_id TEXT NOT NULL,
+    subject    TEXT NOT NULL,
+    kind       TEXT NOT NULL,
+    rank       INTEGER NOT NULL,
+    grade      TEXT NOT NULL,
+    value      {double} NOT NULL,
+    until      TEXT NOT NULL,
+    UNIQUE (card, kind)
+);
+CREATE INDEX IF NOT EXISTS snooze_subject ON snooze (service_id, subject);
+CREATE TABLE IF NOT EXISTS held_back (
+    id            {row_id} PRIMARY KEY,
+    card          TEXT NOT NULL,
+    service_id    TEXT NOT NULL,
+    hook_instance TEXT NOT NULL,
+    at            TEXT NOT NULL,
+    what          TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS held_back_card ON held_back (card);
+"""
 
 _CARD_COLUMNS = (
     "uuid", "service_id", "hook_instance", "issued_at", "indicator", "topic", "suggestions",
@@ -362,7 +437,9 @@ class SqlCardStore(ABC):
         with self._connection() as db:
             rows = db.execute(query + " ORDER BY id", args).fetchall()
         return [
-            StoredFeedback(r[0], r[1], r[2], tuple(orjson.loads(r[3])), r[4], r[5], bool(r[6]), r[7])
+            StoredFeedback(
+                r[0], r[1], r[2], tuple(orjson.loads(r[3])), r[4], r[5], bool(r[6]), r[7]
+            )
             for r in rows
         ]
 

@@ -1,10 +1,13 @@
 """What the CDS service keeps between calls, as an interface: issued cards (with their page),
 feedback, snoozes and what they held back.
 
-:class:`CardStore` is the contract; :class:`~fhir_leuko.service.feedback.FeedbackStore` is its
-SQLite implementation (one file, one process). A shared backend for several replicas (PostgreSQL,
-Redis) implements the same methods with the same meaning and passes the same contract tests
-(``tests/service/test_store.py``, parametrised by backend); nothing else in the service changes.
+:class:`CardStore` is the contract. Its SQL is written once
+(:class:`~fhir_leuko.service.sqlstore.SqlCardStore`) for two databases: SQLite
+(:class:`~fhir_leuko.service.feedback.FeedbackStore`, one file: one machine) and PostgreSQL
+(:class:`~fhir_leuko.service.postgres.PostgresCardStore`, shared by several replicas). Any other
+backend (Redis) implements the same methods with the same meaning and passes the same contract
+tests (``tests/service/test_store.py``, parametrised by backend); nothing else in the service
+changes.
 
 What a backend must guarantee:
 
