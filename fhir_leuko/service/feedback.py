@@ -113,7 +113,12 @@ class FeedbackStore(SqlCardStore):
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock, _in_transaction(self._db, "BEGIN"):
+        # Every transaction here writes, most after a read (feedback checks the card first).
+        # A deferred BEGIN takes the write lock only at the first write, and SQLite answers
+        # SQLITE_BUSY at once, without the busy timeout, when two processes (serve --workers N)
+        # both hold a read lock and one wants to write. IMMEDIATE takes the write lock up front
+        # and waits the busy timeout for it instead (https://www.sqlite.org/lang_transaction.html).
+        with self._lock, _in_transaction(self._db, "BEGIN IMMEDIATE"):
             yield self._db
 
     def _migrate(self, path: Path) -> None:

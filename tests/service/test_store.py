@@ -176,3 +176,34 @@ def test_a_version_1_sqlite_store_is_upgraded_in_place(tmp_path: Path) -> None:
         assert store.card_page("old", "", T0) is None
     finally:
         store.close()
+
+
+def test_sqlite_writers_in_two_processes_wait_for_each_other(tmp_path: Path) -> None:
+    """``serve --workers N`` opens one SQLite file in several processes (two connections here).
+    Feedback reads the card, then writes: in a deferred transaction whose snapshot predates
+    another writer's commit, SQLite answers SQLITE_BUSY at once instead of waiting its busy
+    timeout, and the feedback was lost. Write transactions take the write lock up front."""
+    import threading
+    import time
+
+    first = FeedbackStore(tmp_path / "store.sqlite3", retention=None)
+    second = FeedbackStore(tmp_path / "store.sqlite3", retention=None)
+    first.record_cards("svc", "hook-1", T0, [card("a")])
+    writing = threading.Event()
+
+    def other_process_writes() -> None:
+        with first._transaction() as db:
+            db.execute("UPDATE issued_card SET summary = summary")
+            writing.set()
+            time.sleep(0.5)
+
+    other = threading.Thread(target=other_process_writes)
+    other.start()
+    try:
+        assert writing.wait(5)
+        assert second.record_feedback("svc", [overridden("a")], client_iss=None, received_at=T0) == 1
+    finally:
+        other.join()
+    assert [f.card for f in first.feedback()] == ["a"]
+    first.close()
+    second.close()
