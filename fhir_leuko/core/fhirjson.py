@@ -32,6 +32,7 @@ from .model import Problem
 __all__ = [
     "INPUT_TYPES",
     "R4_RESOURCE_TYPES",
+    "RESOURCE_DECODER",
     "TOO_DEEP",
     "Bundle",
     "CodeableConcept",
@@ -381,6 +382,9 @@ read back by the job as its own output, ``Bundle`` is a container: neither is pa
 """
 
 _DECODER: msgspec.json.Decoder[Resource] = msgspec.json.Decoder(Resource)
+RESOURCE_DECODER = _DECODER
+"""The decoder of :func:`decode_any`, for a hot loop that calls its ``decode`` directly and
+hands only a line that fails to :func:`decode_any` (which says why)."""
 _UNKNOWN_TYPE = re.compile(r"^Invalid value '([^']*)' - at `\$\.resourceType`$")
 
 _R4_NAMES = """

@@ -20,7 +20,10 @@ from datetime import datetime
 from itertools import count
 from operator import attrgetter
 
+import msgspec
+
 from ..fhirjson import (
+    RESOURCE_DECODER,
     Bundle,
     Condition,
     DiagnosticReport,
@@ -108,12 +111,17 @@ class Normaliser:
         # them go to the input's own part of its source.
         into = self.sources.shard(input, None)
         add_observation = into.labs.add
+        decode = RESOURCE_DECODER.decode
         observations = 0
         for number, line in numbered:
             if not line or line.isspace():
                 continue
             try:
-                resource = decode_any(line)
+                try:
+                    resource = decode(line)
+                except (msgspec.DecodeError, RecursionError):
+                    # An unknown resource type, invalid or deep JSON: decode_any says which.
+                    resource = decode_any(line)
             except MalformedResourceError as exc:
                 # (a Bundle too deep because of some entries still gives the others)
                 self.feed(malformed_document(exc, line, source, f"line {number}", input))

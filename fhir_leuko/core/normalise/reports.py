@@ -147,7 +147,14 @@ class Reports:
                 continue
             # Usually the reference is the key of a result already built: the group is all it
             # needs from its report (a million times for a million Observations).
-            target = results.get(reference) or find(reference, container)
+            target = results.get(reference)
+            if target is not None:
+                if not target.group:
+                    target.group = group
+                if not target.report:
+                    target.report = group
+                continue
+            target = find(reference, container)
             if target is None:
                 continue
             if isinstance(target, Panel):

@@ -34,7 +34,14 @@ from ..fhirjson import (
     Reference,
 )
 from ..fhirtime import parse_fhir_datetime
-from ..knowledge import LOINC_SYSTEM, LOINC_SYSTEMS, CodeInfo, Knowledge, normalise_system
+from ..knowledge import (
+    LOINC_SYSTEM,
+    LOINC_SYSTEMS,
+    CodeInfo,
+    Knowledge,
+    UnitTable,
+    normalise_system,
+)
 from ..model import LabResult, Measure, UnusedResult
 from .dataset import Dataset, Problems, Where
 from .identity import Identity, special_subject
@@ -65,6 +72,9 @@ OBSERVATION_STATUSES = frozenset(
     }
 )
 _KEPT_STATUSES = frozenset({"final", "amended", "corrected", "preliminary"})
+_KEPT = {status: status for status in _KEPT_STATUSES}
+"""Each status that counts, as one shared string (a result keeps its status: one string less per
+result of a bulk export)."""
 _COMPARATORS = frozenset({"<", "<=", ">=", ">"})
 # Which status replaces which when two versions of one Observation carry no version metadata that
 # tells them apart: R4 Observation.status definitions (amended/corrected: "Subsequent to being
@@ -283,9 +293,24 @@ class LabResults:
         names no patient is reported there)."""
         self.reported_texts: dict[tuple[str | None, str | None], dict[float, str]] = {}
         self.times: dict[str, tuple[str, datetime | None]] = {}
+        self.accepted: dict[
+            tuple[str | None, str | None, str], dict[float, tuple[float, str, float, UnitTable]]
+        ] = {}
+        """By (unit code, unit text, LOINC code): each value that passed :meth:`check_value`, with
+        its conversion, text, factor and unit table."""
+        self.scaled_values: dict[tuple[float, float], float] = {}
+        self.subjects: dict[str, str] = {}
 
     def add(self, obs: Observation, key: str, origin: Where) -> None:
-        info = _loinc_info(obs.code, self.loinc)
+        # _loinc_info, inlined (once per Observation)
+        info = None
+        code = obs.code
+        if code is not None:
+            for coding in code.coding:
+                if coding.system == LOINC_SYSTEM and coding.code:
+                    info = self.loinc.get(coding.code)
+                    if info is not None:
+                        break
         if info is None:
             # Not as LOINC writes an analyte: almost (near_loinc), a CBC in components, a panel.
             code = obs.code
@@ -340,15 +365,20 @@ class LabResults:
             if not version.isdigit():
                 version = f"@{meta.lastUpdated}" if meta.lastUpdated else ""
         versions = self.versions
-        if key in versions:
+        known = len(versions)
+        kept = versions.setdefault(key, version)  # one lookup for the usual, first, reading
+        if len(versions) == known:
             # The same Observation read twice: one version counts (supersedes).
             self.counts["results:superseded"] += 1
-            if not supersedes(version, obs.status, versions[key], self.kept_status(key)):
+            if not supersedes(version, obs.status, kept, self.kept_status(key)):
                 return
             self.forget(key)
-        versions[key] = version
+            versions[key] = version
         subject_ref = obs.subject
         subject = subject_ref.reference if subject_ref is not None else None
+        if subject:
+            # One string per patient, not per result: results share few subjects.
+            subject = self.subjects.setdefault(subject, subject)
         if not subject or subject[0] == "#":
             # Rare: a contained Patient, or a subject given only by identifier (.identity).
             subject = self.identity.subject_of(subject_ref, key, obs.contained)
@@ -462,8 +492,8 @@ class LabResults:
 
         This runs once per lab Observation of a bulk export (millions of times): keep it lean.
         """
-        status = obs.status
-        if status not in _KEPT_STATUSES:
+        status = _KEPT.get(obs.status)  # type: ignore[arg-type]
+        if status is None:
             self.status_dropped(obs, key, origin)
             return None
         timed = self.times.get(effective_text)
@@ -490,40 +520,28 @@ class LabResults:
             self.problems.report(origin, key, f"no numeric valueQuantity{detail}", "value")
             return None
         comparator = quantity.comparator
-        if comparator is not None and comparator not in _COMPARATORS:
-            self.problems.report(origin, key, f"invalid comparator {comparator!r}", "value")
-            return None
-        is_count = info.measure is Measure.COUNT
-        table = self.count_units if is_count else self.fraction_units
-        factor = table.factor(quantity.code, quantity.unit)
-        if factor is None:
-            if not is_count and info.unitless and not quantity.code and not quantity.unit:
-                factor = 1.0
-            else:
-                self.problems.report(origin, key, _unit_problem(quantity, info), "unit")
+        number = quantity.value
+        # Lab values repeat (two decimals, a handful of units): a value already accepted for this
+        # unit and code passed every check of check_value, and its conversion and text are known.
+        hit = accepted = None
+        if comparator is None and number:  # (0.0 and -0.0 would share an entry)
+            accepted_key = (quantity.code, quantity.unit, info.code)
+            accepted = self.accepted.get(accepted_key)
+            if accepted is not None:
+                hit = accepted.get(number)
+        if hit is not None:
+            converted, reported, factor, table = hit
+        else:
+            checked = self.check_value(quantity, info, origin, key)
+            if checked is None:
                 return None
-        # Rounded to 9 decimals so a unit conversion never moves a value across a band edge by
-        # float noise (1100 /uL is 1.1, not 1.1000000000000001); factor 1 needs no rounding.
-        converted = quantity.value if factor == 1.0 else round(quantity.value * factor, 9)
-        if is_count:
-            limit_max, limit_min = self.limits[info.analyte]
-            if converted < 0 or converted > limit_max or 0 < converted < limit_min:
-                self.problems.report(
-                    origin,
-                    key,
-                    f"implausible {info.analyte.value} count {_reported(quantity)} for its "
-                    "declared unit (not graded; check the unit)",
-                    "implausible",
-                )
-                return None
-        elif not 0 <= converted <= 1:
-            self.problems.report(
-                origin,
-                key,
-                f"implausible fraction {_reported(quantity)} for LOINC {info.code} (not graded)",
-                "implausible",
-            )
-            return None
+            converted, factor, table = checked
+            reported = self.reported(quantity)
+            if comparator is None and number:
+                if accepted is None:
+                    accepted = self.accepted[accepted_key] = {}
+                if len(accepted) < 1 << 14:
+                    accepted[number] = (converted, reported, factor, table)
         ref_low = None
         ranges = value.referenceRange
         if ranges:
@@ -544,7 +562,7 @@ class LabResults:
                 )
             ):
                 if entry.type is None or any(c.code == "normal" for c in entry.type.coding):
-                    ref_low = low.value if factor == 1.0 else round(low.value * factor, 9)
+                    ref_low = self.scaled(low.value, factor)
             elif len(ranges) > 1 or low is not None or entry.text or entry.appliesTo:
                 self.ranges[key] = PendingRanges(
                     ranges, quantity.code, quantity.unit, factor, table
@@ -559,7 +577,7 @@ class LabResults:
             info.code,
             converted,
             comparator,
-            self.reported(quantity),
+            reported,
             effective,
             effective_text,
             status,
@@ -567,6 +585,61 @@ class LabResults:
             ref_low,
             info.corrected,
         )
+
+    def scaled(self, value: float, factor: float) -> float:
+        """``round(value * factor, 9)`` (a range's low end in the value's unit; factor 1 needs no
+        rounding), once per value: one float shared by the results that have it."""
+        key = (value, factor)
+        found = self.scaled_values.get(key)
+        if found is None:
+            found = value if factor == 1.0 else round(value * factor, 9)
+            if value and len(self.scaled_values) < 1 << 14:
+                self.scaled_values[key] = found
+        return found
+
+    def check_value(
+        self, quantity: Quantity, info: CodeInfo, origin: Where, key: str
+    ) -> tuple[float, float, UnitTable] | None:
+        """The comparator, unit and plausibility checks of a value (:meth:`make_result`): the
+        value converted, the unit's factor and table, or ``None`` once the problem is reported."""
+        comparator = quantity.comparator
+        if comparator is not None and comparator not in _COMPARATORS:
+            self.problems.report(origin, key, f"invalid comparator {comparator!r}", "value")
+            return None
+        number = quantity.value
+        assert number is not None
+        is_count = info.measure is Measure.COUNT
+        table = self.count_units if is_count else self.fraction_units
+        factor = table.factor(quantity.code, quantity.unit)
+        if factor is None:
+            if not is_count and info.unitless and not quantity.code and not quantity.unit:
+                factor = 1.0
+            else:
+                self.problems.report(origin, key, _unit_problem(quantity, info), "unit")
+                return None
+        # Rounded to 9 decimals so a unit conversion never moves a value across a band edge by
+        # float noise (1100 /uL is 1.1, not 1.1000000000000001); factor 1 needs no rounding.
+        converted = number if factor == 1.0 else round(number * factor, 9)
+        if is_count:
+            limit_max, limit_min = self.limits[info.analyte]
+            if converted < 0 or converted > limit_max or 0 < converted < limit_min:
+                self.problems.report(
+                    origin,
+                    key,
+                    f"implausible {info.analyte.value} count {_reported(quantity)} for its "
+                    "declared unit (not graded; check the unit)",
+                    "implausible",
+                )
+                return None
+        elif not 0 <= converted <= 1:
+            self.problems.report(
+                origin,
+                key,
+                f"implausible fraction {_reported(quantity)} for LOINC {info.code} (not graded)",
+                "implausible",
+            )
+            return None
+        return converted, factor, table
 
     def status_dropped(self, obs: Observation, key: str, origin: Where) -> None:
         """Count an Observation whose status does not count, or report an invalid status."""
