@@ -113,6 +113,7 @@ class Normaliser:
         add_observation = into.labs.add
         decode = RESOURCE_DECODER.decode
         observations = 0
+        resource: Resource | Unread | None
         for number, line in numbered:
             if not line or line.isspace():
                 continue

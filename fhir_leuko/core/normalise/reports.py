@@ -147,12 +147,12 @@ class Reports:
                 continue
             # Usually the reference is the key of a result already built: the group is all it
             # needs from its report (a million times for a million Observations).
-            target = results.get(reference)
-            if target is not None:
-                if not target.group:
-                    target.group = group
-                if not target.report:
-                    target.report = group
+            built = results.get(reference)
+            if built is not None:
+                if not built.group:
+                    built.group = group
+                if not built.report:
+                    built.report = group
                 continue
             target = find(reference, container)
             if target is None:
