@@ -21,6 +21,7 @@ from fhir_leuko.core.pipeline import AsOf, Evaluation, evaluate_dataset
 from fhir_leuko.core.profiles import ProfileSet
 from fhir_leuko.files.bulkread import normalise_files
 from fhir_leuko.files.reader import input_files
+from fhir_leuko.files.executors import process_map
 from fhir_leuko.files.shards import evaluate_sharded, partition, patient_shard
 
 from .conftest import AS_OF, DATA, SHARED_FIXTURES, fhir_leuko, utc
@@ -63,9 +64,18 @@ def _whole(paths: list[Path], knowledge: Knowledge, profiles: ProfileSet, as_of:
     return evaluate_dataset(normalise_files(input_files(paths), knowledge), profiles, as_of=as_of)
 
 
-def _sharded(paths: list[Path], tmp: Path, count: int, as_of: AsOf) -> Evaluation:
+def _sharded(
+    paths: list[Path], tmp: Path, count: int, as_of: AsOf, **pieces: Any
+) -> Evaluation:
+    """Sharded; ``pieces``: ``piece_bytes`` (files cut into pieces of about that size) and
+    ``route_map`` (who routes them), as :func:`evaluate_sharded` takes them."""
     got = evaluate_sharded(
-        input_files(paths), as_of=as_of, work_dir=tmp / f"s{count}", count=count, records=True
+        input_files(paths),
+        as_of=as_of,
+        work_dir=tmp / f"s{count}",
+        count=count,
+        records=True,
+        **pieces,
     )
     assert got is not None
     result, flagged = got
@@ -98,6 +108,16 @@ def test_the_test_data_as_ndjson_gives_the_same_output_in_any_number_of_shards(
     assert whole.silence is not None or whole.issues
     for count in (1, 3, 7):
         _same(whole, _sharded([flat], tmp_path, count, as_of))
+    # Files cut into pieces of a few hundred bytes (most lines are longer: many pieces hold one
+    # line or none), each routed on its own: the same output, problems at the same file and line.
+    _same(whole, _sharded([flat], tmp_path, 3, as_of, piece_bytes=700, route_map=map))
+    cut = partition(input_files([flat]), tmp_path / "cut", 3, piece_bytes=700, route_map=map)
+    assert cut is not None and len(cut.pieces) > 2 * len(cut.files)
+    # Each file's pieces number its lines on from where the piece before stopped.
+    for file, (path, _input) in enumerate(cut.files):
+        offsets = [offset for _piece, f, offset in cut.pieces if f == file]
+        assert offsets[0] == 0 and offsets == sorted(offsets)
+        assert offsets[-1] <= Path(path).read_bytes().count(b"\n")
     # Merged and contained patients are evaluated in memory, as a whole run does.
     assert any(b'"link":' in p.read_bytes() for p in identity.glob("*.ndjson"))
 
@@ -128,6 +148,16 @@ def test_a_generated_export_with_gzip(
     whole = _whole([export], knowledge, profiles, as_of)
     assert len(whole.issues) > 3
     _same(whole, _sharded([export], tmp_path, 5, as_of))
+    # Routed in pieces of 64 KiB and evaluated on two worker processes (the gzipped file is one
+    # piece): no serial pass, the same output.
+    with process_map(2) as on_workers:
+        _same(
+            whole,
+            _sharded(
+                [export], tmp_path / "workers", 5, as_of,
+                piece_bytes=64 << 10, route_map=on_workers, run_map=on_workers,
+            ),
+        )
 
 
 # -- the join's cases, as hand-written FHIR JSON --------------------------------------------------

@@ -15,6 +15,7 @@ from ..core.normalise import Dataset
 from ..core.pipeline import AsOf, Evaluation
 from ..errors import UsageError
 from ..files.executors import ShardMap, dask_map, local_map, process_map
+from ..files.partition import piece_size
 from ..files.reader import Progress
 from ..files.shards import SHARD_BYTES, evaluate_sharded, shard_count
 from ..job.config import load_job_config
@@ -119,6 +120,7 @@ def evaluate_in_shards(
     """The sharded evaluation of ``evaluate`` and the records of the patients with findings
     (``None``: this input is evaluated in memory)."""
     count = scale.shards or shard_count(total, scale.workers)
+    parallel = bool(scale.dask_scheduler) or scale.workers > 1
     with _work_dir(scale) as directory, shard_executor(scale) as run_map:
         return evaluate_sharded(
             files,
@@ -130,4 +132,9 @@ def evaluate_in_shards(
             run_map=run_map,
             progress=progress,
             records=records,
+            # The workers route the pieces of the input too: no serial pass in this process.
+            route_map=run_map if parallel else None,
+            piece_bytes=piece_size(total, scale.workers if scale.workers > 1 else 8)
+            if parallel
+            else None,
         )

@@ -1,10 +1,10 @@
-"""Who evaluates the shards (:mod:`fhir_leuko.files.shards`): this process, local worker
-processes, or a ``dask.distributed`` cluster. Each is a ``map`` that gives the results in the
-order of the tasks (the merge sorts them by shard anyway), injected into
+"""Who routes the pieces of the input and evaluates the shards (:mod:`fhir_leuko.files.shards`):
+this process, local worker processes, or a ``dask.distributed`` cluster. Each is a ``map`` that
+gives the results in the order of the tasks (the merge sorts them by shard anyway), injected into
 :func:`fhir_leuko.files.shards.evaluate_sharded`.
 
-Dask is the optional extra ``fhir-leuko[dask]``: one task per shard, no shuffle, results
-gathered in task order. The workers read the shards from the work directory, so it must be on
+Dask is the optional extra ``fhir-leuko[dask]``: one task per piece, then one per shard, no
+shuffle, results gathered in task order. The workers read the shards from the work directory, so it must be on
 storage every worker sees (a shared file system); they load the shipped profiles from their own
 installed fhir-leuko and site profiles from the same paths.
 """
@@ -16,20 +16,28 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from ..errors import UsageError
-from .shards import ShardResult, ShardSpec
 
 __all__ = ["ShardMap", "dask_map", "local_map", "process_map"]
 
-ShardMap = Callable[[Callable[[ShardSpec], ShardResult], Sequence[ShardSpec]], Iterable[ShardResult]]
-"""``map(evaluate_shard, specs)``: the results, in the order of ``specs``."""
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
-def local_map(
-    fn: Callable[[ShardSpec], ShardResult], specs: Sequence[ShardSpec]
-) -> Iterator[ShardResult]:
+_TASK_NAMES = {"ShardSpec": "shard", "Piece": "piece"}
+"""How Dask names the tasks (``fhir-leuko-shard-…``: the dashboard and logs show them)."""
+
+
+class ShardMap(Protocol):
+    """``map(fn, tasks)`` on an executor: the results, in the order of ``tasks`` (the pieces the
+    partition routes, then the shards)."""
+
+    def __call__(self, fn: Callable[[_T], _R], tasks: Sequence[_T], /) -> Iterable[_R]: ...
+
+
+def local_map(fn: Callable[[_T], _R], specs: Sequence[_T]) -> Iterator[_R]:
     """Every shard in this process, one after another (bounded memory, one core)."""
     return map(fn, specs)
 
@@ -40,9 +48,7 @@ def process_map(workers: int) -> Iterator[ShardMap]:
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
 
-        def run(
-            fn: Callable[[ShardSpec], ShardResult], specs: Sequence[ShardSpec]
-        ) -> Iterator[ShardResult]:
+        def run(fn: Callable[[_T], _R], specs: Sequence[_T]) -> Iterator[_R]:
             return pool.map(fn, specs)
 
         yield run
@@ -69,14 +75,13 @@ def dask_map(scheduler: str | Any) -> Iterator[ShardMap]:
         raise UsageError(f"--dask-scheduler {scheduler}: cannot connect ({exc})") from None
     with client:
 
-        def run(
-            fn: Callable[[ShardSpec], ShardResult], specs: Sequence[ShardSpec]
-        ) -> list[ShardResult]:
-            # One task per shard; pure=False: two runs over the same directory are two runs.
+        def run(fn: Callable[[_T], _R], specs: Sequence[_T]) -> list[_R]:
+            # One task per piece or shard; pure=False: two runs over the same input are two runs.
             token = uuid.uuid4().hex[:12]
-            keys = [f"fhir-leuko-shard-{token}-{s.index}" for s in specs]
+            kind = _TASK_NAMES.get(type(specs[0]).__name__, "task") if specs else "task"
+            keys = [f"fhir-leuko-{kind}-{token}-{i}" for i in range(len(specs))]
             futures = client.map(fn, list(specs), pure=False, key=keys)
-            results: list[ShardResult] = client.gather(futures)  # type: ignore[no-untyped-call]
+            results: list[_R] = client.gather(futures)  # type: ignore[no-untyped-call]
             return results
 
         yield run

@@ -29,20 +29,13 @@ from __future__ import annotations
 
 import gc
 import logging
-import math
 import mmap
-import shutil
-import zlib
 from array import array
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from heapq import merge
 from pathlib import Path
-from typing import IO
-
-import msgspec
 
 from ..core.decision import Silence
 from ..core.knowledge import Knowledge
@@ -51,7 +44,16 @@ from ..core.normalise import Dataset, Normaliser
 from ..core.pipeline import AsOf, Evaluation, evaluate_dataset
 from ..core.profiles import ProfileSet
 from .documents import load_knowledge, load_profiles
-from .reader import READ_ERRORS, Progress, is_ndjson, open_input, read_failure
+from .partition import (
+    SHARD_BYTES,
+    Partition,
+    RouteMap,
+    partition,
+    patient_key_of,
+    patient_shard,
+    shard_count,
+)
+from .reader import Progress
 
 __all__ = [
     "SHARD_BYTES",
@@ -70,488 +72,44 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SHARD_BYTES = 160 << 20
-"""Input bytes per shard (about 110,000 Observations as servers write them): a shard's
-normalising and evaluating then peaks well under 500 MB (benchmarks/README.md)."""
 
-_PENDING = 0xFFFF
-"""The shard of a resource that has none of its own yet (a subject-less Observation)."""
-_BUCKETS = 64
-_MASK = _BUCKETS - 1
-_FLUSH = 1 << 15
-_SUBJECT_TYPES = frozenset(
-    {
-        "Observation",
-        "DiagnosticReport",
-        "MedicationRequest",
-        "MedicationStatement",
-        "MedicationAdministration",
-        "MedicationDispense",
-        "Condition",
-        "Flag",
-    }
-)
-
-
-class _Ref(msgspec.Struct):
-    reference: str | None = None
-    identifier: msgspec.Raw | None = None
-
-
-class _Route(msgspec.Struct):
-    """What routing a line needs, and nothing else (msgspec skips the rest unbuilt)."""
-
-    resourceType: str = ""
-    id: str | None = None
-    subject: _Ref | None = None
-    medicationReference: _Ref | None = None
-    result: list[_Ref] = []
-    hasMember: list[_Ref] = []
-    link: list[msgspec.Raw] = []
-
-
-_ROUTE = msgspec.json.Decoder(_Route)
-
-
-def _last_two(reference: str) -> list[str]:
-    return reference.split("/_history/")[0].rstrip("/").split("/")
-
-
-def patient_key_of(reference: str) -> str:
-    """The patient key a subject reference gives in an input without Bundles (NDJSON resolves
-    by ``Type/id`` only): what :meth:`Identity._patient_key` gives there, before any prefix."""
-    parts = _last_two(reference)
-    if len(parts) >= 2 and parts[-2] == "Patient":
-        return f"Patient/{parts[-1]}"
-    return reference
-
-
-def _resource_key(reference: str) -> str:
-    """``Type/id`` of a reference (relative, absolute or versioned), as the core resolves it."""
-    if reference.count("/") == 1:
-        return reference
-    parts = _last_two(reference)
-    return f"{parts[-2]}/{parts[-1]}" if len(parts) >= 2 else reference
-
-
-def patient_shard(key: str, count: int) -> int:
-    """The shard that owns a patient key (without a source prefix)."""
-    return zlib.crc32(key.encode()) % count
-
-
-def shard_count(total_bytes: int, workers: int = 1) -> int:
-    """How many shards for this much input: at most :data:`SHARD_BYTES` each, and at least two per
-    worker so that a slow shard does not leave the other workers idle."""
-    return max(1, math.ceil(total_bytes / SHARD_BYTES), 2 * workers if workers > 1 else 1)
-
-
-def _hash(key: str) -> int:
-    return zlib.crc32(key.encode()) << 32 | zlib.adler32(key.encode())
-
-
-@dataclass
-class Partition:
-    """The shards written by :func:`partition`, and what the merge needs."""
-
-    directory: Path
-    count: int
-    files: list[tuple[str, str | None]]
-    """The input files (path, input) in reading order; shard files are named by this index."""
-    inputs: list[str | None]
-    """Every input whose files were opened (each is a source of the run)."""
-    problems: list[Problem] = field(default_factory=list)
-    """Files that could not be read (whole or in part)."""
-    lines: int = 0
-    copies: int = 0
-    copied: Counter[str] = field(default_factory=Counter)
-    """Resources read into more than one shard, by type (taken off the merged counts)."""
-
-
-class _Writer:
-    """Where the lines of one input file go, for each shard: their line numbers and byte ranges
-    in the file (read back through ``mmap``: nothing is copied), or, for gzipped input, the
-    lines themselves."""
-
-    def __init__(self, directory: Path, index: int, count: int, copy: bool, suffix: str = "") -> None:
-        self.base = [directory / f"{k:03d}" / f"{index:05d}{suffix}" for k in range(count)]
-        self.copy = copy
-        self.handles: list[IO[bytes] | None] = [None] * count
-        self.numbers = [array("I") for _ in range(count)]
-        self.starts = [array("Q") for _ in range(count)]
-        self.ends = [array("Q") for _ in range(count)]
-
-    def add(self, shard: int, number: int, line: bytes, start: int) -> None:
-        self.numbers[shard].append(number)
-        if not self.copy:
-            self.starts[shard].append(start)
-            self.ends[shard].append(start + len(line))
-            return
-        handle = self.handles[shard]
-        if handle is None:
-            handle = self.handles[shard] = self.base[shard].with_suffix(".ndjson").open(
-                "wb", buffering=1 << 20
-            )
-        handle.write(line if line.endswith(b"\n") else line + b"\n")
-
-    def close(self) -> None:
-        for shard, numbers in enumerate(self.numbers):
-            handle = self.handles[shard]
-            if handle is not None:
-                handle.close()
-            if not numbers:
-                continue
-            with self.base[shard].with_suffix(".lines").open("wb") as out:
-                numbers.tofile(out)
-            if not self.copy:
-                with self.base[shard].with_suffix(".ranges").open("wb") as out:
-                    self.starts[shard].tofile(out)
-                    self.ends[shard].tofile(out)
-
-
-class _Join:
-    """(hash, shard, file, line) records of Observations and of report/panel members, bucketed
-    by hash (Python's ``hash`` of the ``Observation/id`` key: the join runs in this process), and
-    kept on disk once a bucket grows, for the join after the pass."""
-
-    kinds = ("obs", "member", "panel")
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.columns: dict[str, list[tuple[array[int], array[int], array[int], array[int]]]] = {
-            kind: [self._empty() for _ in range(_BUCKETS)] for kind in self.kinds
-        }
-
-    @staticmethod
-    def _empty() -> tuple[array[int], array[int], array[int], array[int]]:
-        return (array("q"), array("H"), array("H"), array("I"))
-
-    def add(self, kind: str, key: str, shard: int, file: int, line: int) -> None:
-        h = hash(key.encode())
-        cols = self.columns[kind][h & _MASK]
-        cols[0].append(h)
-        cols[1].append(shard)
-        cols[2].append(file)
-        cols[3].append(line)
-
-    def flush(self, at_least: int = 0) -> None:
-        """Write the buckets holding at least ``at_least`` records to disk."""
-        for kind, buckets in self.columns.items():
-            for bucket, cols in enumerate(buckets):
-                if len(cols[0]) < max(at_least, 1):
-                    continue
-                for column, values in enumerate(cols):
-                    with (self.directory / f"{kind}-{bucket:02d}-{column}").open("ab") as out:
-                        values.tofile(out)
-                buckets[bucket] = self._empty()
-
-    def load(self, kind: str, bucket: int) -> Iterator[tuple[int, int, int, int]]:
-        columns: list[array[int]] = []
-        for column, code in enumerate("qHHI"):
-            values = array(code)
-            path = self.directory / f"{kind}-{bucket:02d}-{column}"
-            if path.exists():
-                values.frombytes(path.read_bytes())
-            columns.append(values)
-        return zip(*columns, strict=True)
-
-
-class _Partitioner:
-    def __init__(self, directory: Path, work: Path, count: int) -> None:
-        self.directory = directory
-        self.count = count
-        self.join = _Join(work)
-        self.medications: dict[str, set[int]] = {}
-        self.medication_lines: list[tuple[int, int, str]] = []
-        self.patient_shards: dict[str, int] = {}
-        """Shard by subject reference as written (one entry per patient: bounded by patients)."""
-        self.unsafe = ""
-
-    def file(
-        self, index: int, lines: Iterable[bytes], progress: Progress | None, copy: bool
-    ) -> int:
-        count = self.count
-        writer = _Writer(self.directory, index, count, copy)
-        add = writer.add
-        numbers, starts, ends = writer.numbers, writer.starts, writer.ends
-        buckets = self.join.columns["obs"]
-        shards_of = self.patient_shards
-        decode = _ROUTE.decode
-        routed = 0
-        offset = 0
-        try:
-            for number, line in enumerate(lines, start=1):
-                start = offset
-                offset += len(line)
-                if progress is not None:
-                    progress(len(line))
-                if not line or line.isspace():
-                    continue
-                routed += 1
-                if not routed & 0xFFFF:
-                    self.join.flush(_FLUSH)
-                try:
-                    route = decode(line)  # about 1 us: what routing needs, nothing built else
-                except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
-                    # (RecursionError: JSON nested too deeply, see core.fhirjson.decode_json)
-                    add(0, number, line, start)  # shard 0 reports the problem, as a whole run would
-                    continue
-                subject = route.subject
-                # The common line of a bulk export: an Observation with a subject, no members.
-                if (
-                    route.resourceType == "Observation"
-                    and subject
-                    and subject.reference
-                    and subject.reference[0] != "#"
-                    and route.id
-                    and not route.hasMember
-                ):
-                    reference = subject.reference
-                    shard = shards_of.get(reference)
-                    if shard is None:
-                        shard = shards_of[reference] = patient_shard(
-                            patient_key_of(reference), count
-                        )
-                    h = hash(f"Observation/{route.id}".encode())
-                    cols = buckets[h & _MASK]
-                    cols[0].append(h)
-                    cols[1].append(shard)
-                    cols[2].append(index)
-                    cols[3].append(number)
-                    if copy:
-                        add(shard, number, line, start)
-                    else:
-                        numbers[shard].append(number)
-                        starts[shard].append(start)
-                        ends[shard].append(offset)
-                    continue
-                self.general(writer, route, index, number, line, start)
-                if self.unsafe:
-                    return routed
-        finally:
-            writer.close()
-        return routed
-
-    def general(
-        self, writer: _Writer, route: _Route, index: int, number: int, line: bytes, start: int
-    ) -> None:
-        rtype = route.resourceType
-        subject = route.subject.reference if route.subject else None
-        shard = patient_shard(patient_key_of(subject), self.count) if subject else _PENDING
-        if rtype == "Bundle":
-            self.unsafe = "a Bundle"
-            return
-        # Patient identity that needs every Patient of the source to resolve (issue 13 §4): the
-        # patient of a contained subject or of one given by identifier, records merged by
-        # Patient.link. Kept exact by evaluating such input in memory.
-        if route.link and rtype == "Patient":
-            self.unsafe = "Patient.link (merged patient records)"
-            return
-        if route.subject and (
-            (subject and subject.startswith("#"))
-            or (subject is None and route.subject.identifier is not None)
-        ):
-            self.unsafe = "a contained subject or a subject given by identifier"
-            return
-        if rtype == "Patient":
-            shard = patient_shard(f"Patient/{route.id}", self.count) if route.id else 0
-        elif rtype == "Medication":
-            if route.id:
-                self.medication_lines.append((index, number, f"Medication/{route.id}"))
-            else:
-                writer.add(0, number, line, start)
-            return
-        elif rtype not in _SUBJECT_TYPES:
-            writer.add(0, number, line, start)
-            return
-        join = self.join.add
-        if rtype == "Observation":
-            if route.id:
-                join("obs", f"Observation/{route.id}", shard, index, number)
-            for member in route.hasMember:
-                if member.reference and not member.reference.startswith("#"):
-                    join("panel", _resource_key(member.reference), shard, index, number)
-            if shard == _PENDING and route.id:
-                return  # placed after the pass, with the report or panel that lists it
-        elif rtype == "DiagnosticReport":
-            # A report without a subject stays in shard 0 and is copied to its results' shards.
-            shard = 0 if shard == _PENDING else shard
-            for member in route.result:
-                reference = member.reference
-                if reference and not reference.startswith("#"):
-                    join("member", _resource_key(reference), shard, index, number)
-        if route.medicationReference and route.medicationReference.reference:
-            key = _resource_key(route.medicationReference.reference)
-            self.medications.setdefault(key, set()).add(shard if shard != _PENDING else 0)
-        writer.add(shard if shard != _PENDING else 0, number, line, start)
-
-    def copies(self) -> dict[tuple[int, int], set[int]]:
-        """Which lines go to which further shards (the join after the pass)."""
-        self.join.flush()
-        out: dict[tuple[int, int], set[int]] = {}
-        for bucket in range(_BUCKETS):
-            # One entry per Observation key; the few read twice also in `versions`.
-            first: dict[int, tuple[int, int, int]] = {}
-            versions: dict[int, list[tuple[int, int, int]]] = {}
-            for h, shard, file, line in self.join.load("obs", bucket):
-                known = first.get(h)
-                if known is None:
-                    first[h] = (shard, file, line)
-                else:
-                    versions.setdefault(h, [known]).append((shard, file, line))
-            for entries in versions.values():
-                shards = {s for s, _f, _l in entries if s != _PENDING}
-                if len(shards) > 1:  # versions of one Observation in several shards
-                    for s, f, n in entries:
-                        out.setdefault((f, n), set()).update(shards - {s})
-            placed: set[tuple[int, int]] = set()
-            for kind in ("member", "panel"):
-                for h, container, file, line in self.join.load(kind, bucket):
-                    known = first.get(h)
-                    if known is None or (known[0] == container and h not in versions):
-                        continue  # not in the input, or in the container's shard: the usual case
-                    entries = versions.get(h) or [known]
-                    targets = {s for s, _f, _l in entries if s != _PENDING}
-                    if container == _PENDING:
-                        if kind == "panel" and any(s == _PENDING for s, _f, _l in entries):
-                            self.unsafe = "a panel without a subject listing results without one"
-                        out.setdefault((file, line), set()).update(targets or {0})
-                        continue
-                    if targets - {container}:
-                        out.setdefault((file, line), set()).update(targets - {container})
-                    for s, f, n in entries:
-                        if s == _PENDING:
-                            out.setdefault((f, n), set()).add(container)
-                            placed.add((f, n))
-            for h, (s, f, n) in first.items():
-                if s == _PENDING and (f, n) not in placed and h not in versions:
-                    out.setdefault((f, n), set()).add(0)
-            for entries in versions.values():
-                for s, f, n in entries:
-                    if s == _PENDING and (f, n) not in placed:
-                        out.setdefault((f, n), set()).add(0)
-        for file, line, key in self.medication_lines:
-            out.setdefault((file, line), set()).update(self.medications.get(key) or {0})
-        return out
-
-    def unwritten(self) -> set[tuple[int, int]]:
-        """The lines the pass held back (placed only by the join): subject-less Observations and
-        Medications."""
-        held = {(file, line) for file, line, _key in self.medication_lines}
-        for bucket in range(_BUCKETS):
-            held.update((f, n) for _h, s, f, n in self.join.load("obs", bucket) if s == _PENDING)
-        return held
-
-
-def partition(
-    files: Sequence[tuple[Path, str | None]],
-    directory: Path,
-    count: int,
-    *,
-    progress: Progress | None = None,
-) -> Partition | None:
-    """Write the shards of these files into ``directory`` (emptied first), or ``None`` (and a log
-    line saying why) when the input must be evaluated in memory to stay exact."""
-    if count < 1:
-        raise ValueError("count must be at least 1")
-    not_ndjson = [path for path, _input in files if not is_ndjson(path)]
-    if not_ndjson:
-        log.info("evaluating in memory: %s is not NDJSON", not_ndjson[0])
-        return None
-    shutil.rmtree(directory, ignore_errors=True)
-    for k in range(count):
-        (directory / f"{k:03d}").mkdir(parents=True)
-    work = directory / "join"
-    work.mkdir()
-    partitioner = _Partitioner(directory, work, count)
-    result = Partition(directory, count, [(str(p), i) for p, i in files], [])
-    inputs: dict[str | None, None] = {}
-    for index, (path, input) in enumerate(files):
-        try:
-            with open_input(path) as stream:
-                inputs.setdefault(input)
-                result.lines += partitioner.file(index, stream, progress, _gzipped(path))
-        except READ_ERRORS as exc:
-            result.problems.append(Problem(str(path), read_failure(exc)))
-        if partitioner.unsafe:
-            break
-    copies = {} if partitioner.unsafe else partitioner.copies()
-    if partitioner.unsafe:
-        log.info("evaluating in memory: the input holds %s", partitioner.unsafe)
-        shutil.rmtree(directory, ignore_errors=True)
-        return None
-    result.inputs = list(inputs)
-    result.copies = sum(len(v) for v in copies.values())
-    _write_copies(result, copies, partitioner.unwritten())
-    shutil.rmtree(work, ignore_errors=True)
-    return result
-
-
-def _write_copies(
-    result: Partition, copies: dict[tuple[int, int], set[int]], unwritten: set[tuple[int, int]]
-) -> None:
-    """Append each copied line to its further shards (``.extra`` files), file by file; count the
-    resources that are now in more than one shard (``unwritten``: lines the pass held back)."""
-    by_file: dict[int, dict[int, set[int]]] = {}
-    for (file, number), targets in copies.items():
-        by_file.setdefault(file, {})[number] = targets
-    for file in sorted(by_file):
-        wanted = by_file[file]
-        path = Path(result.files[file][0])
-        writer = _Writer(result.directory, file, result.count, _gzipped(path), "-extra")
-        offset = 0
-        try:
-            with open_input(path) as stream:
-                for number, text in enumerate(stream, start=1):
-                    into = wanted.get(number)
-                    if into:
-                        for shard in sorted(into):
-                            writer.add(shard, number, text, offset)
-                        extra = len(into) - ((file, number) in unwritten)
-                        if extra > 0:
-                            route = _ROUTE.decode(text)
-                            result.copied[route.resourceType] += extra
-                    offset += len(text)
-        except READ_ERRORS:
-            pass  # already a problem of the pass
-        finally:
-            writer.close()
-
-
-def _gzipped(path: Path) -> bool:
-    return path.name.lower().endswith(".gz")
-
-
-def _numbered(base: Path, original: Path) -> Iterator[tuple[int, bytes]]:
-    """The (line number, line) pairs of one shard's part of one input file."""
+def _numbered(base: Path, original: Path, offset: int) -> Iterator[tuple[int, bytes]]:
+    """The (line number, line) pairs of one shard's part of one piece of an input file (numbers
+    in the file: the piece's own plus ``offset``)."""
     numbers = array("I")
     numbers.frombytes(base.with_suffix(".lines").read_bytes())
+    lines_of = map(offset.__add__, numbers) if offset else iter(numbers)
     ranges = base.with_suffix(".ranges")
     if not ranges.exists():  # gzipped input: the lines were copied
         with base.with_suffix(".ndjson").open("rb") as lines:
-            yield from zip(numbers, lines, strict=True)
+            yield from zip(lines_of, lines, strict=True)
         return
     bounds = array("Q")
     bounds.frombytes(ranges.read_bytes())
     half = len(bounds) // 2
     with original.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as m:
         slices = map(slice, bounds[:half], bounds[half:])
-        yield from zip(numbers, map(m.__getitem__, slices), strict=True)
+        yield from zip(lines_of, map(m.__getitem__, slices), strict=True)
 
 
 def _shard_lines(
-    directory: Path, shard: int, file: int, original: Path
+    directory: Path, shard: int, piece: int, offset: int, original: Path
 ) -> Iterator[tuple[int, bytes]] | None:
-    base = directory / f"{shard:03d}" / f"{file:05d}"
+    base = directory / f"{shard:03d}" / f"{piece:05d}"
     extra = base.with_name(base.name + "-extra")
     routed = base.with_suffix(".lines").exists()
     copied = extra.with_suffix(".lines").exists()
     if not routed and not copied:
         return None
     if not copied:
-        return _numbered(base, original)
+        return _numbered(base, original, offset)
     if not routed:
-        return _numbered(extra, original)
-    return merge(_numbered(base, original), _numbered(extra, original), key=lambda pair: pair[0])
+        return _numbered(extra, original, offset)
+    return merge(
+        _numbered(base, original, offset),
+        _numbered(extra, original, offset),
+        key=lambda pair: pair[0],
+    )
 
 
 @dataclass(frozen=True)
@@ -563,6 +121,8 @@ class ShardSpec:
     index: int
     count: int
     files: tuple[tuple[str, str | None], ...]
+    pieces: tuple[tuple[int, int, int], ...]
+    """(piece, file, line offset): :attr:`Partition.pieces`."""
     inputs: tuple[str | None, ...]
     as_of: AsOf
     profile_dirs: tuple[str, ...] = ()
@@ -590,7 +150,7 @@ def load_shard(part: Partition, index: int, knowledge: Knowledge) -> Dataset:
     """The normalised records of the patients shard ``index`` owns (``run --bulk`` plans and
     writes from them)."""
     return _load(
-        Path(part.directory), index, part.count, tuple(part.files), tuple(part.inputs), knowledge
+        Path(part.directory), index, part.count, part.files, part.pieces, part.inputs, knowledge
     )
 
 
@@ -599,6 +159,7 @@ def _load(
     index: int,
     count: int,
     files: Sequence[tuple[str, str | None]],
+    pieces: Sequence[tuple[int, int, int]],
     inputs: Sequence[str | None],
     knowledge: Knowledge,
 ) -> Dataset:
@@ -606,8 +167,10 @@ def _load(
     with normaliser.collecting():
         for input in inputs:  # every source of the run exists in every shard
             normaliser.feed_lines((), "", input=input)
-        for file, (path, input) in enumerate(files):
-            numbered = _shard_lines(directory, index, file, Path(path))
+        # The pieces of each file in order: the lines come in the order one pass reads them.
+        for piece, file, offset in pieces:
+            path, input = files[file]
+            numbered = _shard_lines(directory, index, piece, offset, Path(path))
             if numbered is not None:
                 normaliser.feed_numbered(numbered, path, input=input)
         dataset = normaliser.run()
@@ -628,7 +191,13 @@ def evaluate_shard(spec: ShardSpec) -> ShardResult:
     gc.collect()
     knowledge, profiles = _profiles(spec.profile_dirs, spec.select)
     dataset = _load(
-        Path(spec.directory), spec.index, spec.count, spec.files, spec.inputs, knowledge
+        Path(spec.directory),
+        spec.index,
+        spec.count,
+        spec.files,
+        spec.pieces,
+        spec.inputs,
+        knowledge,
     )
     evaluation = evaluate_dataset(dataset, profiles, as_of=spec.as_of)
     mine = dataset.patients if spec.records else {}
@@ -708,11 +277,16 @@ def evaluate_sharded(
     run_map: Callable[..., Iterable[ShardResult]] = map,
     progress: Progress | None = None,
     records: bool = False,
+    route_map: RouteMap | None = None,
+    piece_bytes: int | None = None,
 ) -> tuple[Evaluation, Dataset] | None:
-    """Partition, evaluate every shard with ``run_map`` (``map``, or an executor of
+    """Partition (its pieces routed with ``route_map``, the same workers: no serial pass; in this
+    process without it), evaluate every shard with ``run_map`` (``map``, or an executor of
     :mod:`.executors`), merge (:func:`merge_results`). ``None`` when the input must be evaluated
     in memory."""
-    part = partition(files, work_dir, count, progress=progress)
+    part = partition(
+        files, work_dir, count, progress=progress, route_map=route_map, piece_bytes=piece_bytes
+    )
     if part is None:
         return None
     specs = [
@@ -721,6 +295,7 @@ def evaluate_sharded(
             index,
             count,
             tuple(part.files),
+            tuple(part.pieces),
             tuple(part.inputs),
             as_of,
             tuple(str(d) for d in profile_dirs),

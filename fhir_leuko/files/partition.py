@@ -1,0 +1,675 @@
+"""The partition pass of sharded evaluation (:mod:`.shards`): NDJSON routed by patient into shards
+on disk, in parallel.
+
+The input files are cut into *pieces* (byte ranges; a piece holds the lines that start in it, and
+a gzipped file is one piece). Each piece is routed by one task (:func:`route_piece`), in this
+process or on the same workers that evaluate the shards (``route_map``), so no serial pass over
+the whole input remains: a task decodes only what routing needs of each line (``resourceType``,
+``id``, ``subject``, members; msgspec skips the rest unbuilt, under 1 us a line) and writes, per
+shard, the line numbers (counted from the piece's first line) and byte ranges of the lines that go
+there, and its join records. The client then numbers the pieces' lines as one pass would (the
+pieces of a file in order), joins the records bucket by bucket (:func:`_join`: what belongs
+together stays together, the module docstring of :mod:`.shards` says how), and copies the few
+lines that must be in more than one shard.
+
+Join records are keyed by a hash of the ``Observation/id`` key that is the same in every process
+(CRC-32 and Adler-32: tasks run in other interpreters); two keys with the same hash only cost a
+copy of a line into a shard that does not own its patient, which never changes the output.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import zlib
+from array import array
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import IO
+
+import msgspec
+
+from ..core.model import Problem
+from .reader import READ_ERRORS, Progress, is_ndjson, open_input, read_failure
+
+__all__ = [
+    "PIECE_BYTES",
+    "SHARD_BYTES",
+    "Partition",
+    "Piece",
+    "Routed",
+    "gzipped",
+    "partition",
+    "patient_key_of",
+    "patient_shard",
+    "piece_lines",
+    "piece_size",
+    "route_piece",
+    "shard_count",
+]
+
+log = logging.getLogger(__name__)
+
+SHARD_BYTES = 160 << 20
+"""Input bytes per shard (about 110,000 Observations as servers write them): a shard's
+normalising and evaluating then peaks well under 500 MB (benchmarks/README.md)."""
+
+PIECE_BYTES = 256 << 20
+"""The largest piece: what one routing task holds in memory stays small (36 bytes a line)."""
+
+_PENDING = 0xFFFF
+"""The shard of a resource that has none of its own yet (a subject-less Observation)."""
+_MAX_PIECES = 0xFFFF
+_BUCKETS = 64
+_MASK = _BUCKETS - 1
+_KINDS = ("obs", "member", "panel")
+_SUBJECT_TYPES = frozenset(
+    {
+        "Observation",
+        "DiagnosticReport",
+        "MedicationRequest",
+        "MedicationStatement",
+        "MedicationAdministration",
+        "MedicationDispense",
+        "Condition",
+        "Flag",
+    }
+)
+
+
+class _Ref(msgspec.Struct):
+    reference: str | None = None
+    identifier: msgspec.Raw | None = None
+
+
+class _Route(msgspec.Struct):
+    """What routing a line needs, and nothing else (msgspec skips the rest unbuilt)."""
+
+    resourceType: str = ""
+    id: str | None = None
+    subject: _Ref | None = None
+    medicationReference: _Ref | None = None
+    result: list[_Ref] = []
+    hasMember: list[_Ref] = []
+    link: list[msgspec.Raw] = []
+
+
+_ROUTE = msgspec.json.Decoder(_Route)
+
+
+def _last_two(reference: str) -> list[str]:
+    return reference.split("/_history/")[0].rstrip("/").split("/")
+
+
+def patient_key_of(reference: str) -> str:
+    """The patient key a subject reference gives in an input without Bundles (NDJSON resolves
+    by ``Type/id`` only): what :meth:`Identity._patient_key` gives there, before any prefix."""
+    parts = _last_two(reference)
+    if len(parts) >= 2 and parts[-2] == "Patient":
+        return f"Patient/{parts[-1]}"
+    return reference
+
+
+def _resource_key(reference: str) -> str:
+    """``Type/id`` of a reference (relative, absolute or versioned), as the core resolves it."""
+    if reference.count("/") == 1:
+        return reference
+    parts = _last_two(reference)
+    return f"{parts[-2]}/{parts[-1]}" if len(parts) >= 2 else reference
+
+
+def patient_shard(key: str, count: int) -> int:
+    """The shard that owns a patient key (without a source prefix)."""
+    return zlib.crc32(key.encode()) % count
+
+
+def shard_count(total_bytes: int, workers: int = 1) -> int:
+    """How many shards for this much input: at most :data:`SHARD_BYTES` each, and at least two per
+    worker so that a slow shard does not leave the other workers idle."""
+    return max(1, math.ceil(total_bytes / SHARD_BYTES), 2 * workers if workers > 1 else 1)
+
+
+def piece_size(total_bytes: int, workers: int) -> int:
+    """Pieces for ``workers`` routing tasks at once: four per worker (a slow one does not leave
+    the others idle), at least 32 MiB each."""
+    return max(32 << 20, math.ceil(total_bytes / (4 * workers)))
+
+
+def _key_hash(key: str) -> int:
+    """A 64-bit hash of a key, the same in every process (``hash`` is salted per process)."""
+    data = key.encode()
+    return zlib.crc32(data) << 32 | zlib.adler32(data)
+
+
+def gzipped(path: Path) -> bool:
+    return path.name.lower().endswith(".gz")
+
+
+@dataclass(frozen=True)
+class Piece:
+    """The lines of one input file that start in the byte range ``[start, end)`` (``end`` -1: to
+    the end of the file): what one routing task reads (picklable)."""
+
+    index: int
+    file: int
+    path: str
+    start: int
+    end: int
+    directory: str
+    count: int
+    """The number of shards."""
+
+
+@dataclass
+class Routed:
+    """What routing one piece found, sent back to the client."""
+
+    piece: int
+    lines: int = 0
+    """Every line of the piece (its lines are numbered from 1 within the piece)."""
+    routed: int = 0
+    """The lines that are not blank."""
+    opened: bool = False
+    problem: str = ""
+    """Why the file could not be read (whole or in part)."""
+    unsafe: str = ""
+    medications: dict[str, set[int]] = field(default_factory=dict)
+    """The shards whose medication records reference each Medication."""
+    medication_lines: list[tuple[int, str]] = field(default_factory=list)
+    """(line, ``Medication/id``) of the Medications of the piece (placed by the join)."""
+
+
+@dataclass
+class Partition:
+    """The shards written by :func:`partition`, and what the merge needs."""
+
+    directory: Path
+    count: int
+    files: list[tuple[str, str | None]]
+    """The input files (path, input) in reading order."""
+    inputs: list[str | None]
+    """Every input whose files were opened (each is a source of the run)."""
+    pieces: list[tuple[int, int, int]] = field(default_factory=list)
+    """(piece, file, line offset) in reading order: a piece's line ``n`` is line ``n + offset``
+    of its file; shard files are named by the piece."""
+    problems: list[Problem] = field(default_factory=list)
+    """Files that could not be read (whole or in part)."""
+    lines: int = 0
+    copies: int = 0
+    copied: Counter[str] = field(default_factory=Counter)
+    """Resources read into more than one shard, by type (taken off the merged counts)."""
+
+
+class _Writer:
+    """Where the lines of one piece go, for each shard: their line numbers and byte ranges in the
+    file (read back through ``mmap``: nothing is copied), or, for gzipped input, the lines
+    themselves."""
+
+    def __init__(self, directory: Path, index: int, count: int, copy: bool, suffix: str = "") -> None:
+        self.base = [directory / f"{k:03d}" / f"{index:05d}{suffix}" for k in range(count)]
+        self.copy = copy
+        self.handles: list[IO[bytes] | None] = [None] * count
+        self.numbers = [array("I") for _ in range(count)]
+        self.starts = [array("Q") for _ in range(count)]
+        self.ends = [array("Q") for _ in range(count)]
+
+    def add(self, shard: int, number: int, line: bytes, start: int) -> None:
+        self.numbers[shard].append(number)
+        if not self.copy:
+            self.starts[shard].append(start)
+            self.ends[shard].append(start + len(line))
+            return
+        handle = self.handles[shard]
+        if handle is None:
+            handle = self.handles[shard] = self.base[shard].with_suffix(".ndjson").open(
+                "wb", buffering=1 << 20
+            )
+        handle.write(line if line.endswith(b"\n") else line + b"\n")
+
+    def close(self) -> None:
+        for shard, numbers in enumerate(self.numbers):
+            handle = self.handles[shard]
+            if handle is not None:
+                handle.close()
+            if not numbers:
+                continue
+            with self.base[shard].with_suffix(".lines").open("wb") as out:
+                numbers.tofile(out)
+            if not self.copy:
+                with self.base[shard].with_suffix(".ranges").open("wb") as out:
+                    self.starts[shard].tofile(out)
+                    self.ends[shard].tofile(out)
+
+
+_Columns = tuple["array[int]", "array[int]"]
+
+
+class _JoinRecords:
+    """One piece's join records, by kind and bucket: the key's hash, and its shard, piece and line
+    packed in one number (shard << 48 | piece << 32 | line). Written at the end of the piece, one
+    file per kind: the 64 bucket sizes, then the hashes, then the packed places."""
+
+    def __init__(self, piece: int) -> None:
+        self.piece = piece << 32
+        self.columns: dict[str, list[_Columns]] = {
+            kind: [(array("Q"), array("Q")) for _ in range(_BUCKETS)] for kind in _KINDS
+        }
+
+    def add(self, kind: str, key: str, shard: int, line: int) -> None:
+        h = _key_hash(key)
+        hashes, places = self.columns[kind][(h >> 32) & _MASK]
+        hashes.append(h)
+        places.append(shard << 48 | self.piece | line)
+
+    def write(self, directory: Path) -> None:
+        for kind, buckets in self.columns.items():
+            sizes = array("Q", (len(hashes) for hashes, _places in buckets))
+            if not any(sizes):
+                continue
+            with (directory / kind).open("wb") as out:
+                sizes.tofile(out)
+                for hashes, _places in buckets:
+                    hashes.tofile(out)
+                for _hashes, places in buckets:
+                    places.tofile(out)
+
+
+def _load_bucket(
+    directories: Sequence[Path], kind: str, bucket: int
+) -> Iterator[tuple[int, int, int, int]]:
+    """(hash, shard, piece, line) of the records of one bucket, piece by piece."""
+    for directory in directories:
+        path = directory / kind
+        if not path.exists():
+            continue
+        with path.open("rb") as handle:
+            sizes = array("Q")
+            sizes.fromfile(handle, _BUCKETS)
+            total = sum(sizes)
+            before = sum(sizes[:bucket])
+            size = sizes[bucket]
+            if not size:
+                continue
+            hashes, places = array("Q"), array("Q")
+            handle.seek(8 * (_BUCKETS + before))
+            hashes.fromfile(handle, size)
+            handle.seek(8 * (_BUCKETS + total + before))
+            places.fromfile(handle, size)
+        for h, place in zip(hashes, places, strict=True):
+            yield h, place >> 48, (place >> 32) & 0xFFFF, place & 0xFFFFFFFF
+
+
+class _Router:
+    """The routing of one piece (:func:`route_piece`)."""
+
+    def __init__(self, piece: Piece, copy: bool, out: Routed) -> None:
+        self.piece = piece
+        self.count = piece.count
+        self.out = out
+        self.writer = _Writer(Path(piece.directory), piece.index, piece.count, copy)
+        self.join = _JoinRecords(piece.index)
+        self.patient_shards: dict[str, int] = {}
+        """Shard by subject reference as written (one entry per patient: bounded by patients)."""
+
+    def lines(self, lines: Iterable[bytes], offset: int, progress: Progress | None) -> None:
+        count = self.count
+        end = self.piece.end if self.piece.end >= 0 else math.inf
+        writer = self.writer
+        add = writer.add
+        copy = writer.copy
+        numbers, starts, ends = writer.numbers, writer.starts, writer.ends
+        buckets = self.join.columns["obs"]
+        here = self.join.piece
+        shards_of = self.patient_shards
+        decode = _ROUTE.decode
+        crc32, adler32 = zlib.crc32, zlib.adler32
+        out = self.out
+        routed = 0
+        number = 0
+        for number, line in enumerate(lines, start=1):
+            start = offset
+            if start >= end:
+                number -= 1
+                break
+            offset += len(line)
+            if progress is not None:
+                progress(len(line))
+            if not line or line.isspace():
+                continue
+            routed += 1
+            try:
+                route = decode(line)  # under 1 us: what routing needs, nothing built else
+            except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+                # (RecursionError: JSON nested too deeply, see core.fhirjson.decode_json)
+                add(0, number, line, start)  # shard 0 reports the problem, as a whole run would
+                continue
+            subject = route.subject
+            # The common line of a bulk export: an Observation with a subject, no members.
+            if (
+                route.resourceType == "Observation"
+                and subject
+                and subject.reference
+                and subject.reference[0] != "#"
+                and route.id
+                and not route.hasMember
+            ):
+                reference = subject.reference
+                shard = shards_of.get(reference)
+                if shard is None:
+                    shard = shards_of[reference] = patient_shard(patient_key_of(reference), count)
+                key = f"Observation/{route.id}".encode()
+                h = crc32(key) << 32 | adler32(key)
+                hashes, places = buckets[(h >> 32) & _MASK]
+                hashes.append(h)
+                places.append(shard << 48 | here | number)
+                if copy:
+                    add(shard, number, line, start)
+                else:
+                    numbers[shard].append(number)
+                    starts[shard].append(start)
+                    ends[shard].append(offset)
+                continue
+            self.general(route, number, line, start)
+            if out.unsafe:
+                break
+        out.lines = number
+        out.routed = routed
+
+    def general(self, route: _Route, number: int, line: bytes, start: int) -> None:
+        rtype = route.resourceType
+        subject = route.subject.reference if route.subject else None
+        shard = patient_shard(patient_key_of(subject), self.count) if subject else _PENDING
+        add = self.writer.add
+        if rtype == "Bundle":
+            self.out.unsafe = "a Bundle"
+            return
+        # Patient identity that needs every Patient of the source to resolve (issue 13 §4): the
+        # patient of a contained subject or of one given by identifier, records merged by
+        # Patient.link. Kept exact by evaluating such input in memory.
+        if route.link and rtype == "Patient":
+            self.out.unsafe = "Patient.link (merged patient records)"
+            return
+        if route.subject and (
+            (subject and subject.startswith("#"))
+            or (subject is None and route.subject.identifier is not None)
+        ):
+            self.out.unsafe = "a contained subject or a subject given by identifier"
+            return
+        if rtype == "Patient":
+            shard = patient_shard(f"Patient/{route.id}", self.count) if route.id else 0
+        elif rtype == "Medication":
+            if route.id:
+                self.out.medication_lines.append((number, f"Medication/{route.id}"))
+            else:
+                add(0, number, line, start)
+            return
+        elif rtype not in _SUBJECT_TYPES:
+            add(0, number, line, start)
+            return
+        join = self.join.add
+        if rtype == "Observation":
+            if route.id:
+                join("obs", f"Observation/{route.id}", shard, number)
+            for member in route.hasMember:
+                if member.reference and not member.reference.startswith("#"):
+                    join("panel", _resource_key(member.reference), shard, number)
+            if shard == _PENDING and route.id:
+                return  # placed after the pass, with the report or panel that lists it
+        elif rtype == "DiagnosticReport":
+            # A report without a subject stays in shard 0 and is copied to its results' shards.
+            shard = 0 if shard == _PENDING else shard
+            for member in route.result:
+                reference = member.reference
+                if reference and not reference.startswith("#"):
+                    join("member", _resource_key(reference), shard, number)
+        if route.medicationReference and route.medicationReference.reference:
+            key = _resource_key(route.medicationReference.reference)
+            self.out.medications.setdefault(key, set()).add(shard if shard != _PENDING else 0)
+        add(shard if shard != _PENDING else 0, number, line, start)
+
+    def close(self) -> None:
+        self.writer.close()
+        directory = _join_dir(Path(self.piece.directory), self.piece.index)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.join.write(directory)
+
+
+def _join_dir(directory: Path, piece: int) -> Path:
+    return directory / "join" / f"{piece:05d}"
+
+
+def piece_lines(stream: IO[bytes], start: int) -> int:
+    """Position ``stream`` at the first line that starts at or after byte ``start`` (the line
+    holding byte ``start - 1`` belongs to the piece before); that line's offset."""
+    if start <= 0:
+        return 0
+    stream.seek(start - 1)
+    return start - 1 + len(stream.readline())
+
+
+def route_piece(piece: Piece, progress: Progress | None = None) -> Routed:
+    """Route the lines of one piece into the shards (a task: runs in any process that sees the
+    input and the shard directory at the same paths)."""
+    out = Routed(piece.index)
+    path = Path(piece.path)
+    router = _Router(piece, gzipped(path), out)
+    try:
+        with open_input(path) as stream:
+            out.opened = True
+            router.lines(stream, piece_lines(stream, piece.start), progress)
+    except READ_ERRORS as exc:
+        out.problem = read_failure(exc)
+    finally:
+        router.close()
+    return out
+
+
+def _pieces(
+    files: Sequence[tuple[Path, str | None]], directory: Path, count: int, piece_bytes: int
+) -> list[Piece]:
+    """The pieces of the files, of about ``piece_bytes`` each (a gzipped file is one piece)."""
+    total = sum(path.stat().st_size for path, _input in files)
+    piece_bytes = max(piece_bytes, math.ceil(total / max(1, _MAX_PIECES - len(files))) + 1)
+    pieces: list[Piece] = []
+    for file, (path, _input) in enumerate(files):
+        size = 0 if gzipped(path) else path.stat().st_size
+        cuts = max(1, math.ceil(size / piece_bytes))
+        step = math.ceil(size / cuts) if cuts > 1 else 0
+        for cut in range(cuts):
+            end = (cut + 1) * step if cut < cuts - 1 else -1
+            pieces.append(
+                Piece(len(pieces), file, str(path), cut * step, end, str(directory), count)
+            )
+    return pieces
+
+
+RouteMap = Callable[[Callable[[Piece], Routed], Sequence[Piece]], Iterable[Routed]]
+"""``map(route_piece, pieces)`` on some executor: the results in the order of the pieces."""
+
+
+def partition(
+    files: Sequence[tuple[Path, str | None]],
+    directory: Path,
+    count: int,
+    *,
+    progress: Progress | None = None,
+    route_map: RouteMap | None = None,
+    piece_bytes: int | None = None,
+) -> Partition | None:
+    """Write the shards of these files into ``directory`` (emptied first), or ``None`` (and a log
+    line saying why) when the input must be evaluated in memory to stay exact.
+
+    ``route_map`` routes the pieces on an executor's workers (:mod:`.executors`; progress is then
+    counted piece by piece); without it they are routed in this process, one after another.
+    ``piece_bytes`` cuts files into pieces of about that size (at most :data:`PIECE_BYTES`).
+    """
+    if count < 1:
+        raise ValueError("count must be at least 1")
+    if count >= _PENDING:
+        raise ValueError(f"at most {_PENDING - 1} shards")
+    not_ndjson = [path for path, _input in files if not is_ndjson(path)]
+    if not_ndjson:
+        log.info("evaluating in memory: %s is not NDJSON", not_ndjson[0])
+        return None
+    shutil.rmtree(directory, ignore_errors=True)
+    for k in range(count):
+        (directory / f"{k:03d}").mkdir(parents=True)
+    pieces = _pieces(files, directory, count, min(piece_bytes or PIECE_BYTES, PIECE_BYTES))
+    if len(pieces) > _MAX_PIECES:
+        log.info("evaluating in memory: more than %d input files", _MAX_PIECES)
+        shutil.rmtree(directory, ignore_errors=True)
+        return None
+    result = Partition(directory, count, [(str(p), i) for p, i in files], [])
+    routed = _route(pieces, progress, route_map)
+    unsafe = next((r.unsafe for r in routed if r.unsafe), "")
+    copies: dict[tuple[int, int], set[int]] = {}
+    held: set[tuple[int, int]] = set()
+    if not unsafe:
+        copies, held, unsafe = _join(directory, pieces, routed)
+    if unsafe:
+        log.info("evaluating in memory: the input holds %s", unsafe)
+        shutil.rmtree(directory, ignore_errors=True)
+        return None
+    inputs: dict[str | None, None] = {}
+    offsets: dict[int, int] = {}
+    failed: set[int] = set()
+    for piece, done in zip(pieces, routed, strict=False):
+        path, input = files[piece.file]
+        if done.opened:
+            inputs.setdefault(input)
+        if done.problem and piece.file not in failed:
+            failed.add(piece.file)
+            result.problems.append(Problem(str(path), done.problem))
+        offset = offsets.get(piece.file, 0)
+        result.pieces.append((piece.index, piece.file, offset))
+        offsets[piece.file] = offset + done.lines
+        result.lines += done.routed
+    result.inputs = list(inputs)
+    result.copies = sum(len(v) for v in copies.values())
+    _write_copies(result, pieces, copies, held)
+    shutil.rmtree(directory / "join", ignore_errors=True)
+    return result
+
+
+def _route(
+    pieces: Sequence[Piece], progress: Progress | None, route_map: RouteMap | None
+) -> list[Routed]:
+    if route_map is None:  # in this process: progress line by line, and stop at the first unsafe
+        out: list[Routed] = []
+        for piece in pieces:
+            out.append(route_piece(piece, progress))
+            if out[-1].unsafe:
+                break
+        return out
+    done: list[Routed] = []
+    for piece, routed in zip(pieces, route_map(partial(route_piece, progress=None), pieces), strict=True):
+        done.append(routed)
+        if progress is not None:
+            size = Path(piece.path).stat().st_size
+            progress((size if piece.end < 0 else piece.end) - piece.start)
+    return done
+
+
+def _join(
+    directory: Path, pieces: Sequence[Piece], routed: Sequence[Routed]
+) -> tuple[dict[tuple[int, int], set[int]], set[tuple[int, int]], str]:
+    """Which lines go to which further shards, the lines the pass held back (placed only here:
+    subject-less Observations and Medications), and why the input cannot be sharded, if so."""
+    directories = [_join_dir(directory, piece.index) for piece in pieces]
+    out: dict[tuple[int, int], set[int]] = {}
+    held: set[tuple[int, int]] = set()
+    unsafe = ""
+    for bucket in range(_BUCKETS):
+        # One entry per Observation key; the few read twice also in `versions`.
+        first: dict[int, tuple[int, int, int]] = {}
+        versions: dict[int, list[tuple[int, int, int]]] = {}
+        for h, shard, piece, line in _load_bucket(directories, "obs", bucket):
+            if shard == _PENDING:
+                held.add((piece, line))
+            known = first.get(h)
+            if known is None:
+                first[h] = (shard, piece, line)
+            else:
+                versions.setdefault(h, [known]).append((shard, piece, line))
+        for entries in versions.values():
+            shards = {s for s, _f, _l in entries if s != _PENDING}
+            if len(shards) > 1:  # versions of one Observation in several shards
+                for s, f, n in entries:
+                    out.setdefault((f, n), set()).update(shards - {s})
+        placed: set[tuple[int, int]] = set()
+        for kind in ("member", "panel"):
+            for h, container, piece, line in _load_bucket(directories, kind, bucket):
+                known = first.get(h)
+                if known is None or (known[0] == container and h not in versions):
+                    continue  # not in the input, or in the container's shard: the usual case
+                entries = versions.get(h) or [known]
+                targets = {s for s, _f, _l in entries if s != _PENDING}
+                if container == _PENDING:
+                    if kind == "panel" and any(s == _PENDING for s, _f, _l in entries):
+                        unsafe = "a panel without a subject listing results without one"
+                    out.setdefault((piece, line), set()).update(targets or {0})
+                    continue
+                if targets - {container}:
+                    out.setdefault((piece, line), set()).update(targets - {container})
+                for s, f, n in entries:
+                    if s == _PENDING:
+                        out.setdefault((f, n), set()).add(container)
+                        placed.add((f, n))
+        for h, (s, f, n) in first.items():
+            if s == _PENDING and (f, n) not in placed and h not in versions:
+                out.setdefault((f, n), set()).add(0)
+        for entries in versions.values():
+            for s, f, n in entries:
+                if s == _PENDING and (f, n) not in placed:
+                    out.setdefault((f, n), set()).add(0)
+    medications: dict[str, set[int]] = {}
+    for done in routed:
+        for key, shards in done.medications.items():
+            medications.setdefault(key, set()).update(shards)
+    for done in routed:
+        for line, key in done.medication_lines:
+            held.add((done.piece, line))
+            out.setdefault((done.piece, line), set()).update(medications.get(key) or {0})
+    return out, held, unsafe
+
+
+def _write_copies(
+    result: Partition,
+    pieces: Sequence[Piece],
+    copies: dict[tuple[int, int], set[int]],
+    unwritten: set[tuple[int, int]],
+) -> None:
+    """Append each copied line to its further shards (``-extra`` files), piece by piece; count the
+    resources that are now in more than one shard (``unwritten``: lines the pass held back)."""
+    by_piece: dict[int, dict[int, set[int]]] = {}
+    for (at, number), targets in copies.items():
+        by_piece.setdefault(at, {})[number] = targets
+    for index in sorted(by_piece):
+        wanted = by_piece[index]
+        piece = pieces[index]
+        path = Path(piece.path)
+        writer = _Writer(result.directory, index, result.count, gzipped(path), "-extra")
+        end = piece.end if piece.end >= 0 else math.inf
+        try:
+            with open_input(path) as stream:
+                offset = piece_lines(stream, piece.start)
+                for number, text in enumerate(stream, start=1):
+                    if offset >= end:
+                        break
+                    into = wanted.get(number)
+                    if into:
+                        for shard in sorted(into):
+                            writer.add(shard, number, text, offset)
+                        extra = len(into) - ((index, number) in unwritten)
+                        if extra > 0:
+                            route = _ROUTE.decode(text)
+                            result.copied[route.resourceType] += extra
+                    offset += len(text)
+        except READ_ERRORS:
+            pass  # already a problem of the pass
+        finally:
+            writer.close()
