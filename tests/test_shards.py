@@ -20,8 +20,8 @@ from fhir_leuko.core.knowledge import Knowledge
 from fhir_leuko.core.pipeline import AsOf, Evaluation, evaluate_dataset
 from fhir_leuko.core.profiles import ProfileSet
 from fhir_leuko.files.bulkread import normalise_files
-from fhir_leuko.files.reader import input_files
 from fhir_leuko.files.executors import process_map
+from fhir_leuko.files.reader import input_files
 from fhir_leuko.files.shards import evaluate_sharded, partition, patient_shard
 
 from .conftest import AS_OF, DATA, SHARED_FIXTURES, fhir_leuko, utc
