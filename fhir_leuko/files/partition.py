@@ -33,6 +33,7 @@ from typing import IO
 
 import msgspec
 
+from ..core.fhirjson import INPUT_TYPES
 from ..core.model import Problem
 from .reader import READ_ERRORS, Progress, is_ndjson, open_input, read_failure
 
@@ -67,18 +68,9 @@ _MAX_PIECES = 0xFFFF
 _BUCKETS = 64
 _MASK = _BUCKETS - 1
 _KINDS = ("obs", "member", "panel")
-_SUBJECT_TYPES = frozenset(
-    {
-        "Observation",
-        "DiagnosticReport",
-        "MedicationRequest",
-        "MedicationStatement",
-        "MedicationAdministration",
-        "MedicationDispense",
-        "Condition",
-        "Flag",
-    }
-)
+_SUBJECT_TYPES = frozenset(INPUT_TYPES) - {"Patient", "Medication"}
+"""The types routed by their ``subject`` (or ``patient``): every input type but the Patient itself
+and the Medication, which several patients' records may share."""
 
 
 class _Ref(msgspec.Struct):

@@ -44,6 +44,7 @@ from prometheus_client import (
 from prometheus_client import multiprocess as prometheus_multiprocess
 
 from .._version import __version__
+from ..core.fhirjson import INPUT_TYPES
 from ..errors import FhirFetchError, ListenError
 from .fetch import FhirFetcher
 
@@ -53,20 +54,9 @@ _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 """Seconds. A hook with its prefetch answers in milliseconds; one that fetches from the client's
 FHIR server in tens to hundreds; the request deadline is 10 s by default."""
 
-_RESOURCE_TYPES = frozenset(
-    {
-        "Patient",
-        "Observation",
-        "DiagnosticReport",
-        "MedicationRequest",
-        "MedicationStatement",
-        "MedicationAdministration",
-        "MedicationDispense",
-        "Medication",
-        "Condition",
-        "Flag",
-    }
-)
+_RESOURCE_TYPES = frozenset(INPUT_TYPES)
+"""The ``resource_type`` label's values: what a prefetch or fetch can bring (anything else counts
+as ``other``, keeping the label bounded)."""
 
 
 def _multiprocess() -> bool:
