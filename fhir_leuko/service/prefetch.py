@@ -5,7 +5,9 @@ with a reference parameter (``patient``), token parameters with equality (``code
 ``_count`` and ``_sort`` (R4 ``_sort=-date``, not the DSTU2-era ``sort:desc``). They use only the
 ``{{context.patientId}}`` token, which every hook fhir-leuko serves marks "Prefetch Token: Yes".
 The Observation codes are every LOINC code of knowledge/loinc.toml, so the template follows the
-knowledge file.
+knowledge file, and they carry no system: a token without a system matches LOINC written under its
+OID (``urn:oid:2.16.840.1.113883.6.1``) or a differently spelt system too, as labs send it; the rule
+core then counts LOINC and names the rest (issue 7 §3; the scheduled job searches the same way).
 
 Each key is handled according to what the client sent:
 
@@ -37,7 +39,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from ..core.fhirjson import Sourced, decode_json, iter_document
-from ..core.knowledge import LOINC_SYSTEM, Knowledge
+from ..core.knowledge import Knowledge
 from ..core.model import Problem
 from ..errors import FhirFetchError, PrefetchUnavailableError
 from .fetch import FhirFetcher, under_base
@@ -84,7 +86,7 @@ def prefetch_keys(knowledge: Knowledge) -> tuple[PrefetchKey, ...]:
     ``Medication`` (a prefetch has no ``_include``; a medication is read from the record's code, a
     contained Medication or the reference's display).
     """
-    codes = ",".join(f"{LOINC_SYSTEM}|{code}" for code in knowledge.loinc)
+    codes = ",".join(knowledge.loinc)
     patient = PATIENT_TOKEN
     return (
         PrefetchKey("patient", f"Patient/{patient}", True, "the patient's birth date"),

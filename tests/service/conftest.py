@@ -97,7 +97,14 @@ def sekmet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SekmetServer]:
     try:
         seed(
             server,
-            ["clozapine-severe", "clozapine-stale", "clozapine-dispensed", "neutropenia", "normal"],
+            [
+                "clozapine-severe",
+                "clozapine-stale",
+                "clozapine-dispensed",
+                "neutropenia",
+                "normal",
+                "oid-coded",
+            ],
         )
         yield server
     finally:
