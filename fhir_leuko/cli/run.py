@@ -264,6 +264,26 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_report(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--report",
+        metavar="FILE",
+        type=Path,
+        help=f"also write a self-contained HTML report of {what} (trend plots; holds patient "
+        "data: keep it like the server's data)",
+    )
+
+
+def _collect_flagged(
+    args: argparse.Namespace, job: Job
+) -> list[tuple[PatientRecord, list[Finding]]]:
+    """With ``--report``: the list the pass's flagged patients are gathered in, for the report."""
+    flagged: list[tuple[PatientRecord, list[Finding]]] = []
+    if args.report is not None:
+        job.flagged = lambda record, findings: flagged.append((record, findings))
+    return flagged
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run = sub.add_parser(
         "run",
@@ -273,13 +293,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_common(run)
-    run.add_argument(
-        "--report",
-        metavar="FILE",
-        type=Path,
-        help="also write a self-contained HTML report of this pass's findings (trend plots; "
-        "holds patient data: keep it like the server's data)",
-    )
+    _add_report(run, "this pass's findings")
     run.set_defaults(handler=run_command)
     watch = sub.add_parser(
         "watch",
@@ -289,6 +303,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_common(watch)
+    _add_report(watch, "each pass's findings, replacing the previous pass's report")
     schedule = watch.add_argument_group("schedule")
     schedule.add_argument("--every", metavar="DURATION", help="e.g. 15m, 1h, 90s")
     schedule.add_argument("--cron", metavar="EXPR", help="a 5-field cron expression (UTC)")
@@ -638,9 +653,7 @@ def run_command(args: argparse.Namespace) -> int:
         check_report_target(args.report)  # before the state file is opened or the server asked
     config, job, state = _setup(args)
     fmt = config.run.log_format
-    flagged: list[tuple[PatientRecord, list[Finding]]] = []
-    if args.report is not None:
-        job.flagged = lambda record, findings: flagged.append((record, findings))
+    flagged = _collect_flagged(args, job)
     metrics = _Monitoring(config, job, state)
     try:
         with (
@@ -678,8 +691,11 @@ def schedule_from(config: JobConfig) -> Callable[[datetime], datetime]:
 
 
 def watch_command(args: argparse.Namespace) -> int:
+    if args.report is not None:
+        check_report_target(args.report)  # before the state file is opened or the server asked
     config, job, state = _setup(args)
     fmt = config.run.log_format
+    flagged = _collect_flagged(args, job)
     next_after = schedule_from(config)
     passes = 0
     metrics = _Monitoring(config, job, state)
@@ -688,17 +704,23 @@ def watch_command(args: argparse.Namespace) -> int:
         with _stop_on_signals(job.stop):
             while not job.stop.is_set():
                 started = datetime.now(UTC)
+                flagged.clear()
                 try:
                     with metrics.pass_(pass_exit_code) as done:
                         report = job.run()
                         done(report)
                     _print_report(report, fmt)
+                    if args.report is not None:
+                        server = config.fhir.server or ""
+                        write_report(args.report, report, flagged, job.profiles, server)
                 except LockError as exc:
                     log.warning("pass skipped: %s", exc)
                 except AuthError as exc:
                     log.error("pass failed: authentication: %s", exc)
                 except FhirError as exc:
                     log.error("pass failed (the next pass runs on schedule): %s", exc)
+                except UsageError as exc:  # the --report file could not be written (disk full ...)
+                    log.error("%s (the next pass runs on schedule)", exc)
                 except Exception as exc:  # a bug in one pass must not end the watcher
                     log.error(
                         "pass failed (the next pass runs on schedule): unexpected error "

@@ -42,3 +42,31 @@ def test_report_into_a_missing_directory_is_a_usage_error(tmp_path: Path) -> Non
     assert done.returncode == 2
     assert "--report" in done.stderr and "does not exist" in done.stderr
     assert not (tmp_path / "state.sqlite3").exists()  # refused before anything was opened
+
+
+def test_watch_rewrites_the_report_after_each_pass(server: SekmetServer, tmp_path: Path) -> None:
+    seed_paths(server.base_url, [EXAMPLES / "ward", EXAMPLES / "bulk-export"])
+    report = tmp_path / "watch.html"
+    report.write_text("the report of an earlier run", encoding="utf-8")
+    done = cli(
+        "watch", "--server", server.base_url, "--state", str(tmp_path / "state.sqlite3"),
+        "--as-of", "2026-11-20", "--no-progress", "--dry-run", "--report", str(report),
+        "--every", "1s", "--max-passes", "2",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("pass finished") == 2
+    html = report.read_text(encoding="utf-8")
+    # A dry run is a first pass every time: the second pass's report names every flagged patient.
+    for patient in ("ex-child-1", "ex-cloz-1", "ex-onc-1", "ex-tx-1"):
+        assert f'data-patient="Patient/{patient}"' in html
+    assert "earlier run" not in html
+
+
+def test_watch_report_into_a_missing_directory_is_a_usage_error(tmp_path: Path) -> None:
+    done = cli(
+        "watch", "--server", "http://127.0.0.1:9/fhir", "--state", str(tmp_path / "state.sqlite3"),
+        "--every", "1h", "--report", str(tmp_path / "no" / "r.html"),
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "--report" in done.stderr and "does not exist" in done.stderr
+    assert not (tmp_path / "state.sqlite3").exists()
