@@ -17,7 +17,7 @@ import pytest
 
 from fhir_leuko import __version__
 
-from .conftest import DATA, REPO
+from .conftest import DATA
 
 pytestmark = pytest.mark.slow
 
@@ -33,21 +33,6 @@ SHIPPED = [
     "fhir_leuko/profiles/knowledge/SOURCES.md",
     "fhir_leuko/py.typed",
 ]
-
-
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
-    done = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-w", str(out), "-q"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    (built,) = out.glob("fhir_leuko-*.whl")
-    return built
 
 
 @pytest.fixture(scope="module")

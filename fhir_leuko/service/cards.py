@@ -30,7 +30,7 @@ from ..core.fhir_models import check_resource
 from ..core.fhirtime import format_instant
 from ..core.model import DrugHit, Finding, FindingKind, LabResult, quoted
 from ..core.profiles import Monitoring, Profile, ProfileSet
-from ..present.rows import grade_short
+from ..present.rows import grade_short, sort_findings
 from ..present.trend import SHORT, TrendData
 from .feedback import token_hash
 from .settings import CodingSettings
@@ -50,7 +50,6 @@ SUMMARY_LIMIT = 139
 """CDS Hooks 2.0: "One-sentence, <140-character summary"."""
 
 _INDICATOR = {"high": "critical", "moderate": "warning", "low": "info"}
-_RANK = {"high": 3, "moderate": 2, "low": 1}
 MONITORING_INDICATOR = "warning"
 """A drug ordered without the monitoring its profile asks for (e.g. no ANC in 7 days for
 clozapine): worth the prescriber's attention, not an emergency by itself."""
@@ -67,23 +66,6 @@ def md_escape(text: str) -> str:
 
 def indicator_for(severity: str) -> str:
     return _INDICATOR.get(severity, "info")
-
-
-# Presentation order at equal severity: neutropenia first (the infection risk, and the count drug
-# monitoring is about), then the total count, then the other subtypes.
-_KIND_ORDER = (
-    FindingKind.NEUTROPENIA,
-    FindingKind.LEUKOPENIA,
-    FindingKind.LYMPHOPENIA,
-    FindingKind.MONOCYTOPENIA,
-    FindingKind.EOSINOPENIA,
-    FindingKind.BASOPENIA,
-)
-
-
-def _sorted(findings: Iterable[Finding]) -> list[Finding]:
-    """Most severe first; at equal severity in :data:`_KIND_ORDER`."""
-    return sorted(findings, key=lambda f: (-_RANK.get(f.severity, 0), _KIND_ORDER.index(f.kind)))
 
 
 def _value(result: LabResult) -> str:
@@ -347,7 +329,7 @@ def patient_card(
     """The one patient-view card condensing a patient's findings (``None`` without findings)."""
     if not findings:
         return None
-    ordered = _sorted(findings)
+    ordered = sort_findings(findings)  # the table's and the report's order (present.rows)
     top = ordered[0]
     others = [f.kind.value for f in ordered[1:]]
     also = f"; also {', '.join(others)}" if others else ""
@@ -444,7 +426,7 @@ def order_card(
     """
     if not findings and not gaps:
         return None
-    ordered = _sorted(findings)
+    ordered = sort_findings(findings)  # the table's and the report's order (present.rows)
     drug = _cap(order.label)
     if ordered:
         top = ordered[0]

@@ -178,6 +178,20 @@ def wbc(oid: str, pid: str, value: float, when: str) -> dict[str, Any]:
     return count(oid, pid, "6690-2", value, when)
 
 
+def low_ward(prefix: str, size: int = 6) -> list[dict[str, Any]]:
+    """``size`` patients ``<prefix>-0`` ... with ANC 0.6, 0.7 ... and WBC 2.5 on 2026-11-18 (each
+    neutropenic, the first ones more so)."""
+    return [
+        resource
+        for i in range(size)
+        for resource in (
+            patient(f"{prefix}-{i}"),
+            anc(f"{prefix}-{i}-anc-1", f"{prefix}-{i}", 0.6 + 0.1 * i, "2026-11-18T08:00:00Z"),
+            wbc(f"{prefix}-{i}-wbc-1", f"{prefix}-{i}", 2.5, "2026-11-18T08:00:00Z"),
+        )
+    ]
+
+
 def valproate_order(mid: str, pid: str, authored: str) -> dict[str, Any]:
     return {
         "resourceType": "MedicationRequest",

@@ -16,7 +16,7 @@ import orjson
 from fhir_leuko.job.state import State
 from fhir_leuko.testing.sekmet import SekmetServer
 
-from .conftest import anc, by_identity, cli, issues, patient, seed, valproate_order, wbc
+from .conftest import anc, by_identity, cli, issues, low_ward, patient, seed, valproate_order
 
 AS_OF = "2026-11-20T12:00:00Z"
 LATER = "2026-11-21T12:00:00Z"
@@ -25,15 +25,7 @@ LATER = "2026-11-21T12:00:00Z"
 def _ward(base: str) -> None:
     seed(
         base,
-        *[
-            resource
-            for i in range(6)
-            for resource in (
-                patient(f"b-{i}"),
-                anc(f"b-{i}-anc-1", f"b-{i}", 0.6 + 0.1 * i, "2026-11-18T08:00:00Z"),
-                wbc(f"b-{i}-wbc-1", f"b-{i}", 2.5, "2026-11-18T08:00:00Z"),
-            )
-        ],
+        *low_ward("b"),
         patient("b-healthy"),
         anc("b-healthy-anc", "b-healthy", 3.5, "2026-11-18T08:00:00Z"),
     )
