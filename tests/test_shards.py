@@ -52,7 +52,7 @@ def _flatten(source: Path, out: Path) -> Path:
 
 def _identity_apart(flat: Path, apart: Path) -> Path:
     """Move the flattened files that partition leaves to memory (patient identity across the whole
-    input, issue 13 §4: Patient.link, contained subjects, subjects by identifier) to ``apart``."""
+    input, issue 13 §4: contained subjects, subjects by identifier) to ``apart``."""
     apart.mkdir(parents=True, exist_ok=True)
     for path in sorted(flat.iterdir()):
         if partition(input_files([path]), apart / ".try", 2) is None:
@@ -118,8 +118,8 @@ def test_the_test_data_as_ndjson_gives_the_same_output_in_any_number_of_shards(
         offsets = [offset for _piece, f, offset in cut.pieces if f == file]
         assert offsets[0] == 0 and offsets == sorted(offsets)
         assert offsets[-1] <= Path(path).read_bytes().count(b"\n")
-    # Merged and contained patients are evaluated in memory, as a whole run does.
-    assert any(b'"link":' in p.read_bytes() for p in identity.glob("*.ndjson"))
+    # Contained subjects and subjects by identifier are evaluated in memory, as a whole run does.
+    assert any(b'"reference":"#' in p.read_bytes() for p in identity.glob("*.ndjson"))
 
 
 def test_the_shared_fixtures_as_ndjson(
@@ -273,6 +273,49 @@ def test_a_medication_shared_by_patients_in_several_shards_reaches_each(
     # Both patients' neutropenia names the drug: the Medication was in both shards.
     text = to_ndjson(sharded.issues).decode().lower()
     assert text.count("valpro") >= 2 and len(_patients_found(sharded)) == 2
+
+
+def test_records_merged_by_patient_link_meet_in_one_shard(
+    tmp_path: Path, knowledge: Knowledge, profiles: ProfileSet
+) -> None:
+    """Patient.link (issue 13 §4) sharded: the linked Patients of data/patient-identity.json
+    (replaced-by, replaces, seealso) with their records, without its contained subjects. The
+    retired record's low WBC counts for the surviving one in every number of shards, also where
+    the two records' keys hash to different shards."""
+    doc = json.loads((DATA / "patient-identity.json").read_text())
+    linked = {"pi-old", "pi-new", "pi-old2", "pi-new2", "pi-see", "pi-also"}
+    resources = [
+        e["resource"]
+        for e in doc["entry"]
+        if e["resource"]["id"] in linked
+        or e["resource"].get("subject", {}).get("reference", "").removeprefix("Patient/") in linked
+    ]
+    export = tmp_path / "export"
+    for rtype in {r["resourceType"] for r in resources}:
+        _write(export / f"{rtype}.ndjson", *[r for r in resources if r["resourceType"] == rtype])
+    whole = _whole([export], knowledge, profiles, AS_OF)
+    assert {"Patient/pi-new", "Patient/pi-new2"} <= _patients_found(whole)
+    assert "Patient/pi-old" not in _patients_found(whole)
+    split = [
+        count
+        for count in (2, 3, 5, 7)
+        if patient_shard("Patient/pi-old", count) != patient_shard("Patient/pi-new", count)
+        or patient_shard("Patient/pi-old2", count) != patient_shard("Patient/pi-new2", count)
+    ]
+    assert split, "no shard count puts a retired record and its survivor apart"
+    for count in (2, 3, 5, 7):
+        _same(whole, _sharded([export], tmp_path, count, AS_OF))
+    # On worker processes: the pieces and the shard tasks carry the link groups.
+    with process_map(2) as on_workers:
+        sharded = _sharded(
+            [export], tmp_path / "workers", split[0], AS_OF,
+            piece_bytes=700, route_map=on_workers, run_map=on_workers,
+        )  # fmt: skip
+    _same(whole, sharded)
+    part = partition(input_files([export]), tmp_path / "p", split[0])
+    assert part is not None
+    assert part.shard_of("Patient/pi-old") == part.shard_of("Patient/pi-new")
+    assert part.shard_of("Patient/pi-old2") == part.shard_of("Patient/pi-new2")
 
 
 def test_input_that_cannot_be_sharded_exactly_is_left_to_memory(tmp_path: Path) -> None:

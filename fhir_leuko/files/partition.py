@@ -26,7 +26,7 @@ import zlib
 from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import IO
@@ -44,6 +44,7 @@ __all__ = [
     "Piece",
     "Routed",
     "gzipped",
+    "link_owners",
     "partition",
     "patient_key_of",
     "patient_shard",
@@ -78,6 +79,10 @@ class _Ref(msgspec.Struct):
     identifier: msgspec.Raw | None = None
 
 
+class _Link(msgspec.Struct):
+    other: _Ref | None = None
+
+
 class _Route(msgspec.Struct):
     """What routing a line needs, and nothing else (msgspec skips the rest unbuilt)."""
 
@@ -87,7 +92,7 @@ class _Route(msgspec.Struct):
     medicationReference: _Ref | None = None
     result: list[_Ref] = []
     hasMember: list[_Ref] = []
-    link: list[msgspec.Raw] = []
+    link: list[_Link] = []
 
 
 _ROUTE = msgspec.json.Decoder(_Route)
@@ -115,8 +120,29 @@ def _resource_key(reference: str) -> str:
 
 
 def patient_shard(key: str, count: int) -> int:
-    """The shard that owns a patient key (without a source prefix)."""
+    """The shard of a patient key (without a source prefix) that no ``Patient.link`` joins to
+    another: :meth:`Partition.shard_of` says which shard owns any key."""
     return zlib.crc32(key.encode()) % count
+
+
+def link_owners(links: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Patient keys joined by ``Patient.link`` (any type, either direction, chains and cycles
+    included) -> the smallest key of their group, which every process computes alike: the group
+    goes to that key's shard, so the records a link merges (issue 13 §4) meet in one shard."""
+    parent: dict[str, str] = {}
+
+    def root(key: str) -> str:
+        while parent.get(key, key) != key:
+            key = parent[key]
+        return key
+
+    for a, b in links:
+        first, second = root(a), root(b)
+        if first != second:
+            low, high = sorted((first, second))
+            parent[high] = low
+            parent.setdefault(low, low)
+    return {key: root(key) for key in parent}
 
 
 def shard_count(total_bytes: int, workers: int = 1) -> int:
@@ -154,6 +180,8 @@ class Piece:
     directory: str
     count: int
     """The number of shards."""
+    owners: dict[str, str] = field(default_factory=dict)
+    """Linked patients' keys -> their group's key (:func:`link_owners`): route by that."""
 
 
 @dataclass
@@ -173,6 +201,8 @@ class Routed:
     """The shards whose medication records reference each Medication."""
     medication_lines: list[tuple[int, str]] = field(default_factory=list)
     """(line, ``Medication/id``) of the Medications of the piece (placed by the join)."""
+    links: list[tuple[str, str]] = field(default_factory=list)
+    """(``Patient/id``, the patient key its ``link.other`` gives) of the piece's Patients."""
 
 
 @dataclass
@@ -194,6 +224,12 @@ class Partition:
     copies: int = 0
     copied: Counter[str] = field(default_factory=Counter)
     """Resources read into more than one shard, by type (taken off the merged counts)."""
+    owners: dict[str, str] = field(default_factory=dict)
+    """Linked patients' keys -> their group's key (:func:`link_owners`)."""
+
+    def shard_of(self, key: str) -> int:
+        """The shard that owns a patient key (without a source prefix)."""
+        return patient_shard(self.owners.get(key, key), self.count)
 
 
 class _Writer:
@@ -307,8 +343,11 @@ class _Router:
         self.patient_shards: dict[str, int] = {}
         """Shard by subject reference as written (one entry per patient: bounded by patients)."""
 
+    def shard_of(self, key: str) -> int:
+        """The shard of a patient key: its link group's (:func:`link_owners`), else its own."""
+        return patient_shard(self.piece.owners.get(key, key), self.count)
+
     def lines(self, lines: Iterable[bytes], offset: int, progress: Progress | None) -> None:
-        count = self.count
         end = self.piece.end if self.piece.end >= 0 else math.inf
         writer = self.writer
         add = writer.add
@@ -317,6 +356,7 @@ class _Router:
         buckets = self.join.columns["obs"]
         here = self.join.piece
         shards_of = self.patient_shards
+        shard_of = self.shard_of
         decode = _ROUTE.decode
         crc32, adler32 = zlib.crc32, zlib.adler32
         out = self.out
@@ -352,7 +392,7 @@ class _Router:
                 reference = subject.reference
                 shard = shards_of.get(reference)
                 if shard is None:
-                    shard = shards_of[reference] = patient_shard(patient_key_of(reference), count)
+                    shard = shards_of[reference] = shard_of(patient_key_of(reference))
                 key = f"Observation/{route.id}".encode()
                 h = crc32(key) << 32 | adler32(key)
                 hashes, places = buckets[(h >> 32) & _MASK]
@@ -374,17 +414,22 @@ class _Router:
     def general(self, route: _Route, number: int, line: bytes, start: int) -> None:
         rtype = route.resourceType
         subject = route.subject.reference if route.subject else None
-        shard = patient_shard(patient_key_of(subject), self.count) if subject else _PENDING
+        shard = self.shard_of(patient_key_of(subject)) if subject else _PENDING
         add = self.writer.add
         if rtype == "Bundle":
             self.out.unsafe = "a Bundle"
             return
         # Patient identity that needs every Patient of the source to resolve (issue 13 §4): the
-        # patient of a contained subject or of one given by identifier, records merged by
-        # Patient.link. Kept exact by evaluating such input in memory.
+        # patient of a contained subject or of one given by identifier. Kept exact by evaluating
+        # such input in memory. Records merged by Patient.link are routed to one shard instead
+        # (partition routes again when linked patients hashed apart: link_owners).
         if route.link and rtype == "Patient":
-            self.out.unsafe = "Patient.link (merged patient records)"
-            return
+            others = [link.other.reference if link.other else None for link in route.link]
+            if not route.id or not all(others):
+                self.out.unsafe = "Patient.link without a Patient id or a reference"
+                return
+            key = f"Patient/{route.id}"
+            self.out.links.extend((key, patient_key_of(other)) for other in others if other)
         if route.subject and (
             (subject and subject.startswith("#"))
             or (subject is None and route.subject.identifier is not None)
@@ -392,7 +437,7 @@ class _Router:
             self.out.unsafe = "a contained subject or a subject given by identifier"
             return
         if rtype == "Patient":
-            shard = patient_shard(f"Patient/{route.id}", self.count) if route.id else 0
+            shard = self.shard_of(f"Patient/{route.id}") if route.id else 0
         elif rtype == "Medication":
             if route.id:
                 self.out.medication_lines.append((number, f"Medication/{route.id}"))
@@ -479,6 +524,13 @@ def _pieces(
     return pieces
 
 
+def _empty(directory: Path, count: int) -> None:
+    """``directory`` emptied, with one empty directory per shard."""
+    shutil.rmtree(directory, ignore_errors=True)
+    for k in range(count):
+        (directory / f"{k:03d}").mkdir(parents=True)
+
+
 RouteMap = Callable[[Callable[[Piece], Routed], Sequence[Piece]], Iterable[Routed]]
 """``map(route_piece, pieces)`` on some executor: the results in the order of the pieces."""
 
@@ -507,9 +559,7 @@ def partition(
     if not_ndjson:
         log.info("evaluating in memory: %s is not NDJSON", not_ndjson[0])
         return None
-    shutil.rmtree(directory, ignore_errors=True)
-    for k in range(count):
-        (directory / f"{k:03d}").mkdir(parents=True)
+    _empty(directory, count)
     pieces = _pieces(files, directory, count, min(piece_bytes or PIECE_BYTES, PIECE_BYTES))
     if len(pieces) > _MAX_PIECES:
         log.info("evaluating in memory: more than %d input files", _MAX_PIECES)
@@ -518,6 +568,16 @@ def partition(
     result = Partition(directory, count, [(str(p), i) for p, i in files], [])
     routed = _route(pieces, progress, route_map)
     unsafe = next((r.unsafe for r in routed if r.unsafe), "")
+    owners = link_owners(link for r in routed for link in r.links) if not unsafe else {}
+    apart = [k for k, owner in owners.items() if patient_shard(k, count) != patient_shard(owner, count)]
+    if apart:
+        # Records merged by Patient.link hashed to different shards: route everything again, each
+        # linked patient to its group's shard (the links are known only after a whole pass).
+        log.info("routing again: %d linked patients hashed apart from their records", len(apart))
+        _empty(directory, count)
+        pieces = [replace(piece, owners=owners) for piece in pieces]
+        routed = _route(pieces, None, route_map)
+        result.owners = owners
     copies: dict[tuple[int, int], set[int]] = {}
     held: set[tuple[int, int]] = set()
     if not unsafe:

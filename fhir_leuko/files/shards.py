@@ -17,9 +17,10 @@ each Observation's key, in buckets):
 * a report (or panel) whose results are in other shards is copied to those shards too (it gives
   them their group and time);
 * an Observation read twice (two versions) with subjects in different shards is copied to each;
-* a Medication goes to every shard whose medication records reference it (or shard 0).
+* a Medication goes to every shard whose medication records reference it (or shard 0);
+* patients joined by ``Patient.link`` go to one shard, their group's (:func:`.partition.link_owners`).
 
-Each shard evaluates only the patients it owns (their key's shard): a resource copied in for
+Each shard evaluates only the patients it owns (:meth:`Partition.shard_of`): a resource copied in for
 context never makes a second record of its patient. Input that this cannot keep exact (a Bundle,
 a file that is not NDJSON, a subject-less panel of subject-less results) is evaluated in memory as
 before: :func:`partition` returns ``None`` and says why.
@@ -31,7 +32,7 @@ import gc
 import logging
 import mmap
 from array import array
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from heapq import merge
@@ -129,6 +130,8 @@ class ShardSpec:
     select: tuple[str, ...] = ()
     records: bool = False
     """Send back the records of the patients with findings (the HTML report's trends)."""
+    owners: tuple[tuple[str, str], ...] = ()
+    """:attr:`Partition.owners`: linked patients' keys -> their group's key."""
 
 
 @dataclass
@@ -150,7 +153,14 @@ def load_shard(part: Partition, index: int, knowledge: Knowledge) -> Dataset:
     """The normalised records of the patients shard ``index`` owns (``run --bulk`` plans and
     writes from them)."""
     return _load(
-        Path(part.directory), index, part.count, part.files, part.pieces, part.inputs, knowledge
+        Path(part.directory),
+        index,
+        part.count,
+        part.files,
+        part.pieces,
+        part.inputs,
+        knowledge,
+        part.owners,
     )
 
 
@@ -162,6 +172,7 @@ def _load(
     pieces: Sequence[tuple[int, int, int]],
     inputs: Sequence[str | None],
     knowledge: Knowledge,
+    owners: Mapping[str, str],
 ) -> Dataset:
     normaliser = Normaliser(knowledge)
     with normaliser.collecting():
@@ -177,7 +188,7 @@ def _load(
     mine = {}
     for key, record in dataset.patients.items():
         bare = key.removeprefix(f"{record.source}|") if record.source else key
-        if patient_shard(bare, count) == index:
+        if patient_shard(owners.get(bare, bare), count) == index:  # Partition.shard_of
             mine[key] = record
     dataset.patients = mine
     return dataset
@@ -198,6 +209,7 @@ def evaluate_shard(spec: ShardSpec) -> ShardResult:
         spec.pieces,
         spec.inputs,
         knowledge,
+        dict(spec.owners),
     )
     evaluation = evaluate_dataset(dataset, profiles, as_of=spec.as_of)
     mine = dataset.patients if spec.records else {}
@@ -301,6 +313,7 @@ def evaluate_sharded(
             tuple(str(d) for d in profile_dirs),
             tuple(select),
             records,
+            tuple(sorted(part.owners.items())),
         )
         for index in range(count)
     ]

@@ -20,7 +20,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import quote
@@ -36,7 +37,7 @@ from ..core.normalise import Dataset
 from ..fhir.bulk import BulkExport, ExportRequest, observation_filter
 from ..files.bulkread import normalise_files
 from ..files.reader import READ_ERRORS, input_files, open_input
-from ..files.shards import load_shard, partition, patient_key_of, patient_shard, shard_count
+from ..files.shards import Partition, load_shard, partition, patient_key_of, shard_count
 from .fetch import Existing
 from .patients import patient_key
 
@@ -196,17 +197,22 @@ def _existing(files: Sequence[tuple[Path, str | None]], problems: list[Problem])
 
 def _shards(
     passer: _Pass, directory: Path, files: Sequence[tuple[Path, str | None]]
-) -> Iterator[tuple[int, int, Dataset]]:
-    """(index, count, dataset of the patients it owns) for each shard of the export."""
+) -> Iterator[tuple[Callable[[str], bool], Dataset]]:
+    """(whether a patient key is the shard's, dataset of the patients it owns) for each shard of
+    the export."""
     knowledge = passer.job.knowledge
     total = sum(path.stat().st_size for path, _input in files)
     count = shard_count(total)
     part = partition(files, directory / ".fhir-leuko" / "shards", count) if count > 1 else None
     if part is None:
-        yield 0, 1, normalise_files(files, knowledge)
+        yield (lambda _key: True), normalise_files(files, knowledge)
         return
     for index in range(count):
-        yield index, count, load_shard(part, index, knowledge)
+        yield partial(_owned, part, index), load_shard(part, index, knowledge)
+
+
+def _owned(part: Partition, index: int, key: str) -> bool:
+    return part.shard_of(key) == index
 
 
 def _evaluate_export(
@@ -216,10 +222,10 @@ def _evaluate_export(
     data = [f for f in files if not f[0].name.startswith("DetectedIssue.")]
     existing = _existing(issues, report.problems)
     size = passer.job.options.patients_per_request
-    for index, count, dataset in _shards(passer, directory, data):
+    for owns, dataset in _shards(passer, directory, data):
         report.problems.extend(dataset.problems)
         mine = {key for key, record in dataset.patients.items() if record.results}
-        mine.update(p for p in existing if count == 1 or patient_shard(_bare(p), count) == index)
+        mine.update(p for p in existing if owns(_bare(p)))
         patients = sorted(mine)
         for start in range(0, len(patients), size):
             if passer.job.stop.is_set():
