@@ -237,7 +237,9 @@ class _Writer:
     file (read back through ``mmap``: nothing is copied), or, for gzipped input, the lines
     themselves."""
 
-    def __init__(self, directory: Path, index: int, count: int, copy: bool, suffix: str = "") -> None:
+    def __init__(
+        self, directory: Path, index: int, count: int, copy: bool, suffix: str = ""
+    ) -> None:
         self.base = [directory / f"{k:03d}" / f"{index:05d}{suffix}" for k in range(count)]
         self.copy = copy
         self.handles: list[IO[bytes] | None] = [None] * count
@@ -569,7 +571,7 @@ def partition(
     routed = _route(pieces, progress, route_map)
     unsafe = next((r.unsafe for r in routed if r.unsafe), "")
     owners = link_owners(link for r in routed for link in r.links) if not unsafe else {}
-    apart = [k for k, owner in owners.items() if patient_shard(k, count) != patient_shard(owner, count)]
+    apart = [k for k, o in owners.items() if patient_shard(k, count) != patient_shard(o, count)]
     if apart:
         # Records merged by Patient.link hashed to different shards: route everything again, each
         # linked patient to its group's shard (the links are known only after a whole pass).
@@ -618,7 +620,8 @@ def _route(
                 break
         return out
     done: list[Routed] = []
-    for piece, routed in zip(pieces, route_map(partial(route_piece, progress=None), pieces), strict=True):
+    routed_pieces = route_map(partial(route_piece, progress=None), pieces)
+    for piece, routed in zip(pieces, routed_pieces, strict=True):
         done.append(routed)
         if progress is not None:
             size = Path(piece.path).stat().st_size

@@ -18,12 +18,14 @@ each Observation's key, in buckets):
   them their group and time);
 * an Observation read twice (two versions) with subjects in different shards is copied to each;
 * a Medication goes to every shard whose medication records reference it (or shard 0);
-* patients joined by ``Patient.link`` go to one shard, their group's (:func:`.partition.link_owners`).
+* patients joined by ``Patient.link`` go to one shard, their group's
+  (:func:`.partition.link_owners`).
 
-Each shard evaluates only the patients it owns (:meth:`Partition.shard_of`): a resource copied in for
-context never makes a second record of its patient. Input that this cannot keep exact (a Bundle,
-a file that is not NDJSON, a subject-less panel of subject-less results) is evaluated in memory as
-before: :func:`partition` returns ``None`` and says why.
+Each shard evaluates only the patients it owns (:meth:`Partition.shard_of`): a resource copied
+in for context never makes a second record of its patient. Input that this cannot keep exact (a
+Bundle, a file that is not NDJSON, a subject-less panel of subject-less results, a contained
+subject or one given by identifier) is evaluated in memory as before: :func:`partition` returns
+``None`` and says why.
 """
 
 from __future__ import annotations

@@ -179,9 +179,8 @@ def _existing(files: Sequence[tuple[Path, str | None]], problems: list[Problem])
                     try:
                         head = decode_json(_ISSUE_HEAD, line)
                     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                        problems.append(
-                            Problem(path.name, f"not a readable DetectedIssue: {exc}", "", f"line {number}")
-                        )
+                        why = f"not a readable DetectedIssue: {exc}"
+                        problems.append(Problem(path.name, why, "", f"line {number}"))
                         continue
                     if head.resourceType != "DetectedIssue":
                         continue
