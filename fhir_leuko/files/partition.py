@@ -69,6 +69,12 @@ _MAX_PIECES = 0xFFFF
 _BUCKETS = 64
 _MASK = _BUCKETS - 1
 _KINDS = ("obs", "member", "panel")
+_IN_MEMORY = (
+    "evaluating in memory, not in shards (memory grows with the input, about 1 GB per million "
+    "Observations)"
+)
+"""A warning, not a note: sharding was asked for (or the input is large), and a run that needs
+more memory than the machine has should not come as a surprise."""
 _SUBJECT_TYPES = frozenset(INPUT_TYPES) - {"Patient", "Medication"}
 """The types routed by their ``subject`` (or ``patient``): every input type but the Patient itself
 and the Medication, which several patients' records may share."""
@@ -559,12 +565,12 @@ def partition(
         raise ValueError(f"at most {_PENDING - 1} shards")
     not_ndjson = [path for path, _input in files if not is_ndjson(path)]
     if not_ndjson:
-        log.info("evaluating in memory: %s is not NDJSON", not_ndjson[0])
+        log.warning("%s: %s is not NDJSON", _IN_MEMORY, not_ndjson[0])
         return None
     _empty(directory, count)
     pieces = _pieces(files, directory, count, min(piece_bytes or PIECE_BYTES, PIECE_BYTES))
     if len(pieces) > _MAX_PIECES:
-        log.info("evaluating in memory: more than %d input files", _MAX_PIECES)
+        log.warning("%s: more than %d input files", _IN_MEMORY, _MAX_PIECES)
         shutil.rmtree(directory, ignore_errors=True)
         return None
     result = Partition(directory, count, [(str(p), i) for p, i in files], [])
@@ -585,7 +591,7 @@ def partition(
     if not unsafe:
         copies, held, unsafe = _join(directory, pieces, routed)
     if unsafe:
-        log.info("evaluating in memory: the input holds %s", unsafe)
+        log.warning("%s: the input holds %s", _IN_MEMORY, unsafe)
         shutil.rmtree(directory, ignore_errors=True)
         return None
     inputs: dict[str | None, None] = {}
