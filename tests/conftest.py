@@ -9,12 +9,14 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 from fhir_leuko.core.knowledge import Knowledge
 from fhir_leuko.core.model import Finding
@@ -168,3 +170,20 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert done.returncode == 0, done.stderr
     (built,) = out.glob("fhir_leuko-*.whl")
     return built
+
+
+def wait_for_healthz(
+    base: str, process: subprocess.Popen[Any], *, log: Path | None = None, seconds: float = 60
+) -> None:
+    """Until a started ``fhir-leuko serve`` answers ``GET {base}/healthz``; the process must stay
+    up meanwhile (its ``log`` is shown if it ends)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if requests.get(f"{base}/healthz", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:  # refused, or queued while it starts
+            pass
+        assert process.poll() is None, log.read_text() if log is not None else "serve ended"
+        assert time.monotonic() < deadline, f"{base}/healthz: no answer in {seconds} s"
+        time.sleep(0.1)

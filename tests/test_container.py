@@ -17,19 +17,17 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
-import requests
 import yaml
 
 from fhir_leuko import __version__
 from fhir_leuko.cli import build_parser
 
-from .conftest import REPO
+from .conftest import REPO, wait_for_healthz
 
 DOCKERFILE = REPO / "Dockerfile"
 MANIFESTS = sorted((REPO / "examples" / "deploy" / "kubernetes").glob("*.yaml"))
@@ -209,15 +207,7 @@ def test_install_step_in_a_clean_venv(wheel: Path, tmp_path: Path) -> None:
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:  # refused, or queued while it starts
-                pass
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.1)
+        wait_for_healthz(f"http://127.0.0.1:{port}", process)
         assert subprocess.run(check, env=service_env, capture_output=True, timeout=30, check=False).returncode == 0
     finally:
         process.terminate()

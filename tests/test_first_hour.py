@@ -20,7 +20,7 @@ import requests
 
 from fhir_leuko.cli import build_parser
 
-from .conftest import REPO
+from .conftest import REPO, wait_for_healthz
 
 DEV = REPO / "dev"
 BASE_PYTHON = Path(sys.base_prefix) / "bin" / "python3"
@@ -222,15 +222,7 @@ def test_demo_keep_leaves_a_server_to_explore(tmp_path: Path) -> None:
         call = shlex.split(" ".join(c.rstrip("\\").strip() for c in commands if "cds-services" in c or c.startswith("-H 'Content-Type")))
         url, body = call[2], call[call.index("--data") + 1]
         base = url.split("/cds-services")[0]
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if requests.get(f"{base}/healthz", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:  # refused, or queued while it starts
-                pass
-            assert serve.poll() is None and time.monotonic() < deadline
-            time.sleep(0.1)
+        wait_for_healthz(base, serve)
         answer = requests.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=60)
         assert answer.status_code == 200, answer.text
         assert len(answer.json()["cards"]) == 1

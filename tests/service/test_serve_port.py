@@ -18,6 +18,7 @@ from fhir_leuko.cli.serve import startup_line
 from fhir_leuko.errors import ExitCode
 from fhir_leuko.testing.sekmet import free_port
 
+from ..conftest import wait_for_healthz
 from .test_spec_examples import EXAMPLES
 
 LOCAL = EXAMPLES / "local.toml"
@@ -127,16 +128,7 @@ def test_log_format_json_is_one_object_per_line(tmp_path: Path) -> None:
             stdout=subprocess.DEVNULL, stderr=out, env=env,
         )
         try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                        break
-                except requests.RequestException:  # refused, or queued while it starts
-                    pass
-                assert process.poll() is None, log.read_text()
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
+            wait_for_healthz(f"http://127.0.0.1:{port}", process, log=log)
             from .test_spec_examples import read_http
 
             _, path, body = read_http(EXAMPLES / "patient-view.http")
