@@ -15,6 +15,7 @@ from ..errors import ExitCode, exit_code_table
 from ..files.bulkread import normalise_files
 from ..files.reader import STDIN, input_files
 from ..present.silence import silence_line
+from .fastexit import keep_until_exit
 from .formats import add_format_option, chosen_format, render
 from .options import add_as_of, add_profile_options, as_of_or_latest, profiles_from
 from .output import check_output, write_output
@@ -206,4 +207,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"problem: {problem}", file=sys.stderr)
     for line in _summary(result, len(files)):
         print(f"fhir-leuko: {line}", file=sys.stderr)
+    keep_until_exit(dataset, result)  # not freed one by one at the end (cli/fastexit.py)
     return int(ExitCode.INPUT_PROBLEMS if result.problems else ExitCode.OK)

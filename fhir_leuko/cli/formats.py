@@ -11,6 +11,7 @@ import argparse
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
 
@@ -20,9 +21,11 @@ from ..core.normalise import Dataset
 from ..core.pipeline import Evaluation, trace_patient
 from ..core.profiles import ProfileSet
 from ..errors import UsageError
-from ..job.runner import PassReport
 from ..present.rows import SEVERITY_RANK, finding_rows, sort_findings
 from ..present.table import render_csv, render_table
+
+if TYPE_CHECKING:  # the job's report type only: `evaluate` need not import the job
+    from ..job.runner import PassReport
 
 __all__ = [
     "FORMATS",

@@ -417,10 +417,12 @@ def evaluate(
     for candidate in record.results:
         by_analyte.setdefault(candidate.analyte, []).append(candidate)
     latest: dict[tuple[FindingKind, int, tuple[str, ...]], LabResult | None] = {}
+    # The patient's age is the same for every kind: each profile's age conditions, checked once.
+    fits = [profile_applies(profile, record, as_of) for profile in ordered]
     for kind in FindingKind:
         skipped: list[ProfileSkip] | None = [] if trace is not None else None
-        for profile in ordered:
-            if not profile_applies(profile, record, as_of):
+        for profile, fitting in zip(ordered, fits, strict=True):
+            if not fitting:
                 if skipped is not None:
                     skipped.append(_skip(profile, "the patient's age is outside its applies"))
                 continue

@@ -70,7 +70,7 @@ __all__ = [
 ]
 
 
-class _Element(msgspec.Struct, omit_defaults=True):
+class _Element(msgspec.Struct, omit_defaults=True, gc=False):
     """Base of datatypes: unknown JSON members are ignored."""
 
 

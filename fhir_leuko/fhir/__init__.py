@@ -6,9 +6,29 @@ in the callers. It may import :mod:`fhir_leuko.core`, :mod:`fhir_leuko.files`,
 CLI (they use it).
 """
 
-from .auth import BearerTokenAuth, ClientCredentialsAuth, SmartBackendAuth
-from .client import FhirClient, RetryPolicy, WriteResult
-from .r4search import check_search_params
+from typing import TYPE_CHECKING
+
+from ..lazyexports import lazy_exports
+
+if TYPE_CHECKING:
+    from .auth import BearerTokenAuth, ClientCredentialsAuth, SmartBackendAuth
+    from .client import FhirClient, RetryPolicy, WriteResult
+    from .r4search import check_search_params
+
+# Imported when first used: fhir.privacy, which every command's logging uses, does not bring
+# requests, PyJWT and cryptography with it (fhir_leuko/lazyexports.py).
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "BearerTokenAuth": "auth",
+        "ClientCredentialsAuth": "auth",
+        "SmartBackendAuth": "auth",
+        "FhirClient": "client",
+        "RetryPolicy": "client",
+        "WriteResult": "client",
+        "check_search_params": "r4search",
+    },
+)
 
 __all__ = [
     "BearerTokenAuth",

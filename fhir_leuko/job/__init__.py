@@ -7,9 +7,31 @@ core and writes DetectedIssues back exactly once; its configuration (``[fhir]``,
 CLI. Documentation: docs/scheduled-job.md.
 """
 
-from .config import JobConfig, build_auth, load_job_config
-from .runner import Job, JobOptions, Mode, PassReport
-from .state import State, default_state_path
+from typing import TYPE_CHECKING
+
+from ..lazyexports import lazy_exports
+
+if TYPE_CHECKING:
+    from .config import JobConfig, build_auth, load_job_config
+    from .runner import Job, JobOptions, Mode, PassReport
+    from .state import State, default_state_path
+
+# Imported when first used: `evaluate` reads the configuration ([scale]) without the runner and
+# the FHIR client it brings (fhir_leuko/lazyexports.py).
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "JobConfig": "config",
+        "build_auth": "config",
+        "load_job_config": "config",
+        "Job": "runner",
+        "JobOptions": "runner",
+        "Mode": "runner",
+        "PassReport": "runner",
+        "State": "state",
+        "default_state_path": "state",
+    },
+)
 
 __all__ = [
     "Job",

@@ -31,7 +31,7 @@ import logging
 import re
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import pydantic
 from pydantic_settings import (
@@ -43,8 +43,10 @@ from pydantic_settings import (
 from ..configfile import layer_sources, read_toml
 from ..core.fhirjson import INPUT_TYPES
 from ..errors import UsageError
-from ..fhir.auth import BearerTokenAuth, ClientCredentialsAuth, Secret, SmartBackendAuth
 from .state import STATE_FILE, default_state_path, legacy_state_path
+
+if TYPE_CHECKING:
+    from ..fhir.auth import Secret
 
 log = logging.getLogger(__name__)
 
@@ -295,6 +297,10 @@ def _validation_message(exc: pydantic.ValidationError, config_file: Path | None)
 def _secret(
     value: pydantic.SecretStr | None, file: Path | None, env: str, what: str, flag: str
 ) -> Secret:
+    # The auth module (requests, PyJWT, cryptography) only when a command builds auth: `evaluate`
+    # reads this configuration too (its [scale] table) and talks to no server.
+    from ..fhir.auth import Secret
+
     if file is not None:
         return Secret(file=file)
     if value is not None:
@@ -308,6 +314,8 @@ def build_auth(config: JobConfig) -> Any:
     Raises:
         UsageError: a needed value is missing.
     """
+    from ..fhir.auth import BearerTokenAuth, ClientCredentialsAuth, SmartBackendAuth
+
     auth = config.auth
     fhir = config.fhir
     verify: bool | str = str(fhir.ca_bundle) if fhir.ca_bundle else fhir.verify

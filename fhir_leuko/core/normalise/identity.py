@@ -28,6 +28,7 @@ Patient identity (issue 13 §4), always within one source:
 from __future__ import annotations
 
 from datetime import timedelta
+from operator import attrgetter
 
 import msgspec
 
@@ -47,6 +48,7 @@ __all__ = ["IDENTIFIER_KEY", "Identity", "special_subject"]
 
 IDENTIFIER_KEY = PATIENT_IDENTIFIER_KEY
 _BY_IDENTIFIER = "identifier:"
+_EFFECTIVE = attrgetter("effective")
 
 
 def special_subject(subject: str) -> bool:
@@ -309,7 +311,8 @@ def _check_birth(record: PatientRecord, key: str, where: Where, problems: Proble
     birth = record.birth_date
     if birth is None or not record.results:
         return
-    if min(result.effective.date() for result in record.results) < birth - timedelta(days=1):
+    # `effective` is in UTC: the earliest instant's date is the earliest date.
+    if min(map(_EFFECTIVE, record.results)).date() < birth - timedelta(days=1):
         record.birth_date = None
         problems.report(
             where, key, "birthDate is after one of the patient's lab results: age treated as unknown"
