@@ -174,6 +174,10 @@ class LabResult(msgspec.Struct, gc=False):
     report: str = ""
     """The DiagnosticReport (or panel) that lists this value, if any (``group`` may be a
     specimen instead): values of one report are one blood count."""
+    version: str = ""
+    """The version of the Observation it was read from (``meta.versionId``, else ``@`` and
+    ``meta.lastUpdated``; empty for none, and for a derived value): when one Observation is read
+    twice, the later version counts (normalise)."""
     matched: str = ""
     """For a derived value whose parts share no specimen or report: how they were matched (the
     same collection time), for the explanation."""

@@ -1,11 +1,12 @@
 """Which resource a reference names, and which patient a subject reference is.
 
-The input's resources other than Observations are indexed by fullUrl and by ``Type/id``; a reference
-resolves by fullUrl, ``Type/id``, or the last two segments of an absolute or versioned URL
-(``…/Patient/1/_history/2``). A subject resolves to the key of its patient's record: ``Patient/id``
-when the Patient (or the reference) says so, otherwise the reference as given (a ``urn:uuid`` of a
-transaction Bundle), qualified by its source when the run reads several (:mod:`.sources`).
-Patient resources give the record its birth date, sex and death.
+The input's resources other than Observations and DiagnosticReports (their rooms link them) are
+indexed by fullUrl and by ``Type/id``; a reference resolves by fullUrl, ``Type/id``, or the last
+two segments of an absolute or versioned URL (``…/Patient/1/_history/2``). A subject resolves to
+the key of its patient's record: ``Patient/id`` when the Patient (or the reference) says so,
+otherwise the reference as given (a ``urn:uuid`` of a transaction Bundle), qualified by its source
+when the run reads several (:mod:`.sources`). Patient resources give the record its birth date,
+sex and death.
 
 Patient identity (issue 13 §4), always within one source:
 
@@ -33,7 +34,6 @@ from operator import attrgetter
 import msgspec
 
 from ..fhirjson import (
-    DiagnosticReport,
     MalformedResourceError,
     Patient,
     Reference,
@@ -249,10 +249,6 @@ class Identity:
             "from outside its container), so it is not evaluated"
         )
         return None
-
-    def forget_reports(self) -> None:
-        """Drop the DiagnosticReports once linked: nothing resolves one after that."""
-        self.index = {k: v for k, v in self.index.items() if not isinstance(v, DiagnosticReport)}
 
     def demographics(self, data: Dataset, problems: Problems) -> None:
         """Birth date, sex (``gender`` male or female: a lab's sex-specific range) and death

@@ -168,14 +168,16 @@ class Normaliser:
                 into.labs.observation_urls[origin.full_url] = key
             into.labs.add(resource, key, origin)
             return
+        if isinstance(resource, DiagnosticReport):
+            # Not indexed either: nothing resolves a reference to a report (its room links it).
+            into.reports.add(resource, key, origin)
+            return
         index = into.identity.index
         if origin.full_url:
             index[origin.full_url] = resource
         if rid:
             index[key] = resource
-        if isinstance(resource, DiagnosticReport):
-            into.reports.add(resource, key, origin)
-        elif isinstance(
+        if isinstance(
             resource,
             MedicationRequest | MedicationStatement | MedicationAdministration | MedicationDispense,
         ):
@@ -216,7 +218,6 @@ class Normaliser:
         """The rooms of one source finish, in order, into the dataset."""
         data = self.data
         source.reports.link()
-        source.identity.forget_reports()
         data.counts["Observation"] += source.observations
         labs = source.labs
         labs.finish_pending()
