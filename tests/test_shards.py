@@ -22,7 +22,7 @@ from fhir_leuko.core.profiles import ProfileSet
 from fhir_leuko.files.bulkread import normalise_files
 from fhir_leuko.files.executors import process_map
 from fhir_leuko.files.reader import input_files
-from fhir_leuko.files.shards import evaluate_sharded, partition, patient_shard
+from fhir_leuko.files.shards import evaluate_sharded, partition, patient_shard, shard_count
 
 from .conftest import AS_OF, DATA, SHARED_FIXTURES, fhir_leuko, utc
 
@@ -368,3 +368,16 @@ def test_the_html_report_of_a_sharded_run_is_the_same(tmp_path: Path) -> None:
         assert result.returncode == 0, result.stderr
         pages.append(out.read_bytes())
     assert pages[0] == pages[1] and b"data:image/svg+xml" in pages[0]
+
+
+def test_shard_count_keeps_every_worker_busy_to_the_end() -> None:
+    """Shards take about the same time: a count that is no multiple of the workers leaves one
+    idle for the whole last shard (9 shards of a million Observations on 2 workers: 5 then 4)."""
+    mb = 1 << 20
+    assert shard_count(1503 * mb) == 10  # 160 MB each at most, one process
+    assert shard_count(1503 * mb, workers=2) == 10
+    assert shard_count(1400 * mb) == 9
+    assert shard_count(1400 * mb, workers=2) == 10
+    assert shard_count(1400 * mb, workers=4) == 12
+    assert shard_count(10 * mb, workers=3) == 6  # at least two each
+    assert shard_count(10 * mb) == 1
