@@ -26,13 +26,13 @@ _T = TypeVar("_T")
 _R = TypeVar("_R")
 
 
-_TASK_NAMES = {"ShardSpec": "shard", "Piece": "piece"}
+_TASK_NAMES = {"ShardSpec": "shard", "Piece": "piece", "JoinTask": "join"}
 """How Dask names the tasks (``fhir-leuko-shard-…``: the dashboard and logs show them)."""
 
 
 class ShardMap(Protocol):
     """``map(fn, tasks)`` on an executor: the results, in the order of ``tasks`` (the pieces the
-    partition routes, then the shards)."""
+    partition routes, the buckets it joins, then the shards)."""
 
     def __call__(self, fn: Callable[[_T], _R], tasks: Sequence[_T], /) -> Iterable[_R]: ...
 
