@@ -277,3 +277,24 @@ def test_evaluate_names_every_problem_and_still_writes_the_findings() -> None:
         "'observation' is not a FHIR type (type names are case-sensitive: 'Observation'), so it is "
         "not read; it carries LOINC 6690-2 (wbc)" in problem_lines
     )
+
+
+def test_a_result_lost_after_it_was_read_is_still_named(knowledge: Knowledge) -> None:
+    """The last safety net (LabResults.account) counts every mapped Observation read, those kept
+    only as a result included: one that a future bug drops between reading and placing is named,
+    never silently gone (a result carries its version; no dict of all versions is kept)."""
+    from fhir_leuko.core.normalise import Normaliser
+
+    lines = (DATA / "units.ndjson").read_bytes().splitlines()[:2]
+    normaliser = Normaliser(knowledge)
+    normaliser.feed_lines(lines, "units.ndjson")
+    labs = normaliser.sources.shard(None, None).labs
+    assert len(labs.results) == 2 and not labs.versions
+    del labs.results["Observation/unit-code-10_9_L"]  # what a bug elsewhere would do
+    dataset = normaliser.run()
+    assert [(p.resource, p.reason) for p in dataset.problems] == [
+        ("1 lab Observation(s)", "read but neither used nor reported (please report)")
+    ]
+    assert [r.key for r in dataset.patients["Patient/unit-code-10_3_uL"].results] == [
+        "Observation/unit-code-10_3_uL"
+    ]
