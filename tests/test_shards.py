@@ -4,10 +4,18 @@ subject-less result, a result corrected to another patient, a Medication shared 
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import json
+import logging
+import os
+import pty
 import shutil
-from collections.abc import Iterator
+import struct
+import subprocess
+import sys
+import termios
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -381,3 +389,57 @@ def test_shard_count_keeps_every_worker_busy_to_the_end() -> None:
     assert shard_count(1400 * mb, workers=4) == 12
     assert shard_count(10 * mb, workers=3) == 6  # at least two each
     assert shard_count(10 * mb) == 1
+
+
+def test_the_shards_phase_is_counted_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The evaluation of the shards (the longer phase) moves the progress display and logs each
+    shard at -v: a bar that stopped at the end of the input would look like a hang."""
+    flat = _flatten(DATA, tmp_path / "data")
+    _identity_apart(flat, tmp_path / "identity")  # (what needs every Patient at once)
+    ticks: list[int] = []
+    counts: list[int] = []
+
+    def shards_progress(count: int) -> Callable[[int], object]:
+        counts.append(count)
+        return ticks.append
+
+    with caplog.at_level(logging.INFO, logger="fhir_leuko.files.shards"):
+        got = evaluate_sharded(
+            input_files([flat]), as_of=AS_OF, work_dir=tmp_path / "s", count=3,
+            shards_progress=shards_progress,
+        )  # fmt: skip
+    assert got is not None
+    assert counts == [3] and ticks == [1, 1, 1]
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("shard ")]
+    assert [m.split(" (")[0] for m in logged] == [f"shard {k} of 3 evaluated" for k in (1, 2, 3)]
+    assert sum(int(m.split("(")[1].split(" ")[0]) for m in logged) == got[0].patients
+
+
+def test_the_cli_shows_the_shards_on_a_terminal(tmp_path: Path) -> None:
+    """On a terminal (stderr a pty) the bar reads the input, then counts the shards."""
+    flat = _flatten(DATA, tmp_path / "data")
+    _identity_apart(flat, tmp_path / "identity")
+    main, child = pty.openpty()
+    # A terminal of 100 columns (a new pty has none, and tqdm then draws nothing).
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    with subprocess.Popen(
+        [sys.executable, "-m", "fhir_leuko", "evaluate", str(flat), "--as-of", "2024-05-02",
+         "--shards", "3", "--output", str(tmp_path / "out.ndjson")],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=child,
+    ) as process:  # fmt: skip
+        os.close(child)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            shown += chunk
+        assert process.wait(timeout=120) == 1  # the test data has input problems on purpose
+    os.close(main)
+    text = shown.decode(errors="replace")
+    assert "reading" in text and "evaluating" in text and "/3 " in text and "shard/s" in text

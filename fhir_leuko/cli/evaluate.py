@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from ..core.normalise import Dataset
 from ..core.pipeline import Evaluation, evaluate_dataset
 from ..errors import ExitCode, exit_code_table
 from ..files.bulkread import normalise_files
-from ..files.reader import STDIN, input_files
+from ..files.reader import STDIN, Progress, input_files
 from ..present.silence import silence_line
 from .fastexit import keep_until_exit
 from .formats import add_format_option, chosen_format, render
@@ -185,14 +186,31 @@ def run(args: argparse.Namespace) -> int:
     total = sum(f.stat().st_size for f, _input in files if f != STDIN)
     scale = scale_settings(args)
     sharded: tuple[Evaluation, Dataset] | None = None
-    with tqdm(
-        total=total, unit="B", unit_scale=True, disable=not show, desc="reading", leave=False
-    ) as bar:
+    with contextlib.ExitStack() as bars:
+        bar = bars.enter_context(
+            tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                disable=not show,
+                desc="reading",
+                leave=False,
+            )
+        )
         progress = bar.update if show else None
+
+        def shards_bar(count: int) -> Progress:
+            # The input is routed: a bar of its own counts the shards, the longer phase.
+            bar.close()
+            shards = tqdm(total=count, unit="shard", desc="evaluating", leave=False)
+            return bars.enter_context(shards).update
+
         if scale.shards or (scale.shards is None and total >= SHARD_BYTES):
             # Bounded memory: partition by patient on disk, evaluate shard by shard (files/shards.py).
             html = chosen_format(args, sys.stdout.isatty()) == "html"  # needs the records
-            sharded = evaluate_in_shards(files, total, scale, args, as_of, progress, html)
+            sharded = evaluate_in_shards(
+                files, total, scale, args, as_of, progress, html, shards_bar if show else None
+            )
         if sharded is None:
             # Progress counts decompressed bytes for .gz input, so the bar may run past its total.
             dataset = normalise_files(files, knowledge, progress=progress)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,9 +116,11 @@ def evaluate_in_shards(
     as_of: AsOf,
     progress: Progress | None,
     records: bool = False,
+    shards_progress: Callable[[int], Progress] | None = None,
 ) -> tuple[Evaluation, Dataset] | None:
     """The sharded evaluation of ``evaluate`` and the records of the patients with findings
-    (``None``: this input is evaluated in memory)."""
+    (``None``: this input is evaluated in memory); ``progress`` and ``shards_progress`` as
+    :func:`~fhir_leuko.files.shards.evaluate_sharded` takes them."""
     count = scale.shards or shard_count(total, scale.workers)
     parallel = bool(scale.dask_scheduler) or scale.workers > 1
     with _work_dir(scale) as directory, shard_executor(scale) as run_map:
@@ -131,6 +133,7 @@ def evaluate_in_shards(
             select=args.profile,
             run_map=run_map,
             progress=progress,
+            shards_progress=shards_progress,
             records=records,
             # The workers route the pieces of the input too: no serial pass in this process.
             route_map=run_map if parallel else None,

@@ -293,11 +293,16 @@ def evaluate_sharded(
     records: bool = False,
     route_map: RouteMap | None = None,
     piece_bytes: int | None = None,
+    shards_progress: Callable[[int], Progress] | None = None,
 ) -> tuple[Evaluation, Dataset] | None:
     """Partition (its pieces routed with ``route_map``, the same workers: no serial pass; in this
     process without it), evaluate every shard with ``run_map`` (``map``, or an executor of
     :mod:`.executors`), merge (:func:`merge_results`). ``None`` when the input must be evaluated
-    in memory."""
+    in memory.
+
+    ``progress`` counts the bytes routed; ``shards_progress``, called with the number of shards
+    when their evaluation starts, gives what is called with 1 as each shard is done (the longer
+    phase: a bar that stopped at the end of the input would look like a hang)."""
     part = partition(
         files, work_dir, count, progress=progress, route_map=route_map, piece_bytes=piece_bytes
     )
@@ -319,4 +324,22 @@ def evaluate_sharded(
         )
         for index in range(count)
     ]
-    return merge_results(run_map(evaluate_shard, specs), part)
+    tick = shards_progress(count) if shards_progress is not None else None
+    return merge_results(_counted(run_map(evaluate_shard, specs), count, tick), part)
+
+
+def _counted(
+    results: Iterable[ShardResult], count: int, tick: Progress | None
+) -> Iterator[ShardResult]:
+    """The shards' results as they come, each logged (``-v``) and counted."""
+    for done, result in enumerate(results, start=1):
+        log.info(
+            "shard %d of %d evaluated (%d patients, %d findings)",
+            done,
+            count,
+            result.evaluation.patients,
+            len(result.evaluation.findings),
+        )
+        if tick is not None:
+            tick(1)
+        yield result
