@@ -270,9 +270,14 @@ class Normaliser:
         patient_of = self.data.patient
         time_groups: dict[datetime, str] = {}
         placed: list[LabResult] = []
+        # A patient's results mostly come one after another: the last record is tried first.
+        subject, who, record = "", "", None
         for result in results:
-            who = patient_key(result.patient)
-            if who is None:
+            if result.patient is not subject:
+                subject = result.patient
+                key = patient_key(subject)
+                who, record = (key, patient_of(key)) if key is not None else ("", None)
+            if record is None:
                 origin = source.labs.subject_origins.get(result.key)
                 self.problems.report(
                     origin if origin is not None else Origin(source.label or "input"),
@@ -287,7 +292,7 @@ class Normaliser:
                 if known is None:
                     known = time_groups[result.effective] = f"time:{result.effective.isoformat()}"
                 result.group = known
-            patient_of(who).results.append(result)
+            record.results.append(result)
         return placed
 
 
