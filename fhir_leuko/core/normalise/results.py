@@ -305,6 +305,8 @@ class LabResults:
         """By (unit code, unit text, LOINC code): each value that passed :meth:`check_value`, with
         its conversion, text, factor and unit table."""
         self.scaled_values: dict[tuple[float, float], float] = {}
+        self.lows: dict[float, float] = {}
+        """:meth:`scaled` for factor 1 (a range in the value's own unit: the usual case)."""
         self.subjects: dict[str, str] = {}
 
     def add(self, obs: Observation, key: str, origin: Where) -> None:
@@ -370,7 +372,8 @@ class LabResults:
             version = meta.versionId or ""
             if not version.isdigit():
                 version = f"@{meta.lastUpdated}" if meta.lastUpdated else ""
-        kept = self.kept_version(key)
+        found = self.results.get(key)  # kept_version(key), inlined: once per Observation
+        kept = found.version if found is not None else self.versions.get(key)
         if kept is None:
             self.admitted += 1
         else:
@@ -592,7 +595,10 @@ class LabResults:
                 )
             ):
                 if entry.type is None or any(c.code == "normal" for c in entry.type.coding):
-                    ref_low = self.scaled(low.value, factor)
+                    # The usual low end, in the value's own unit, tried first (scaled, inlined).
+                    ref_low = self.lows.get(low.value) if factor == 1.0 else None
+                    if ref_low is None:
+                        ref_low = self.scaled(low.value, factor)
             elif len(ranges) > 1 or low is not None or entry.text or entry.appliesTo:
                 self.ranges[key] = PendingRanges(
                     ranges, quantity.code, quantity.unit, factor, table
@@ -619,10 +625,17 @@ class LabResults:
     def scaled(self, value: float, factor: float) -> float:
         """``round(value * factor, 9)`` (a range's low end in the value's unit; factor 1 needs no
         rounding), once per value: one float shared by the results that have it."""
+        if factor == 1.0:
+            found = self.lows.get(value)
+            if found is None:
+                found = value
+                if value and len(self.lows) < 1 << 14:
+                    self.lows[value] = value
+            return found
         key = (value, factor)
         found = self.scaled_values.get(key)
         if found is None:
-            found = value if factor == 1.0 else round(value * factor, 9)
+            found = round(value * factor, 9)
             if value and len(self.scaled_values) < 1 << 14:
                 self.scaled_values[key] = found
         return found
