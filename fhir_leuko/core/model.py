@@ -8,6 +8,7 @@ DetectedIssues or CDS Hooks cards.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 from datetime import date, datetime
 
@@ -34,6 +35,7 @@ __all__ = [
     "local_key",
     "patient_reference",
     "quoted",
+    "reading_order",
     "source_reference",
 ]
 
@@ -126,6 +128,20 @@ class Problem:
         where = f"{self.source}:{self.position}" if self.position else self.source
         what = f" {quoted(self.resource)}:" if self.resource else ""
         return f"{quoted(where)}:{what} {quoted(self.reason, 2 * QUOTE_LIMIT)}"
+
+
+_NUMBERS = re.compile(r"\d+")
+
+
+def reading_order(problem: Problem) -> tuple[str, tuple[int, ...], str, str, str, str]:
+    """A sort key for problems: file by file, each file's in the order of its lines or entries
+    (``line 9`` before ``line 10``), then by resource and reason: the order a reader checks
+    them in, and one that does not depend on which step of the run found each problem (a
+    sharded run finds them shard by shard: files/shards.py)."""
+    place = tuple(map(int, _NUMBERS.findall(problem.position)))
+    return (
+        problem.source, place, problem.position, problem.resource, problem.reason, problem.kind
+    )
 
 
 class LabResult(msgspec.Struct, gc=False):

@@ -32,9 +32,19 @@ __all__ = ["normalise_files", "normalise_paths"]
 
 
 def _counted(lines: Iterable[bytes], progress: Progress) -> Iterator[bytes]:
-    for line in lines:
-        progress(len(line))
-        yield line
+    """The lines, their bytes told to ``progress`` every MiB (a progress bar's update a line
+    costs about 0.2 s a million lines)."""
+    pending = 0
+    try:
+        for line in lines:
+            pending += len(line)
+            if pending >= 1 << 20:
+                progress(pending)
+                pending = 0
+            yield line
+    finally:
+        if pending:
+            progress(pending)
 
 
 def normalise_paths(

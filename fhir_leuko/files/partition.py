@@ -377,14 +377,16 @@ class _Router:
         out = self.out
         routed = 0
         number = 0
+        shown = offset  # progress is told every MiB (bulkread._counted says why)
         for number, line in enumerate(lines, start=1):
             start = offset
             if start >= end:
                 number -= 1
                 break
             offset += len(line)
-            if progress is not None:
-                progress(len(line))
+            if progress is not None and offset - shown >= 1 << 20:
+                progress(offset - shown)
+                shown = offset
             if not line or line.isspace():
                 continue
             routed += 1
@@ -423,6 +425,8 @@ class _Router:
             self.general(route, number, line, start)
             if out.unsafe:
                 break
+        if progress is not None and offset > shown:
+            progress(offset - shown)
         out.lines = number
         out.routed = routed
 

@@ -42,7 +42,7 @@ from pathlib import Path
 
 from ..core.decision import Silence
 from ..core.knowledge import Knowledge
-from ..core.model import PatientRecord, Problem
+from ..core.model import PatientRecord, Problem, reading_order
 from ..core.normalise import Dataset, Normaliser
 from ..core.pipeline import AsOf, Evaluation, evaluate_dataset
 from ..core.profiles import ProfileSet
@@ -247,6 +247,7 @@ def merge_results(
             if problem not in seen:
                 seen.add(problem)
                 out.problems.append(problem)
+    out.problems.sort(key=reading_order)  # as Normaliser.run lists them
     out.counts.subtract(partition.copied)
     for _key, index, i in pairs:
         out.findings.append(shards[index].findings[i])

@@ -44,7 +44,7 @@ from ..fhirjson import (
     malformed_document,
 )
 from ..knowledge import Knowledge
-from ..model import LabResult, Problem
+from ..model import LabResult, Problem, reading_order
 from .dataset import Dataset, Problems
 from .derivation import derive
 from .ranges import choose_range
@@ -212,6 +212,7 @@ class Normaliser:
             record.results.sort(key=by_time)
             record.exposures.sort(key=lambda e: e.key)
             record.conditions.sort(key=lambda c: (c.key, c.cause_id))
+        data.problems.sort(key=reading_order)
         return data
 
     def finish(self, source: Source) -> None:
