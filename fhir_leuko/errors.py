@@ -17,7 +17,8 @@ class ExitCode(enum.IntEnum):
     """Documented process exit codes (``fhir-leuko --help``, README, docs/scheduled-job.md); what
     each means is :attr:`meaning`.
 
-    ``evaluate`` and ``profiles`` use 0, 1, 2 and 70; ``run`` all but 5; ``serve`` 0, 2, 5 and 70.
+    ``evaluate`` uses 0, 1, 2, 3 (workers only) and 70; ``profiles`` 0, 1, 2 and 70; ``run`` all
+    but 5; ``serve`` 0, 2, 5 and 70.
     A process stopped by signal N exits 128 + N, as shells report it (130 Ctrl-C, 143 SIGTERM).
     """
 
@@ -41,7 +42,9 @@ _MEANINGS = {
     ExitCode.USAGE: "usage or configuration error (bad option, missing file, invalid profile, "
     "refused credentials); nothing was evaluated",
     ExitCode.INCOMPLETE: "run: some patients failed or the pass stopped early (server "
-    "unavailable); the rest was written and the failed patients are retried next pass",
+    "unavailable); the rest was written and the failed patients are retried next pass; "
+    "evaluate: a worker process or the Dask cluster was lost before the end; nothing was "
+    "written",
     ExitCode.LOCKED: "run: another run holds this server's lock; nothing was done",
     ExitCode.CANNOT_LISTEN: "serve: cannot listen on the host and port (in use, or not "
     "allowed); nothing was served",
@@ -98,6 +101,14 @@ class InputError(FhirLeukoError):
     """An input file cannot be read at all (missing path, permission)."""
 
     exit_code = ExitCode.USAGE
+
+
+class WorkerLostError(FhirLeukoError):
+    """A worker process or the Dask cluster was lost before its task was done (killed by the
+    system, perhaps for memory; disconnected). Nothing was written; running again repeats the
+    whole evaluation. Never "a bug": the cause is outside fhir-leuko."""
+
+    exit_code = ExitCode.INCOMPLETE
 
 
 class StateError(FhirLeukoError):

@@ -56,3 +56,32 @@ def test_a_scheduler_that_cannot_be_reached_is_a_usage_error(tmp_path: Path) -> 
         env={"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "1s"},
     )
     assert result.returncode == 2 and "--dask-scheduler tcp://127.0.0.1:9" in result.stderr
+
+
+def test_a_task_that_kills_its_workers_is_a_lost_cluster_not_a_bug(cluster: str) -> None:
+    """Dask runs a task again on other workers when its worker dies (out of memory, killed); when
+    every one dies with it, the run ends with WorkerLostError (exit 3, nothing written), not with
+    "unexpected error: this is a bug"."""
+    import os
+
+    from fhir_leuko.errors import ExitCode, WorkerLostError
+    from fhir_leuko.files.executors import dask_map
+
+    with dask_map(cluster) as run, pytest.raises(WorkerLostError) as lost:
+        run(os._exit, [9])
+    assert "the Dask cluster was lost" in str(lost.value) and "nothing was written" in str(lost.value)
+    assert lost.value.exit_code == ExitCode.INCOMPLETE
+    # The near miss: the cluster's workers came back, and a task that ends normally counts.
+    with dask_map(cluster) as run:
+        assert run(abs, [-3, 4]) == [3, 4]
+
+
+def test_a_worker_that_cannot_see_a_path_names_the_shared_storage_rule(cluster: str) -> None:
+    from fhir_leuko.errors import UsageError
+    from fhir_leuko.files.executors import dask_map
+
+    with dask_map(cluster) as run, pytest.raises(UsageError) as refused:
+        run(open, ["/nonexistent/fhir-leuko-work/000/00000.lines"])
+    message = str(refused.value)
+    assert "/nonexistent/fhir-leuko-work/000/00000.lines" in message
+    assert "same paths on every worker" in message

@@ -469,3 +469,38 @@ def test_progress_counts_every_byte_read_in_few_updates(
     for told in (in_memory, routed):
         assert sum(told) == size
         assert len(told) <= most
+
+
+def test_a_worker_process_that_dies_is_named_not_called_a_bug() -> None:
+    """A local worker killed (the kernel's out-of-memory killer, kill -9) breaks the pool: the run
+    ends with WorkerLostError (exit 3, nothing written), not "unexpected error: a bug"."""
+    from fhir_leuko.errors import ExitCode, WorkerLostError
+
+    with process_map(2) as run, pytest.raises(WorkerLostError) as lost:
+        list(run(os._exit, [9, 9]))
+    assert "a worker process was lost" in str(lost.value)
+    assert lost.value.exit_code == ExitCode.INCOMPLETE
+    with process_map(2) as run:  # the near miss: tasks that end normally
+        assert list(run(abs, [-3, 4])) == [3, 4]
+
+
+def test_an_input_changed_after_routing_stops_the_run(
+    tmp_path: Path, knowledge: Knowledge
+) -> None:
+    """Shards read their lines back from the input by byte range: a file appended to or replaced
+    after routing (an export still being written) would give other lines. The shard refuses,
+    naming the file, instead of evaluating what it happens to read."""
+    from fhir_leuko.errors import InputError
+    from fhir_leuko.files.shards import load_shard
+
+    flat = _flatten(DATA, tmp_path / "data")
+    _identity_apart(flat, tmp_path / "identity")
+    part = partition(input_files([flat]), tmp_path / "s", 2)
+    assert part is not None
+    assert load_shard(part, 0, knowledge).patients  # the near miss: unchanged, it loads
+    changed = sorted(flat.iterdir())[0]
+    with changed.open("ab") as out:
+        out.write(b"\n")
+    with pytest.raises(InputError) as refused:
+        load_shard(part, 0, knowledge)
+    assert str(changed) in str(refused.value) and "changed while" in str(refused.value)

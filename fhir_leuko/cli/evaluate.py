@@ -70,7 +70,7 @@ examples:
   fhir-leuko evaluate data/ --profile clozapine --profiles /etc/fhir-leuko/profiles
 
 """ + exit_code_table(
-    (ExitCode.OK, ExitCode.INPUT_PROBLEMS, ExitCode.USAGE, ExitCode.INTERNAL),
+    (ExitCode.OK, ExitCode.INPUT_PROBLEMS, ExitCode.USAGE, ExitCode.INCOMPLETE, ExitCode.INTERNAL),
     "stopped by signal N (130 Ctrl-C)",
 )
 

@@ -14,11 +14,12 @@ from __future__ import annotations
 import multiprocessing
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import CancelledError, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from typing import Any, Protocol, TypeVar
 
-from ..errors import UsageError
+from ..errors import UsageError, WorkerLostError
 
 __all__ = ["ShardMap", "dask_map", "local_map", "process_map"]
 
@@ -42,14 +43,33 @@ def local_map(fn: Callable[[_T], _R], specs: Sequence[_T]) -> Iterator[_R]:
     return map(fn, specs)
 
 
+_LOST = (
+    "{what} was lost before its task was done ({why}); nothing was written. Run again; if it was "
+    "killed for memory, with fewer workers or more memory for each (docs/population.md, sizing)"
+)
+
+
+def _lost_process(results: Iterator[_R]) -> Iterator[_R]:
+    """The pool's results, a dead worker named as such: the pool reports it only as broken."""
+    try:
+        yield from results
+    except BrokenProcessPool:
+        why = "the process ended without a result: killed by the system, perhaps out of memory"
+        raise WorkerLostError(_LOST.format(what="a worker process", why=why)) from None
+
+
 @contextmanager
 def process_map(workers: int) -> Iterator[ShardMap]:
-    """Shards on ``workers`` local processes (spawned: a clean interpreter, no inherited state)."""
+    """Shards on ``workers`` local processes (spawned: a clean interpreter, no inherited state).
+
+    Raises (while the results are iterated):
+        WorkerLostError: a worker process died (killed, out of memory) before its task was done.
+    """
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
 
         def run(fn: Callable[[_T], _R], specs: Sequence[_T]) -> Iterator[_R]:
-            return pool.map(fn, specs)
+            return _lost_process(pool.map(fn, specs))
 
         yield run
 
@@ -60,10 +80,15 @@ def dask_map(scheduler: str | Any) -> Iterator[ShardMap]:
     object ``distributed.Client`` accepts (a ``LocalCluster``).
 
     Raises:
-        UsageError: the ``dask`` extra is not installed, or the scheduler cannot be reached.
+        UsageError: the ``dask`` extra is not installed, the scheduler cannot be reached, or a
+            worker cannot use a path (the work directory is not shared).
+        WorkerLostError: workers kept dying on a task, or the scheduler went away (while the
+            results are gathered).
     """
     try:
         from distributed import Client
+        from distributed.comm.core import CommClosedError
+        from distributed.scheduler import KilledWorker
     except ImportError:
         raise UsageError(
             "--dask-scheduler needs the dask extra: pip install 'fhir-leuko[dask]'"
@@ -81,7 +106,22 @@ def dask_map(scheduler: str | Any) -> Iterator[ShardMap]:
             kind = _TASK_NAMES.get(type(specs[0]).__name__, "task") if specs else "task"
             keys = [f"fhir-leuko-{kind}-{token}-{i}" for i in range(len(specs))]
             futures = client.map(fn, list(specs), pure=False, key=keys)
-            results: list[_R] = client.gather(futures)  # type: ignore[no-untyped-call]
+            try:
+                results: list[_R] = client.gather(futures)  # type: ignore[no-untyped-call]
+            except KilledWorker:
+                # Dask ran the task again on other workers (distributed.scheduler.allowed-failures)
+                # and each died with it: most often the memory a shard needs.
+                why = "every worker that ran one of its tasks died: killed, perhaps out of memory"
+                raise WorkerLostError(_LOST.format(what="the Dask cluster", why=why)) from None
+            except (CancelledError, CommClosedError, TimeoutError):
+                why = "the scheduler closed or went away"
+                raise WorkerLostError(_LOST.format(what="the Dask cluster", why=why)) from None
+            except OSError as exc:  # raised by a task: a worker cannot use a path the client gave
+                raise UsageError(
+                    f"a Dask worker cannot use {exc.filename or 'a path'} ({exc.strerror or exc}): "
+                    "the input and --work-dir must be at the same paths on every worker (a shared "
+                    "file system, docs/population.md)"
+                ) from None
             return results
 
         yield run

@@ -35,6 +35,7 @@ import msgspec
 
 from ..core.fhirjson import INPUT_TYPES
 from ..core.model import Problem
+from ..errors import InputError
 from .executors import ShardMap
 from .reader import READ_ERRORS, Progress, is_ndjson, open_input, read_failure
 
@@ -45,6 +46,7 @@ __all__ = [
     "Partition",
     "Piece",
     "Routed",
+    "check_unchanged",
     "gzipped",
     "join_buckets",
     "link_owners",
@@ -239,6 +241,10 @@ class Partition:
     """Resources read into more than one shard, by type (taken off the merged counts)."""
     owners: dict[str, str] = field(default_factory=dict)
     """Linked patients' keys -> their group's key (:func:`link_owners`)."""
+    stamps: list[tuple[int, int]] = field(default_factory=list)
+    """Each input file's (size, modification time in ns) before it was routed: a shard reads the
+    lines back from the file by byte range, so a file that changed since would give other lines
+    (:func:`check_unchanged`)."""
 
     def shard_of(self, key: str) -> int:
         """The shard that owns a patient key (without a source prefix)."""
@@ -580,12 +586,13 @@ def partition(
         log.warning("%s: %s is not NDJSON", _IN_MEMORY, not_ndjson[0])
         return None
     _empty(directory, count)
+    stamps = [_stamp(path) for path, _input in files]
     pieces = _pieces(files, directory, count, min(piece_bytes or PIECE_BYTES, PIECE_BYTES))
     if len(pieces) > _MAX_PIECES:
         log.warning("%s: more than %d input files", _IN_MEMORY, _MAX_PIECES)
         shutil.rmtree(directory, ignore_errors=True)
         return None
-    result = Partition(directory, count, [(str(p), i) for p, i in files], [])
+    result = Partition(directory, count, [(str(p), i) for p, i in files], [], stamps=stamps)
     routed = _route(pieces, progress, route_map)
     unsafe = next((r.unsafe for r in routed if r.unsafe), "")
     owners = link_owners(link for r in routed for link in r.links) if not unsafe else {}
@@ -625,6 +632,25 @@ def partition(
     _write_copies(result, pieces, copies, held)
     shutil.rmtree(directory / "join", ignore_errors=True)
     return result
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    try:
+        stat = path.stat()
+    except OSError:
+        return (-1, -1)  # unreadable: routing names the problem
+    return (stat.st_size, stat.st_mtime_ns)
+
+
+def check_unchanged(path: str, stamp: tuple[int, int]) -> None:
+    """Raise :class:`InputError` when an input file is not what was routed: its lines would be
+    read back from other byte ranges (an export still being written, a file replaced)."""
+    if stamp != (-1, -1) and _stamp(Path(path)) != stamp:
+        raise InputError(
+            f"{path} changed while it was being evaluated (its size or modification time is not "
+            "what it was when the input was partitioned); nothing was written: run again once "
+            "the input is complete"
+        )
 
 
 def _route(

@@ -51,6 +51,7 @@ from .partition import (
     SHARD_BYTES,
     Partition,
     RouteMap,
+    check_unchanged,
     partition,
     patient_key_of,
     patient_shard,
@@ -134,6 +135,8 @@ class ShardSpec:
     """Send back the records of the patients with findings (the HTML report's trends)."""
     owners: tuple[tuple[str, str], ...] = ()
     """:attr:`Partition.owners`: linked patients' keys -> their group's key."""
+    stamps: tuple[tuple[int, int], ...] = ()
+    """:attr:`Partition.stamps`: each input file as it was routed."""
 
 
 @dataclass
@@ -163,6 +166,7 @@ def load_shard(part: Partition, index: int, knowledge: Knowledge) -> Dataset:
         part.inputs,
         knowledge,
         part.owners,
+        part.stamps,
     )
 
 
@@ -175,7 +179,10 @@ def _load(
     inputs: Sequence[str | None],
     knowledge: Knowledge,
     owners: Mapping[str, str],
+    stamps: Sequence[tuple[int, int]] = (),
 ) -> Dataset:
+    for (path, _input), stamp in zip(files, stamps, strict=False):
+        check_unchanged(path, stamp)
     normaliser = Normaliser(knowledge)
     with normaliser.collecting():
         for input in inputs:  # every source of the run exists in every shard
@@ -187,6 +194,8 @@ def _load(
             if numbered is not None:
                 normaliser.feed_numbered(numbered, path, input=input)
         dataset = normaliser.run()
+    for (path, _input), stamp in zip(files, stamps, strict=False):
+        check_unchanged(path, stamp)  # and not while its lines were read
     mine = {}
     for key, record in dataset.patients.items():
         bare = key.removeprefix(f"{record.source}|") if record.source else key
@@ -212,6 +221,7 @@ def evaluate_shard(spec: ShardSpec) -> ShardResult:
         spec.inputs,
         knowledge,
         dict(spec.owners),
+        spec.stamps,
     )
     evaluation = evaluate_dataset(dataset, profiles, as_of=spec.as_of)
     mine = dataset.patients if spec.records else {}
@@ -322,6 +332,7 @@ def evaluate_sharded(
             tuple(select),
             records,
             tuple(sorted(part.owners.items())),
+            tuple(part.stamps),
         )
         for index in range(count)
     ]
