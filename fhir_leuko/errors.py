@@ -111,6 +111,13 @@ class WorkerLostError(FhirLeukoError):
     exit_code = ExitCode.INCOMPLETE
 
 
+class WorkDirError(FhirLeukoError):
+    """The work directory of a sharded run cannot be created, written or read (full, not writable,
+    not shared with the workers). The setup's problem, never an input problem: exit code 2."""
+
+    exit_code = ExitCode.USAGE
+
+
 class StateError(FhirLeukoError):
     """The state file (watermarks, ledgers, lock) cannot be opened or has an unknown layout."""
 

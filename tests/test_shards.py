@@ -504,3 +504,75 @@ def test_an_input_changed_after_routing_stops_the_run(
     with pytest.raises(InputError) as refused:
         load_shard(part, 0, knowledge)
     assert str(changed) in str(refused.value) and "changed while" in str(refused.value)
+
+
+def _file_size_limit(limit: int) -> Callable[[], None]:
+    """A child's limit on the size of any file it writes (RLIMIT_FSIZE): writes past it fail with
+    EFBIG, as on a full disk (SIGXFSZ ignored, so the write fails instead of killing)."""
+    import resource
+    import signal
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_a_work_directory_that_cannot_be_written_is_named_not_an_input_problem(
+    tmp_path: Path,
+) -> None:
+    """Gzipped input is copied into the shards: a write that fails there (a full disk, here a
+    file-size limit of 1 MB) ends the run with exit 2 naming the work directory. It is not a
+    problem of the input file (whose lines would be lost while the run looked complete), nor a
+    bug."""
+    from benchmarks.generate import generate
+
+    export = tmp_path / "export"
+    generate(export, 4000)
+    for path in export.glob("Observation*.ndjson"):
+        path.with_name(path.name + ".gz").write_bytes(gzip.compress(path.read_bytes()))
+        path.unlink()
+    out = tmp_path / "issues.ndjson"
+    command = [
+        sys.executable, "-m", "fhir_leuko", "evaluate", str(export), "--as-of", "2026-01-15",
+        "--shards", "2", "--work-dir", str(tmp_path / "work"), "--output", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=120, preexec_fn=_file_size_limit(1 << 20)
+    )
+    assert done.returncode == 2, done.stderr
+    assert f"cannot write the shards in {tmp_path / 'work'}" in done.stderr
+    assert "problem:" not in done.stderr and "unexpected error" not in done.stderr
+    assert not out.exists()
+    # The near miss: without the limit the same run evaluates everything.
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode in (0, 1), done.stderr
+    assert out.read_bytes()
+
+
+def test_a_work_directory_the_workers_do_not_share_is_never_an_empty_result(
+    tmp_path: Path, knowledge: Knowledge
+) -> None:
+    """A Dask worker on another machine that does not see --work-dir finds no shard index and no
+    join records. Reading nothing would look like a shard without findings: it stops the run
+    naming the work directory instead."""
+    from dataclasses import replace
+
+    from fhir_leuko.errors import WorkDirError
+    from fhir_leuko.files.join import JoinTask, join_buckets
+    from fhir_leuko.files.shards import load_shard
+
+    flat = _flatten(DATA, tmp_path / "data")
+    _identity_apart(flat, tmp_path / "identity")
+    part = partition(input_files([flat]), tmp_path / "s", 2)
+    assert part is not None and all(part.placed)
+    assert load_shard(part, 1, knowledge).patients  # the near miss: the directory written
+    elsewhere = tmp_path / "other-machine"
+    for k in range(2):
+        (elsewhere / f"{k:03d}").mkdir(parents=True)
+    with pytest.raises(WorkDirError) as unshared:
+        load_shard(replace(part, directory=elsewhere), 1, knowledge)
+    assert f"shard 1 finds 0 lines in {elsewhere}" in str(unshared.value)
+    with pytest.raises(WorkDirError):
+        join_buckets(JoinTask((str(elsewhere / "join" / "00000"),), (0,)))

@@ -17,6 +17,7 @@ from ..errors import UsageError
 from ..files.executors import ShardMap, dask_map, local_map, process_map
 from ..files.partition import piece_size
 from ..files.reader import Progress
+from ..files.routing import work_dir_io
 from ..files.shards import SHARD_BYTES, evaluate_sharded, shard_count
 from ..job.config import load_job_config
 
@@ -99,9 +100,10 @@ def shard_executor(scale: ScaleOptions) -> AbstractContextManager[ShardMap]:
 
 @contextmanager
 def _work_dir(scale: ScaleOptions) -> Iterator[Path]:
-    if scale.work_dir is not None:
-        scale.work_dir.mkdir(parents=True, exist_ok=True)
-    directory = Path(tempfile.mkdtemp(prefix="fhir-leuko-shards-", dir=scale.work_dir))
+    with work_dir_io(scale.work_dir or tempfile.gettempdir(), "create"):
+        if scale.work_dir is not None:
+            scale.work_dir.mkdir(parents=True, exist_ok=True)
+        directory = Path(tempfile.mkdtemp(prefix="fhir-leuko-shards-", dir=scale.work_dir))
     try:
         yield directory
     finally:

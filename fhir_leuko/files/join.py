@@ -28,6 +28,7 @@ from .routing import (
     gzipped,
     join_dir,
     piece_lines,
+    work_dir_io,
 )
 
 __all__ = ["Copies", "JoinTask", "join", "join_buckets", "write_copies"]
@@ -39,9 +40,8 @@ def _load_bucket(
     """(hash, shard, piece, line) of the records of one bucket, piece by piece."""
     for directory in directories:
         path = directory / kind
-        if not path.exists():
-            continue
-        with path.open("rb") as handle:
+        # Routing writes every kind: a missing file is a work directory the workers do not share.
+        with work_dir_io(directory.parent.parent, "read"), path.open("rb") as handle:
             sizes = array("Q")
             sizes.fromfile(handle, BUCKETS)
             total = sum(sizes)
@@ -174,11 +174,12 @@ def write_copies(
     pieces: Sequence[Piece],
     copies: Copies,
     unwritten: set[tuple[int, int]],
-) -> Counter[str]:
-    """Append each copied line to its further shards (``-extra`` files), piece by piece; the
-    resources that are now in more than one shard, by type (``unwritten``: lines the pass held
-    back, so their first copy is not an extra one)."""
+) -> tuple[Counter[str], list[int]]:
+    """Append each copied line to its further shards (``-extra`` files), piece by piece. Gives
+    the resources that are now in more than one shard, by type (``unwritten``: lines the pass held
+    back, so their first copy is not an extra one), and the lines appended to each shard."""
     copied: Counter[str] = Counter()
+    placed = [0] * count
     by_piece: dict[int, dict[int, set[int]]] = {}
     for (at, number), targets in copies.items():
         by_piece.setdefault(at, {})[number] = targets
@@ -207,4 +208,6 @@ def write_copies(
             pass  # already a problem of the pass
         finally:
             writer.close()
-    return copied
+        for shard, numbers in enumerate(writer.numbers):
+            placed[shard] += len(numbers)
+    return copied, placed

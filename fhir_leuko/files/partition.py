@@ -38,6 +38,7 @@ from .routing import (
     patient_shard,
     piece_lines,
     route_piece,
+    work_dir_io,
 )
 
 __all__ = [
@@ -135,6 +136,8 @@ class Partition:
     """Resources read into more than one shard, by type (taken off the merged counts)."""
     owners: dict[str, str] = field(default_factory=dict)
     """Linked patients' keys -> their group's key (:func:`link_owners`)."""
+    placed: list[int] = field(default_factory=list)
+    """The lines written into each shard's index (routed and copied): what it must read back."""
     stamps: list[tuple[int, int]] = field(default_factory=list)
     """Each input file's (size, modification time in ns) before it was routed: a shard reads the
     lines back from the file by byte range, so a file that changed since would give other lines
@@ -167,8 +170,9 @@ def _pieces(
 def _empty(directory: Path, count: int) -> None:
     """``directory`` emptied, with one empty directory per shard."""
     shutil.rmtree(directory, ignore_errors=True)
-    for k in range(count):
-        (directory / f"{k:03d}").mkdir(parents=True)
+    with work_dir_io(directory, "create"):
+        for k in range(count):
+            (directory / f"{k:03d}").mkdir(parents=True)
 
 
 RouteMap = ShardMap
@@ -244,7 +248,10 @@ def partition(
         result.lines += done.routed
     result.inputs = list(inputs)
     result.copies = sum(len(v) for v in copies.values())
-    result.copied = write_copies(directory, count, pieces, copies, held)
+    result.copied, extra = write_copies(directory, count, pieces, copies, held)
+    result.placed = [
+        sum(done.placed[k] for done in routed if done.placed) + extra[k] for k in range(count)
+    ]
     shutil.rmtree(directory / "join", ignore_errors=True)
     return result
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 import math
 import zlib
 from array import array
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -24,6 +25,7 @@ from typing import IO
 import msgspec
 
 from ..core.fhirjson import INPUT_TYPES
+from ..errors import WorkDirError
 from .reader import READ_ERRORS, Progress, open_input, read_failure
 
 __all__ = [
@@ -40,6 +42,8 @@ __all__ = [
     "piece_lines",
     "resource_key",
     "route_piece",
+    "work_dir_error",
+    "work_dir_io",
 ]
 
 PENDING = 0xFFFF
@@ -150,6 +154,29 @@ class Routed:
     """(line, ``Medication/id``) of the Medications of the piece (placed by the join)."""
     links: list[tuple[str, str]] = field(default_factory=list)
     """(``Patient/id``, the patient key its ``link.other`` gives) of the piece's Patients."""
+    placed: list[int] = field(default_factory=list)
+    """The lines written for each shard: a shard that finds fewer in its index reads another
+    work directory than the one written (not shared with the workers)."""
+
+
+def work_dir_error(directory: Path | str, doing: str, exc: OSError) -> WorkDirError:
+    return WorkDirError(
+        f"cannot {doing} the shards in {directory} ({exc.strerror or exc}); nothing was written: "
+        "--work-dir needs room (about 20 bytes a line of input; the lines themselves for gzipped "
+        "input) that every worker can write (docs/population.md)"
+    )
+
+
+@contextmanager
+def work_dir_io(directory: Path | str, doing: str = "write") -> Iterator[None]:
+    """OSErrors of the work directory as :class:`WorkDirError`. A full disk or a directory the
+    workers cannot write is the setup's problem: never a problem of the input (``route_piece``
+    turns OSErrors of the input into problems naming it, and would name the wrong file) nor a
+    bug."""
+    try:
+        yield
+    except OSError as exc:
+        raise work_dir_error(directory, doing, exc) from None
 
 
 class ShardWriter:
@@ -173,14 +200,21 @@ class ShardWriter:
             self.starts[shard].append(start)
             self.ends[shard].append(start + len(line))
             return
-        handle = self.handles[shard]
-        if handle is None:
-            handle = self.handles[shard] = self.base[shard].with_suffix(".ndjson").open(
-                "wb", buffering=1 << 20
-            )
-        handle.write(line if line.endswith(b"\n") else line + b"\n")
+        try:  # (not work_dir_io: a with statement a line costs more than try)
+            handle = self.handles[shard]
+            if handle is None:
+                handle = self.handles[shard] = self.base[shard].with_suffix(".ndjson").open(
+                    "wb", buffering=1 << 20
+                )
+            handle.write(line if line.endswith(b"\n") else line + b"\n")
+        except OSError as exc:
+            raise work_dir_error(self.base[shard].parent.parent, "write", exc) from None
 
     def close(self) -> None:
+        with work_dir_io(self.base[0].parent.parent if self.base else "the work directory"):
+            self._close()
+
+    def _close(self) -> None:
         for shard, numbers in enumerate(self.numbers):
             handle = self.handles[shard]
             if handle is not None:
@@ -216,10 +250,10 @@ class _JoinRecords:
         places.append(shard << 48 | self.piece | line)
 
     def write(self, directory: Path) -> None:
+        # Every kind, even with no records: the join then knows a missing file for what it is
+        # (a work directory not shared with the workers), never for "no records".
         for kind, buckets in self.columns.items():
             sizes = array("Q", (len(hashes) for hashes, _places in buckets))
-            if not any(sizes):
-                continue
             with (directory / kind).open("wb") as out:
                 sizes.tofile(out)
                 for hashes, _places in buckets:
@@ -372,8 +406,9 @@ class _Router:
     def close(self) -> None:
         self.writer.close()
         directory = join_dir(Path(self.piece.directory), self.piece.index)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.join.write(directory)
+        with work_dir_io(self.piece.directory):
+            directory.mkdir(parents=True, exist_ok=True)
+            self.join.write(directory)
 
 
 def join_dir(directory: Path, piece: int) -> Path:
@@ -403,4 +438,5 @@ def route_piece(piece: Piece, progress: Progress | None = None) -> Routed:
         out.problem = read_failure(exc)
     finally:
         router.close()
+    out.placed = [len(numbers) for numbers in router.writer.numbers]
     return out

@@ -46,6 +46,7 @@ from ..core.model import PatientRecord, Problem, reading_order
 from ..core.normalise import Dataset, Normaliser
 from ..core.pipeline import AsOf, Evaluation, evaluate_dataset
 from ..core.profiles import ProfileSet
+from ..errors import InputError, WorkDirError
 from .documents import load_knowledge, load_profiles
 from .partition import (
     SHARD_BYTES,
@@ -58,6 +59,7 @@ from .partition import (
     shard_count,
 )
 from .reader import Progress
+from .routing import work_dir_io
 
 __all__ = [
     "SHARD_BYTES",
@@ -91,29 +93,42 @@ def _numbered(base: Path, original: Path, offset: int) -> Iterator[tuple[int, by
     bounds = array("Q")
     bounds.frombytes(ranges.read_bytes())
     half = len(bounds) // 2
-    with original.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as m:
+    try:
+        handle = original.open("rb")
+    except OSError as exc:  # the input, not the work directory: name it as the input
+        raise InputError(f"{original}: cannot read file: {exc.strerror or exc}") from None
+    with handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as m:
         slices = map(slice, bounds[:half], bounds[half:])
         yield from zip(lines_of, map(m.__getitem__, slices), strict=True)
 
 
+def _index_lines(base: Path) -> int:
+    """How many lines an index file of a shard lists (4 bytes each), 0 when there is none."""
+    try:
+        return base.with_suffix(".lines").stat().st_size // 4
+    except FileNotFoundError:
+        return 0
+
+
 def _shard_lines(
     directory: Path, shard: int, piece: int, offset: int, original: Path
-) -> Iterator[tuple[int, bytes]] | None:
+) -> tuple[Iterator[tuple[int, bytes]] | None, int]:
+    """A shard's lines of one piece, and how many its index lists."""
     base = directory / f"{shard:03d}" / f"{piece:05d}"
     extra = base.with_name(base.name + "-extra")
-    routed = base.with_suffix(".lines").exists()
-    copied = extra.with_suffix(".lines").exists()
+    routed, copied = _index_lines(base), _index_lines(extra)
     if not routed and not copied:
-        return None
+        return None, 0
     if not copied:
-        return _numbered(base, original, offset)
+        return _numbered(base, original, offset), routed
     if not routed:
-        return _numbered(extra, original, offset)
-    return merge(
+        return _numbered(extra, original, offset), copied
+    both = merge(
         _numbered(base, original, offset),
         _numbered(extra, original, offset),
         key=lambda pair: pair[0],
     )
+    return both, routed + copied
 
 
 @dataclass(frozen=True)
@@ -137,6 +152,8 @@ class ShardSpec:
     """:attr:`Partition.owners`: linked patients' keys -> their group's key."""
     stamps: tuple[tuple[int, int], ...] = ()
     """:attr:`Partition.stamps`: each input file as it was routed."""
+    placed: int = -1
+    """The lines the partition wrote into this shard's index (-1: not known)."""
 
 
 @dataclass
@@ -167,6 +184,7 @@ def load_shard(part: Partition, index: int, knowledge: Knowledge) -> Dataset:
         knowledge,
         part.owners,
         part.stamps,
+        part.placed[index] if part.placed else -1,
     )
 
 
@@ -180,19 +198,34 @@ def _load(
     knowledge: Knowledge,
     owners: Mapping[str, str],
     stamps: Sequence[tuple[int, int]] = (),
+    placed: int = -1,
 ) -> Dataset:
     for (path, _input), stamp in zip(files, stamps, strict=False):
         check_unchanged(path, stamp)
-    normaliser = Normaliser(knowledge)
-    with normaliser.collecting():
-        for input in inputs:  # every source of the run exists in every shard
-            normaliser.feed_lines((), "", input=input)
-        # The pieces of each file in order: the lines come in the order one pass reads them.
+    # The pieces of each file in order: the lines come in the order one pass reads them.
+    parts = []
+    found = 0
+    with work_dir_io(directory, "read"):
         for piece, file, offset in pieces:
             path, input = files[file]
-            numbered = _shard_lines(directory, index, piece, offset, Path(path))
+            numbered, lines = _shard_lines(directory, index, piece, offset, Path(path))
+            found += lines
             if numbered is not None:
-                normaliser.feed_numbered(numbered, path, input=input)
+                parts.append((numbered, path, input))
+    if placed >= 0 and found != placed:
+        # Never an empty shard that looks like "no findings": the routing wrote elsewhere.
+        raise WorkDirError(
+            f"shard {index} finds {found} lines in {directory} where the partition wrote "
+            f"{placed}: this is not the work directory the routing wrote (--work-dir must be "
+            "storage every worker shares at the same path, docs/population.md); nothing was "
+            "written"
+        )
+    normaliser = Normaliser(knowledge)
+    with normaliser.collecting(), work_dir_io(directory, "read"):
+        for input in inputs:  # every source of the run exists in every shard
+            normaliser.feed_lines((), "", input=input)
+        for numbered, path, input in parts:
+            normaliser.feed_numbered(numbered, path, input=input)
         dataset = normaliser.run()
     for (path, _input), stamp in zip(files, stamps, strict=False):
         check_unchanged(path, stamp)  # and not while its lines were read
@@ -222,6 +255,7 @@ def evaluate_shard(spec: ShardSpec) -> ShardResult:
         knowledge,
         dict(spec.owners),
         spec.stamps,
+        spec.placed,
     )
     evaluation = evaluate_dataset(dataset, profiles, as_of=spec.as_of)
     mine = dataset.patients if spec.records else {}
@@ -333,6 +367,7 @@ def evaluate_sharded(
             records,
             tuple(sorted(part.owners.items())),
             tuple(part.stamps),
+            part.placed[index] if part.placed else -1,
         )
         for index in range(count)
     ]
