@@ -111,6 +111,13 @@ class WorkerLostError(FhirLeukoError):
     exit_code = ExitCode.INCOMPLETE
 
 
+class ExportWriteError(FhirLeukoError):
+    """A Bulk Data export cannot be written to its directory (no space, not writable). What was
+    downloaded and verified is kept, so the same command resumes once there is room: exit 3."""
+
+    exit_code = ExitCode.INCOMPLETE
+
+
 class WorkDirError(FhirLeukoError):
     """The work directory of a sharded run cannot be created, written or read (full, not writable,
     not shared with the workers). The setup's problem, never an input problem: exit code 2."""

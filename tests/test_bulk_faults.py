@@ -193,3 +193,28 @@ def test_a_directory_of_another_export_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(UsageError, match="another server or request"):
         _export(tmp_path, Recorder()).run()
+
+
+@responses.activate
+def test_a_download_that_cannot_be_written_is_resumed_not_a_bug(tmp_path: Path) -> None:
+    """The disk, not the server: a partial file that cannot be written (here a directory stands
+    where it goes, as a full disk refuses a write) ends the export with ExportWriteError (exit 3)
+    naming the file; the same export then resumes without a new kick-off."""
+    from fhir_leuko.errors import ExitCode, ExportWriteError
+
+    rec = Recorder()
+    _kickoff(responses.mock)
+    responses.get(STATUS, json=_manifest())
+    responses.get(FILE, body=BODY)
+    blocked = tmp_path / "out" / ".fhir-leuko" / "parts" / "Observation.000.ndjson.part"
+    blocked.mkdir(parents=True)
+    with pytest.raises(ExportWriteError) as refused:
+        _export(tmp_path, rec).run()
+    assert str(blocked) in str(refused.value) and "resume" in str(refused.value)
+    assert refused.value.exit_code == ExitCode.INCOMPLETE
+    blocked.rmdir()  # room again
+    result = _export(tmp_path, rec).run()
+    assert (tmp_path / "out" / "Observation.000.ndjson").read_bytes() == BODY
+    assert result.files[0].lines == 40
+    kick_offs = [c for c in responses.calls if c.request.url.startswith(f"{BASE}/$export")]
+    assert len(kick_offs) == 1

@@ -56,8 +56,8 @@ exit codes:
   1      the server's error files reported some resources (each printed); the rest is downloaded
   2      a usage or configuration error (bad option, missing or refused credentials, a directory
          holding another export)
-  3      the export is not complete: the server failed it or stayed unavailable, or --max-wait
-         passed (run the same command again to resume)
+  3      the export is not complete: the server failed it or stayed unavailable, --max-wait
+         passed, or the directory cannot be written (run the same command again to resume)
   70     an unexpected error (a bug): one line names it, -vv shows the traceback
   128+N  stopped by signal N (run the same command again to resume)
 

@@ -48,7 +48,13 @@ import requests
 
 from ..core.fhirjson import INPUT_TYPES
 from ..core.knowledge import LOINC_SYSTEM, Knowledge
-from ..errors import FhirError, FhirFatalError, FhirTemporaryError, UsageError
+from ..errors import (
+    ExportWriteError,
+    FhirError,
+    FhirFatalError,
+    FhirTemporaryError,
+    UsageError,
+)
 from .client import FhirClient, operation_outcome_text
 
 __all__ = [
@@ -220,7 +226,20 @@ class BulkExport:
         Raises:
             UsageError: the directory holds an export of another request or server.
             FhirError: the server failed the export, or stayed unavailable.
+            ExportWriteError: the directory cannot be written (no space, not writable).
         """
+        try:
+            return self._run()
+        except requests.exceptions.RequestException:
+            raise  # (an OSError too, but the network's, not the disk's)
+        except OSError as exc:
+            raise ExportWriteError(
+                f"cannot write {exc.filename or self.directory} ({exc.strerror or exc}); what was "
+                "downloaded and verified is kept: run the same command again to resume once there "
+                "is room"
+            ) from None
+
+    def _run(self) -> ExportResult:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.state_dir.mkdir(exist_ok=True)
         started = self.client.requests_sent
