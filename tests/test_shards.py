@@ -576,3 +576,37 @@ def test_a_work_directory_the_workers_do_not_share_is_never_an_empty_result(
     assert f"shard 1 finds 0 lines in {elsewhere}" in str(unshared.value)
     with pytest.raises(WorkDirError):
         join_buckets(JoinTask((str(elsewhere / "join" / "00000"),), (0,)))
+
+
+def test_shards_evaluated_with_other_rules_than_this_process_stop_the_run(
+    tmp_path: Path, knowledge: Knowledge, profiles: ProfileSet
+) -> None:
+    """Workers load the profiles themselves, from their own install and the site directories at
+    the same paths. A worker whose copy differs (another fhir-leuko version, a site profile edited
+    on one machine, a stale copy in a long-lived Dask worker) would give other alerts than this
+    process would: the run stops (exit 2) instead of merging them."""
+    from fhir_leuko.errors import UsageError
+
+    flat = _flatten(DATA, tmp_path / "data")
+    _identity_apart(flat, tmp_path / "identity")
+    site = tmp_path / "site"
+    shutil.copytree(DATA / "site-profiles", site)
+    profile = site / "adult-local.toml"
+
+    def workers_with_another_copy(fn: Callable[[Any], Any], specs: Any) -> Any:
+        # The workers read the site profile after it changed under the same path.
+        profile.write_text(profile.read_text() + "\n# edited on one machine only\n")
+        return map(fn, specs)
+
+    files = input_files([flat])
+    with pytest.raises(UsageError) as refused:
+        evaluate_sharded(
+            files, as_of=AS_OF, work_dir=tmp_path / "s1", count=2, profile_dirs=[site],
+            run_map=workers_with_another_copy,
+        )  # fmt: skip
+    assert "was evaluated with other rules than this process's" in str(refused.value)
+    # The near miss: the same files for both, the same run evaluates.
+    got = evaluate_sharded(
+        files, as_of=AS_OF, work_dir=tmp_path / "s2", count=2, profile_dirs=[site]
+    )
+    assert got is not None and got[0].issues

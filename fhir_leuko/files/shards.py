@@ -31,6 +31,7 @@ subject or one given by identifier) is evaluated in memory as before: :func:`par
 from __future__ import annotations
 
 import gc
+import hashlib
 import logging
 import mmap
 from array import array
@@ -40,13 +41,14 @@ from functools import lru_cache
 from heapq import merge
 from pathlib import Path
 
+from .._version import __version__
 from ..core.decision import Silence
 from ..core.knowledge import Knowledge
 from ..core.model import PatientRecord, Problem, reading_order
 from ..core.normalise import Dataset, Normaliser
 from ..core.pipeline import AsOf, Evaluation, evaluate_dataset
 from ..core.profiles import ProfileSet
-from ..errors import InputError, WorkDirError
+from ..errors import InputError, UsageError, WorkDirError
 from .documents import load_knowledge, load_profiles
 from .partition import (
     SHARD_BYTES,
@@ -162,13 +164,44 @@ class ShardResult:
     evaluation: Evaluation
     flagged: dict[str, PatientRecord]
     """The records of the patients with findings (the HTML report shows their trends)."""
+    rules: str = ""
+    """The fingerprint of the rules the shard was evaluated with (:func:`_rules`)."""
+
+
+def _profile_files(dirs: tuple[str, ...]) -> tuple[tuple[str, int, int], ...]:
+    """(path, size, mtime) of every file in the site profile directories: a long-lived worker
+    (Dask) loads its profiles again when one of them changed, never a stale copy."""
+    found = []
+    for directory in dirs:
+        for path in sorted(Path(directory).rglob("*")):
+            if path.is_file():
+                stat = path.stat()
+                found.append((str(path), stat.st_size, stat.st_mtime_ns))
+    return tuple(found)
+
+
+def _rules(dirs: tuple[str, ...], select: tuple[str, ...]) -> tuple[Knowledge, ProfileSet, str]:
+    """The knowledge and profiles of these directories (loaded once while their files stay the
+    same), and a fingerprint of what decides a finding: the fhir-leuko version, the knowledge
+    files' versions and every profile file's bytes."""
+    return _loaded_rules(dirs, select, _profile_files(dirs))
 
 
 @lru_cache(maxsize=4)
-def _profiles(dirs: tuple[str, ...], select: tuple[str, ...]) -> tuple[Knowledge, ProfileSet]:
+def _loaded_rules(
+    dirs: tuple[str, ...], select: tuple[str, ...], _files: tuple[tuple[str, int, int], ...]
+) -> tuple[Knowledge, ProfileSet, str]:
     knowledge = load_knowledge()
     profiles = load_profiles(knowledge, [Path(d) for d in dirs])
-    return knowledge, profiles.select(list(select)) if select else profiles
+    if select:
+        profiles = profiles.select(list(select))
+    digest = hashlib.sha256(f"fhir-leuko {__version__}\n".encode())
+    for name, version in sorted(knowledge.versions.items()):
+        digest.update(f"{name} {version}\n".encode())
+    for loaded in profiles.loaded:
+        digest.update(f"{loaded.profile.id}\n".encode())
+        digest.update(loaded.path.read_bytes())
+    return knowledge, profiles, digest.hexdigest()[:16]
 
 
 def load_shard(part: Partition, index: int, knowledge: Knowledge) -> Dataset:
@@ -244,7 +277,7 @@ def evaluate_shard(spec: ShardSpec) -> ShardResult:
     # reference counting alone never frees while evaluate keeps the cyclic collector off: one
     # collection per shard (cheap here, with little else alive) keeps memory flat over shards.
     gc.collect()
-    knowledge, profiles = _profiles(spec.profile_dirs, spec.select)
+    knowledge, profiles, rules = _rules(spec.profile_dirs, spec.select)
     dataset = _load(
         Path(spec.directory),
         spec.index,
@@ -260,17 +293,31 @@ def evaluate_shard(spec: ShardSpec) -> ShardResult:
     evaluation = evaluate_dataset(dataset, profiles, as_of=spec.as_of)
     mine = dataset.patients if spec.records else {}
     flagged = {f.patient: mine[f.patient] for f in evaluation.findings if f.patient in mine}
-    return ShardResult(spec.index, evaluation, flagged)
+    return ShardResult(spec.index, evaluation, flagged, rules)
 
 
 def merge_results(
-    results: Iterable[ShardResult], partition: Partition
+    results: Iterable[ShardResult], partition: Partition, rules: str = ""
 ) -> tuple[Evaluation, Dataset]:
     """One :class:`Evaluation` from the shards', as evaluating everything at once gives it:
     DetectedIssues in patient-key order; a problem found in several shards (a copied resource)
     once; why nothing was found summed over the shards. With it, a :class:`Dataset` of the
-    records of the patients with findings (when the shards sent them: ``records``)."""
+    records of the patients with findings (when the shards sent them: ``records``).
+
+    Raises:
+        UsageError: ``rules`` given, and a shard was evaluated with other rules (a worker with
+            another fhir-leuko version or other profile files): its alerts would not be this
+            run's.
+    """
     ordered = sorted(results, key=lambda r: r.index)
+    for result in ordered:
+        if rules and result.rules != rules:
+            raise UsageError(
+                f"shard {result.index} was evaluated with other rules than this process's (rules "
+                f"{result.rules or 'unknown'}, here {rules}: another fhir-leuko version or other "
+                "profile files on a worker); nothing was written: install the same fhir-leuko on "
+                "every worker, with the site profiles at the same paths and the same content"
+            )
     shards = [r.evaluation for r in ordered]
     flagged = Dataset()
     for r in ordered:
@@ -372,7 +419,10 @@ def evaluate_sharded(
         for index in range(count)
     ]
     tick = shards_progress(count) if shards_progress is not None else None
-    return merge_results(_counted(run_map(evaluate_shard, specs), count, tick), part)
+    results = run_map(evaluate_shard, specs)  # (an executor has the tasks now: they run)
+    # What this process would evaluate with: every shard must have used the same rules.
+    _knowledge, _profile_set, rules = _rules(tuple(str(d) for d in profile_dirs), tuple(select))
+    return merge_results(_counted(results, count, tick), part, rules)
 
 
 def _counted(
