@@ -610,3 +610,14 @@ def test_shards_evaluated_with_other_rules_than_this_process_stop_the_run(
         files, as_of=AS_OF, work_dir=tmp_path / "s2", count=2, profile_dirs=[site]
     )
     assert got is not None and got[0].issues
+
+
+def test_workers_asked_for_on_small_input_are_said_to_be_unused(tmp_path: Path) -> None:
+    flat = _flatten(DATA, tmp_path / "data")
+    base = ["evaluate", str(flat), "--as-of", "2024-05-02", "--output", str(tmp_path / "o.ndjson")]
+    small = fhir_leuko(*base, "--workers", "2")
+    assert small.returncode == 1, small.stderr  # the test data has input problems on purpose
+    assert "evaluated in memory in this process, without the workers" in small.stderr
+    # The near miss: shards asked for as well, the workers are used and nothing is said.
+    sharded = fhir_leuko(*base, "--workers", "2", "--shards", "2")
+    assert "without the workers" not in sharded.stderr

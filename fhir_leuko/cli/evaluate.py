@@ -211,6 +211,15 @@ def run(args: argparse.Namespace) -> int:
             sharded = evaluate_in_shards(
                 files, total, scale, args, as_of, progress, html, shards_bar if show else None
             )
+        elif scale.shards is None and ((args.workers or 0) > 1 or args.dask_scheduler):
+            # Workers asked for on the command line, none used: say so (not when they come from
+            # the configuration, which serves large and small runs alike).
+            print(
+                f"fhir-leuko: note: {total / 1e6:,.0f} MB of input is under the "
+                f"{SHARD_BYTES >> 20} MB that makes a shard: evaluated in memory in this process, "
+                "without the workers (--shards N uses them anyway)",
+                file=sys.stderr,
+            )
         if sharded is None:
             # Progress counts decompressed bytes for .gz input, so the bar may run past its total.
             dataset = normalise_files(files, knowledge, progress=progress)
