@@ -85,3 +85,13 @@ def test_a_worker_that_cannot_see_a_path_names_the_shared_storage_rule(cluster: 
     message = str(refused.value)
     assert "/nonexistent/fhir-leuko-work/000/00000.lines" in message
     assert "same paths on every worker" in message
+
+
+def test_a_scheduler_address_that_is_not_one_is_a_usage_error(tmp_path: Path) -> None:
+    flat = _flatten(DATA, tmp_path / "data")
+    result = fhir_leuko(
+        "evaluate", str(flat), "--shards", "2", "--dask-scheduler", "scheduler-without-port",
+        "--output", str(tmp_path / "x.ndjson"),
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "--dask-scheduler scheduler-without-port: not a scheduler address" in result.stderr

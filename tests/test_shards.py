@@ -621,3 +621,14 @@ def test_workers_asked_for_on_small_input_are_said_to_be_unused(tmp_path: Path) 
     # The near miss: shards asked for as well, the workers are used and nothing is said.
     sharded = fhir_leuko(*base, "--workers", "2", "--shards", "2")
     assert "without the workers" not in sharded.stderr
+
+
+@pytest.mark.parametrize("shards", ["-1", "65535"])
+def test_a_shard_count_out_of_range_is_a_usage_error(tmp_path: Path, shards: str) -> None:
+    """A shard number is 16 bits (one value means "none yet"): more is a usage error at once,
+    never "unexpected error" after the input was read."""
+    out = tmp_path / "o.ndjson"
+    base = ["evaluate", str(DATA / "clozapine.json"), "--as-of", "2024-05-02", "--output", str(out)]
+    done = fhir_leuko(*base, "--shards", shards)
+    assert done.returncode == 2 and f"--shards {shards}: must be 0 (in memory) to 65534" in done.stderr
+    assert fhir_leuko(*base, "--shards", "65534").returncode == 0  # the near miss: the largest

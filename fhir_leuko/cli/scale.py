@@ -15,7 +15,7 @@ from ..core.normalise import Dataset
 from ..core.pipeline import AsOf, Evaluation
 from ..errors import UsageError
 from ..files.executors import ShardMap, dask_map, local_map, process_map
-from ..files.partition import piece_size
+from ..files.partition import MAX_SHARDS, piece_size
 from ..files.reader import Progress
 from ..files.routing import work_dir_io
 from ..files.shards import SHARD_BYTES, evaluate_sharded, shard_count
@@ -85,8 +85,8 @@ def scale_settings(args: argparse.Namespace) -> ScaleOptions:
     }
     given = {k: v for k, v in flags.items() if v is not None}
     scale = load_job_config({"scale": given}, getattr(args, "config", None)).scale
-    if args.shards is not None and args.shards < 0:
-        raise UsageError(f"--shards {args.shards}: must be 0 (in memory) or more")
+    if args.shards is not None and not 0 <= args.shards <= MAX_SHARDS:
+        raise UsageError(f"--shards {args.shards}: must be 0 (in memory) to {MAX_SHARDS}")
     return ScaleOptions(scale.workers, scale.dask_scheduler, scale.work_dir, args.shards)
 
 

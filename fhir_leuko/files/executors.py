@@ -98,6 +98,8 @@ def dask_map(scheduler: str | Any) -> Iterator[ShardMap]:
         client = Client(scheduler)  # type: ignore[no-untyped-call]
     except (OSError, TimeoutError) as exc:
         raise UsageError(f"--dask-scheduler {scheduler}: cannot connect ({exc})") from None
+    except ValueError as exc:  # not an address at all (distributed parses it first)
+        raise UsageError(f"--dask-scheduler {scheduler}: not a scheduler address ({exc})") from None
     with client:
 
         def run(fn: Callable[[_T], _R], specs: Sequence[_T]) -> list[_R]:

@@ -42,6 +42,7 @@ from .routing import (
 )
 
 __all__ = [
+    "MAX_SHARDS",
     "PIECE_BYTES",
     "SHARD_BYTES",
     "JoinTask",
@@ -70,6 +71,8 @@ normalising and evaluating then peaks well under 500 MB (benchmarks/README.md)."
 PIECE_BYTES = 256 << 20
 """The largest piece: what one routing task holds in memory stays small (36 bytes a line)."""
 
+MAX_SHARDS = PENDING - 1
+"""The most shards a partition can have: a shard number is 16 bits, and one value means none yet."""
 _MAX_PIECES = 0xFFFF
 _IN_MEMORY = (
     "evaluating in memory, not in shards (memory grows with the input, about 1 GB per million "
@@ -198,8 +201,8 @@ def partition(
     """
     if count < 1:
         raise ValueError("count must be at least 1")
-    if count >= PENDING:
-        raise ValueError(f"at most {PENDING - 1} shards")
+    if count > MAX_SHARDS:
+        raise ValueError(f"at most {MAX_SHARDS} shards")
     not_ndjson = [path for path, _input in files if not is_ndjson(path)]
     if not_ndjson:
         log.warning("%s: %s is not NDJSON", _IN_MEMORY, not_ndjson[0])
