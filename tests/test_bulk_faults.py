@@ -218,3 +218,12 @@ def test_a_download_that_cannot_be_written_is_resumed_not_a_bug(tmp_path: Path) 
     assert result.files[0].lines == 40
     kick_offs = [c for c in responses.calls if c.request.url.startswith(f"{BASE}/$export")]
     assert len(kick_offs) == 1
+
+
+def test_an_output_dir_that_is_a_file_is_a_usage_error(tmp_path: Path) -> None:
+    from .conftest import fhir_leuko
+
+    taken = tmp_path / "export"
+    taken.write_text("not a directory")
+    done = fhir_leuko("export", "--server", "http://127.0.0.1:9/fhir", "--output-dir", str(taken))
+    assert done.returncode == 2 and f"--output-dir {taken}: not a directory" in done.stderr

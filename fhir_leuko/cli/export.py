@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from ..core.fhirtime import format_instant
 from ..core.knowledge import Knowledge
-from ..errors import ExitCode
+from ..errors import ExitCode, UsageError
 from ..fhir.bulk import EXPORT_TYPES, BulkExport, ExportRequest, ExportResult, observation_filter
 from ..files.documents import load_knowledge
 from ..job.config import load_job_config
@@ -127,6 +127,8 @@ def report(result: ExportResult) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        raise UsageError(f"--output-dir {args.output_dir}: not a directory")
     config = load_job_config(connection_flags(args), args.config)
     since = format_instant(parse_instant("--since", args.since)) if args.since else None
     filters = () if args.no_type_filter else type_filters(load_knowledge())

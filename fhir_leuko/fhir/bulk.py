@@ -235,8 +235,8 @@ class BulkExport:
         except OSError as exc:
             raise ExportWriteError(
                 f"cannot write {exc.filename or self.directory} ({exc.strerror or exc}); what was "
-                "downloaded and verified is kept: run the same command again to resume once there "
-                "is room"
+                "downloaded and verified is kept: run the same command again to resume once it can "
+                "be written (room on the disk, permissions)"
             ) from None
 
     def _run(self) -> ExportResult:
