@@ -632,3 +632,61 @@ def test_a_shard_count_out_of_range_is_a_usage_error(tmp_path: Path, shards: str
     done = fhir_leuko(*base, "--shards", shards)
     assert done.returncode == 2 and f"--shards {shards}: must be 0 (in memory) to 65534" in done.stderr
     assert fhir_leuko(*base, "--shards", "65534").returncode == 0  # the near miss: the largest
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat[stat.rfind(")") + 2 :].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = (Path("/proc") / str(pid) / "stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2] != "Z"
+
+
+def test_sigterm_stops_the_workers_and_removes_the_shards(tmp_path: Path) -> None:
+    """SIGTERM (``timeout``, a Job's deadline) unwinds a sharded run as Ctrl-C does: exit 143,
+    the worker processes end with it (killed outright, they went on computing, orphaned) and the
+    work directory is emptied; nothing is written."""
+    import signal
+    import time
+
+    from benchmarks.generate import generate
+
+    export = tmp_path / "export"
+    generate(export, 20000)
+    work, out = tmp_path / "work", tmp_path / "issues.ndjson"
+    command = [
+        sys.executable, "-m", "fhir_leuko", "evaluate", str(export), "--as-of", "2026-01-15",
+        "--workers", "2", "--shards", "400", "--work-dir", str(work), "--output", str(out),
+    ]  # fmt: skip
+    with subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    ) as process:
+        deadline = time.monotonic() + 60
+        workers: list[int] = []
+        while len(workers) < 2 and time.monotonic() < deadline:  # the pool is up
+            time.sleep(0.05)
+            workers = [pid for pid in _children(process.pid) if "spawn_main" in (
+                Path("/proc") / str(pid) / "cmdline").read_bytes().decode(errors="replace")]
+        assert len(workers) == 2 and process.poll() is None
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        _out, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143, stderr
+    assert "fhir-leuko: stopped" in stderr
+    time.sleep(0.5)
+    assert not [pid for pid in workers if _alive(pid)]
+    assert not any(work.iterdir()) and not out.exists()

@@ -113,9 +113,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FhirLeukoError as exc:
         print(f"fhir-leuko: error: {_for_stderr(args, str(exc))}", file=sys.stderr)
         return int(exc.exit_code)
-    except KeyboardInterrupt:
-        print("fhir-leuko: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        # Ctrl-C (130), or SIGTERM where a command unwinds on it (cli/scale.py: 143).
+        signum = int(getattr(exc, "signum", 2))
+        print("fhir-leuko: interrupted" if signum == 2 else "fhir-leuko: stopped", file=sys.stderr)
+        return 128 + signum
     except BrokenPipeError:
         _quiet_stdout()
         return int(ExitCode.OK)

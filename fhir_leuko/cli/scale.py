@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 
 from ..core.normalise import Dataset
 from ..core.pipeline import AsOf, Evaluation
@@ -25,6 +28,7 @@ __all__ = [
     "SCALE_HELP",
     "SHARD_BYTES",
     "ScaleOptions",
+    "Terminated",
     "add_scale_options",
     "evaluate_in_shards",
     "scale_settings",
@@ -98,6 +102,31 @@ def shard_executor(scale: ScaleOptions) -> AbstractContextManager[ShardMap]:
     return nullcontext(local_map)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during a sharded evaluation: stopped as Ctrl-C stops it (exit 128 + 15)."""
+
+    signum = signal.SIGTERM
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (``timeout``, a Kubernetes Job's deadline, systemd) unwinds the run as Ctrl-C does:
+    the workers stop after their current task and the work directory is removed. Killed outright
+    instead, the worker processes would go on computing, orphaned, and the shards stay on disk."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # (signal handlers belong to the main thread)
+        return
+
+    def stop(_signum: int, _frame: FrameType | None) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @contextmanager
 def _work_dir(scale: ScaleOptions) -> Iterator[Path]:
     with work_dir_io(scale.work_dir or tempfile.gettempdir(), "create"):
@@ -125,7 +154,11 @@ def evaluate_in_shards(
     :func:`~fhir_leuko.files.shards.evaluate_sharded` takes them."""
     count = scale.shards or shard_count(total, scale.workers)
     parallel = bool(scale.dask_scheduler) or scale.workers > 1
-    with _work_dir(scale) as directory, shard_executor(scale) as run_map:
+    with (
+        _terminate_as_interrupt(),
+        _work_dir(scale) as directory,
+        shard_executor(scale) as run_map,
+    ):
         return evaluate_sharded(
             files,
             as_of=as_of,

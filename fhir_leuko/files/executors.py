@@ -66,12 +66,19 @@ def process_map(workers: int) -> Iterator[ShardMap]:
         WorkerLostError: a worker process died (killed, out of memory) before its task was done.
     """
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
 
-        def run(fn: Callable[[_T], _R], specs: Sequence[_T]) -> Iterator[_R]:
-            return _lost_process(pool.map(fn, specs))
+    def run(fn: Callable[[_T], _R], specs: Sequence[_T]) -> Iterator[_R]:
+        return _lost_process(pool.map(fn, specs))
 
+    try:
         yield run
+    except BaseException:
+        # Stopped (Ctrl-C, SIGTERM) or failed: the tasks not started are dropped, the running
+        # ones end (one shard each), and the workers with them: none is left running alone.
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 
 
 @contextmanager
