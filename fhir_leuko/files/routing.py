@@ -187,6 +187,7 @@ class ShardWriter:
     def __init__(
         self, directory: Path, index: int, count: int, copy: bool, suffix: str = ""
     ) -> None:
+        self.directory = directory
         self.base = [directory / f"{k:03d}" / f"{index:05d}{suffix}" for k in range(count)]
         self.copy = copy
         self.handles: list[IO[bytes] | None] = [None] * count
@@ -208,10 +209,10 @@ class ShardWriter:
                 )
             handle.write(line if line.endswith(b"\n") else line + b"\n")
         except OSError as exc:
-            raise work_dir_error(self.base[shard].parent.parent, "write", exc) from None
+            raise work_dir_error(self.directory, "write", exc) from None
 
     def close(self) -> None:
-        with work_dir_io(self.base[0].parent.parent if self.base else "the work directory"):
+        with work_dir_io(self.directory):
             self._close()
 
     def _close(self) -> None:
