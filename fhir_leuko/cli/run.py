@@ -13,8 +13,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -35,6 +36,9 @@ from ..errors import (
 from ..fhir.client import FhirClient, RetryPolicy
 from ..fhir.privacy import install_log_scrubbing
 from ..files.documents import load_knowledge, load_profiles
+from ..files.executors import ShardMap
+from ..files.partition import MAX_SHARDS
+from ..job.bulkshards import BulkScale
 from ..job.config import (
     JobConfig,
     build_auth,
@@ -48,6 +52,7 @@ from ..job.state import State
 from ..job.walk import interruptible_sleep
 from .formats import check_report_target, write_report
 from .options import parse_instant
+from .scale import ScaleOptions, add_scale_options, shard_executor
 
 __all__ = [
     "JsonFormatter",
@@ -76,7 +81,7 @@ configuration (flags > FHIR_LEUKO_<TABLE>_<KEY> environment variables > --config
           profile, log_format, every, cron, stale_lock_after, bulk, bulk_dir,
           metrics_textfile, metrics_pushgateway, metrics_listen (watch)
   [state] path, dir                                e.g. FHIR_LEUKO_STATE_PATH, FHIR_LEUKO_STATE_DIR
-  [scale] workers, dask_scheduler, work_dir        (evaluate; docs/population.md)
+  [scale] workers, dask_scheduler, work_dir        (run --bulk, evaluate; docs/population.md)
   Secrets are never flags: use the environment or *_file settings. See docs/scheduled-job.md.
 """
 
@@ -209,6 +214,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="evaluate only this profile (repeatable)",
     )
+    add_scale_options(parser, config=False, bulk=True)
 
     how = parser.add_argument_group("writing, state and output")
     how.add_argument(
@@ -375,6 +381,11 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
             "metrics_listen": getattr(args, "metrics_listen", None),
         },
         "state": {"path": args.state, "dir": args.state_dir},
+        "scale": {
+            "workers": args.workers,
+            "dask_scheduler": args.dask_scheduler,
+            "work_dir": args.work_dir,
+        },
     }
     return {
         table: {k: v for k, v in values.items() if v is not None}
@@ -545,9 +556,13 @@ def _setup(args: argparse.Namespace) -> tuple[JobConfig, Job, State | None]:
     stop = threading.Event()
     client = build_client(config, stop)
     state_path = resolve_state_path(config)
+    shard_map = None
     if config.run.bulk and options.mode != "patients":
         bulk_dir = config.run.bulk_dir or state_path.parent / "fhir-leuko-bulk"
-        options = dataclasses.replace(options, bulk_dir=bulk_dir)
+        scale, shard_map = _bulk_scale(config, args)
+        options = dataclasses.replace(options, bulk_dir=bulk_dir, scale=scale)
+    else:
+        _unused_scale_flags(args)
     # A dry run changes nothing, the state file included: with no file yet it runs as a first pass.
     state = None if options.dry_run and not state_path.exists() else State(state_path)
     emit = None
@@ -566,8 +581,56 @@ def _setup(args: argparse.Namespace) -> tuple[JobConfig, Job, State | None]:
         stop=stop,
         emit=emit,
         checkpoint_hook=_test_pause_hook(),
+        shard_map=shard_map,
     )
     return config, job, state
+
+
+def _bulk_scale(
+    config: JobConfig, args: argparse.Namespace
+) -> tuple[BulkScale, Callable[[], AbstractContextManager[ShardMap]] | None]:
+    """``[scale]`` for ``run --bulk``: how a full export is sharded, and the executor its shards
+    are evaluated on (``None``: in this process)."""
+    scale = config.scale
+    if args.shards is not None and not 0 <= args.shards <= MAX_SHARDS:
+        raise UsageError(f"--shards {args.shards}: must be 0 (in memory) to {MAX_SHARDS}")
+    settings = BulkScale(
+        shards=args.shards,
+        workers=scale.workers,
+        work_dir=scale.work_dir,
+        profile_dirs=tuple(str(d) for d in config.run.profiles),
+        select=tuple(config.run.profile),
+    )
+    if scale.workers <= 1 and not scale.dask_scheduler:
+        return settings, None
+    where = (
+        f"on the Dask cluster at {scale.dask_scheduler}"
+        if scale.dask_scheduler
+        else f"on {scale.workers} local worker processes"
+    )
+    settings = dataclasses.replace(settings, evaluated_on=where)
+    options = ScaleOptions(scale.workers, scale.dask_scheduler, scale.work_dir)
+    return settings, partial(shard_executor, options)
+
+
+def _unused_scale_flags(args: argparse.Namespace) -> None:
+    """Population-scale flags without ``--bulk`` (or with ``--patient``): said, not ignored."""
+    given = [
+        flag
+        for flag, value in (
+            ("--workers", args.workers),
+            ("--dask-scheduler", args.dask_scheduler),
+            ("--work-dir", args.work_dir),
+            ("--shards", args.shards),
+        )
+        if value is not None
+    ]
+    if given:
+        log.warning(
+            "%s: used by --bulk passes only (everyone from a Bulk Data export; not with "
+            "--patient): this pass evaluates in this process",
+            ", ".join(given),
+        )
 
 
 class _Monitoring:

@@ -54,8 +54,16 @@ class ScaleOptions:
     shards: int | None = None
 
 
-def add_scale_options(parser: argparse.ArgumentParser, *, config: bool = True) -> None:
-    group = parser.add_argument_group("population scale (large exports)")
+def add_scale_options(
+    parser: argparse.ArgumentParser, *, config: bool = True, bulk: bool = False
+) -> None:
+    """The population-scale flags (``bulk``: as ``run --bulk`` uses them, on a full export)."""
+    title = (
+        "population scale (--bulk: the shards of a full export; [scale] in --config)"
+        if bulk
+        else "population scale (large exports)"
+    )
+    group = parser.add_argument_group(title)
     group.add_argument(
         "--workers", metavar="N", type=int, help="evaluate shards on N local processes"
     )

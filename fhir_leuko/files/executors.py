@@ -12,6 +12,7 @@ installed fhir-leuko and site profiles from the same paths.
 from __future__ import annotations
 
 import multiprocessing
+import signal
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import CancelledError, ProcessPoolExecutor
@@ -27,7 +28,7 @@ _T = TypeVar("_T")
 _R = TypeVar("_R")
 
 
-_TASK_NAMES = {"ShardSpec": "shard", "Piece": "piece", "JoinTask": "join"}
+_TASK_NAMES = {"ShardSpec": "shard", "Piece": "piece", "JoinTask": "join", "VerdictTask": "shard"}
 """How Dask names the tasks (``fhir-leuko-shard-…``: the dashboard and logs show them)."""
 
 
@@ -66,19 +67,27 @@ def process_map(workers: int) -> Iterator[ShardMap]:
         WorkerLostError: a worker process died (killed, out of memory) before its task was done.
     """
     context = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
+    pool = ProcessPoolExecutor(
+        max_workers=workers, mp_context=context, initializer=_leave_stopping_to_the_client
+    )
 
     def run(fn: Callable[[_T], _R], specs: Sequence[_T]) -> Iterator[_R]:
         return _lost_process(pool.map(fn, specs))
 
     try:
         yield run
-    except BaseException:
-        # Stopped (Ctrl-C, SIGTERM) or failed: the tasks not started are dropped, the running
-        # ones end (one shard each), and the workers with them: none is left running alone.
+    finally:
+        # Stopped (Ctrl-C, SIGTERM), failed, or done with what it needed (a pass that stops
+        # between two shards): the tasks not started are dropped, the running ones end (one shard
+        # each), and the workers with them: none is left running alone.
         pool.shutdown(wait=True, cancel_futures=True)
-        raise
-    pool.shutdown(wait=True)
+
+
+def _leave_stopping_to_the_client() -> None:
+    """In each worker: Ctrl-C reaches the whole process group of a terminal, and a worker that
+    died of it would make the run a lost worker (exit 3) instead of a stopped one. The client
+    decides: it drops the tasks not started, and the running ones end."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @contextmanager

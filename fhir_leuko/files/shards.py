@@ -68,14 +68,18 @@ __all__ = [
     "Partition",
     "ShardResult",
     "ShardSpec",
+    "check_rules",
     "evaluate_shard",
     "evaluate_sharded",
     "load_shard",
+    "load_spec",
     "merge_results",
     "partition",
     "patient_key_of",
     "patient_shard",
+    "rules_fingerprint",
     "shard_count",
+    "shard_specs",
 ]
 
 log = logging.getLogger(__name__)
@@ -271,8 +275,10 @@ def _load(
     return dataset
 
 
-def evaluate_shard(spec: ShardSpec) -> ShardResult:
-    """Normalise and evaluate one shard: the patients it owns, with the same core as ever."""
+def load_spec(spec: ShardSpec) -> tuple[Dataset, ProfileSet, str]:
+    """What a shard task starts with: the normalised records of the patients shard ``spec.index``
+    owns, the profiles it names (loaded by this process: a worker's own) and their fingerprint
+    (:func:`rules_fingerprint`)."""
     # The previous shard's objects are garbage now, and a few of them may be in cycles, which
     # reference counting alone never frees while evaluate keeps the cyclic collector off: one
     # collection per shard (cheap here, with little else alive) keeps memory flat over shards.
@@ -290,6 +296,30 @@ def evaluate_shard(spec: ShardSpec) -> ShardResult:
         spec.stamps,
         spec.placed,
     )
+    return dataset, profiles, rules
+
+
+def rules_fingerprint(profile_dirs: Sequence[str], select: Sequence[str]) -> str:
+    """The fingerprint of the rules this process evaluates with (the fhir-leuko version, the
+    knowledge files' versions and every profile file's bytes): each shard's must be the same."""
+    return _rules(tuple(profile_dirs), tuple(select))[2]
+
+
+def check_rules(index: int, got: str, want: str) -> None:
+    """Raise :class:`UsageError` when shard ``index`` was evaluated with other rules (``got``)
+    than this process's (``want``): its alerts would not be this run's."""
+    if got != want:
+        raise UsageError(
+            f"shard {index} was evaluated with other rules than this process's (rules "
+            f"{got or 'unknown'}, here {want}: another fhir-leuko version or other "
+            "profile files on a worker); nothing was written: install the same fhir-leuko on "
+            "every worker, with the site profiles at the same paths and the same content"
+        )
+
+
+def evaluate_shard(spec: ShardSpec) -> ShardResult:
+    """Normalise and evaluate one shard: the patients it owns, with the same core as ever."""
+    dataset, profiles, rules = load_spec(spec)
     evaluation = evaluate_dataset(dataset, profiles, as_of=spec.as_of)
     mine = dataset.patients if spec.records else {}
     flagged = {f.patient: mine[f.patient] for f in evaluation.findings if f.patient in mine}
@@ -311,13 +341,8 @@ def merge_results(
     """
     ordered = sorted(results, key=lambda r: r.index)
     for result in ordered:
-        if rules and result.rules != rules:
-            raise UsageError(
-                f"shard {result.index} was evaluated with other rules than this process's (rules "
-                f"{result.rules or 'unknown'}, here {rules}: another fhir-leuko version or other "
-                "profile files on a worker); nothing was written: install the same fhir-leuko on "
-                "every worker, with the site profiles at the same paths and the same content"
-            )
+        if rules:
+            check_rules(result.index, result.rules, rules)
     shards = [r.evaluation for r in ordered]
     flagged = Dataset()
     for r in ordered:
@@ -400,29 +425,42 @@ def evaluate_sharded(
     )
     if part is None:
         return None
-    specs = [
+    dirs = [str(d) for d in profile_dirs]
+    specs = shard_specs(part, as_of, dirs, select, records=records)
+    tick = shards_progress(count) if shards_progress is not None else None
+    # What this process evaluates with, read before any shard runs (11 ms): every shard must
+    # have used the same rules.
+    rules = rules_fingerprint(dirs, select)
+    return merge_results(_counted(run_map(evaluate_shard, specs), count, tick), part, rules)
+
+
+def shard_specs(
+    part: Partition,
+    as_of: AsOf,
+    profile_dirs: Sequence[str],
+    select: Sequence[str],
+    *,
+    records: bool = False,
+) -> list[ShardSpec]:
+    """One task per shard of ``part`` (its directory as the partition wrote it)."""
+    return [
         ShardSpec(
-            str(work_dir),
+            str(part.directory),
             index,
-            count,
+            part.count,
             tuple(part.files),
             tuple(part.pieces),
             tuple(part.inputs),
             as_of,
-            tuple(str(d) for d in profile_dirs),
+            tuple(profile_dirs),
             tuple(select),
             records,
             tuple(sorted(part.owners.items())),
             tuple(part.stamps),
             part.placed[index] if part.placed else -1,
         )
-        for index in range(count)
+        for index in range(part.count)
     ]
-    tick = shards_progress(count) if shards_progress is not None else None
-    # What this process evaluates with, read before any shard runs (11 ms): every shard must
-    # have used the same rules.
-    _knowledge, _profile_set, rules = _rules(tuple(str(d) for d in profile_dirs), tuple(select))
-    return merge_results(_counted(run_map(evaluate_shard, specs), count, tick), part, rules)
 
 
 def _counted(

@@ -20,8 +20,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
-from collections.abc import Callable, Iterator, Sequence
-from functools import partial
+from collections.abc import Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import quote
@@ -33,11 +33,9 @@ from ..core.detectedissue import IDENTIFIER_SYSTEM
 from ..core.fhirjson import INPUT_TYPES, decode_json
 from ..core.fhirtime import format_instant, parse_fhir_datetime
 from ..core.model import Problem
-from ..core.normalise import Dataset
 from ..fhir.bulk import BulkExport, ExportRequest, observation_filter
-from ..files.bulkread import normalise_files
 from ..files.reader import READ_ERRORS, input_files, open_input
-from ..files.shards import Partition, load_shard, partition, patient_key_of, shard_count
+from .bulkshards import export_shards
 from .fetch import Existing
 from .patients import patient_key
 
@@ -194,26 +192,6 @@ def _existing(files: Sequence[tuple[Path, str | None]], problems: list[Problem])
     return existing
 
 
-def _shards(
-    passer: _Pass, directory: Path, files: Sequence[tuple[Path, str | None]]
-) -> Iterator[tuple[Callable[[str], bool], Dataset]]:
-    """(whether a patient key is the shard's, dataset of the patients it owns) for each shard of
-    the export."""
-    knowledge = passer.job.knowledge
-    total = sum(path.stat().st_size for path, _input in files)
-    count = shard_count(total)
-    part = partition(files, directory / ".fhir-leuko" / "shards", count) if count > 1 else None
-    if part is None:
-        yield (lambda _key: True), normalise_files(files, knowledge)
-        return
-    for index in range(count):
-        yield partial(_owned, part, index), load_shard(part, index, knowledge)
-
-
-def _owned(part: Partition, index: int, key: str) -> bool:
-    return part.shard_of(key) == index
-
-
 def _evaluate_export(
     passer: _Pass, report: PassReport, directory: Path, files: Sequence[tuple[Path, str | None]]
 ) -> None:
@@ -221,21 +199,27 @@ def _evaluate_export(
     data = [f for f in files if not f[0].name.startswith("DetectedIssue.")]
     existing = _existing(issues, report.problems)
     size = passer.job.options.patients_per_request
-    for owns, dataset in _shards(passer, directory, data):
-        report.problems.extend(dataset.problems)
-        mine = {key for key, record in dataset.patients.items() if record.results}
-        mine.update(p for p in existing if owns(_bare(p)))
-        patients = sorted(mine)
-        for start in range(0, len(patients), size):
-            if passer.job.stop.is_set():
-                report.interrupted = True
-                return
-            group = patients[start : start + size]
-            done, failed = passer.settle(group, dataset, existing)
-            passer.record(done, failed)
-            if report.interrupted or report.aborted is not None:
-                return
-
-
-def _bare(key: str) -> str:
-    return patient_key_of(key)
+    shards = export_shards(
+        data,
+        directory,
+        knowledge=passer.job.knowledge,
+        scale=passer.job.options.scale,
+        as_of=passer.as_of,
+        existing=list(existing),
+        judge_in=passer.judge_in,
+        shard_map=passer.job.shard_map,
+    )
+    # closing: a pass that stops between two shards drops the shards not started at once.
+    with closing(shards):
+        for shard in shards:
+            report.problems.extend(shard.problems)
+            patients = shard.patients
+            for start in range(0, len(patients), size):
+                if passer.job.stop.is_set():
+                    report.interrupted = True
+                    return
+                group = patients[start : start + size]
+                done, failed = passer.settle(group, shard.merged, shard.verdict, existing)
+                passer.record(done, failed)
+                if report.interrupted or report.aborted is not None:
+                    return

@@ -26,7 +26,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -36,24 +37,27 @@ import orjson
 from tqdm import tqdm
 
 from ..core.detectedissue import FINDING_SYSTEM
-from ..core.evaluate import evaluate
 from ..core.fhirjson import DiagnosticReport as DiagnosticReportStruct
 from ..core.fhirjson import MedicationRequest, MedicationStatement, Observation, Sourced, Unread
 from ..core.fhirtime import format_instant, parse_fhir_datetime
 from ..core.knowledge import Knowledge
-from ..core.model import Finding, FindingKind, PatientRecord, Problem, quoted
+from ..core.model import Finding, FindingKind, PatientRecord, Problem
 from ..core.normalise import Dataset, normalise
 from ..core.profiles import ProfileSet
 from ..errors import AuthError, FhirError, FhirLeukoError, FhirTemporaryError, LockError
 from ..fhir.client import FhirClient
 from ..fhir.privacy import patients_in_scope
 from ..fhir.r4search import check_search_params
+from ..files.executors import ShardMap
 from .bulk import bulk_pass
+from .bulkshards import BulkScale
 from .changes import CHANGE_TYPES, Batch, Change, ChangeWalk, Checkpoint, full_patients
 from .fetch import Existing, fetch
 from .patients import as_patient, pseudonym, scrub
 from .plan import MITIGATION_SYSTEM, RECOVERED_CODE, Planner, Write
 from .state import LockInfo, State, server_key
+from .verdict import Verdict, judge
+from .verdict import unusable as _unusable
 from .walk import Stopped, Walker
 from .write import Writer
 
@@ -98,6 +102,8 @@ class JobOptions:
     bulk_dir: Path | None = None
     """``run --bulk``: the patients come from a Bulk Data export kept under this directory
     (:mod:`.bulk`)."""
+    scale: BulkScale = field(default_factory=BulkScale)
+    """``run --bulk``: how a full export is sharded and who evaluates the shards (``[scale]``)."""
 
 
 @dataclass
@@ -207,6 +213,7 @@ class Job:
         flagged: Callable[[PatientRecord, list[Finding]], object] | None = None,
         checkpoint_hook: Callable[[str, int], object] | None = None,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        shard_map: Callable[[], AbstractContextManager[ShardMap]] | None = None,
     ) -> None:
         self.client = client
         self.knowledge = knowledge
@@ -219,6 +226,9 @@ class Job:
         """Called with each patient that has findings, as evaluated (``run --report``)."""
         self.hook = checkpoint_hook
         self.now = now
+        self.shard_map = shard_map
+        """``run --bulk``: the executor the shards of a full export are evaluated on (entered
+        only when there are shards; ``None``: in this process)."""
         self.server = server_key(client.base_url)
         # The mapped LOINC codes without a system: a server matches them under LOINC's OID or a
         # differently written system too, which the rule core reads or reports (issue 7 §3).
@@ -360,14 +370,6 @@ class Job:
                 if lock is not None:
                     state.release_lock(lock)
         return report
-
-
-def _unusable(what: str, exc: Exception) -> str:
-    """Why a patient failed on an error nobody planned for: one line naming it (capped: it may
-    quote input), its traceback in the debug log (-vv)."""
-    log.debug("%s could not be used", what, exc_info=exc)
-    detail = quoted(str(exc).replace("\n", " "))
-    return f"{what} could not be used ({type(exc).__name__}{': ' + detail if detail else ''})"
 
 
 class _Pass:
@@ -559,12 +561,25 @@ class _Pass:
         except Exception as exc:  # a resource the core cannot use: find whose, fail only them
             return self.one_by_one(group, "reading a group's data failed", _unusable("its data", exc))
         self.report.problems.extend(dataset.problems)
-        return self.settle(group, dataset, existing)
+        return self.settle(group, dataset.merged, self.judge_in(dataset), existing)
+
+    def judge_in(self, dataset: Dataset) -> Callable[[str], Verdict]:
+        """The verdict on a patient of ``dataset``, evaluated in this process."""
+        profiles, as_of = self.job.profiles, self.as_of
+        return lambda patient: judge(
+            dataset.patients.get(patient) or PatientRecord(patient), profiles, as_of
+        )
 
     def settle(
-        self, group: list[str], dataset: Dataset, existing: Existing
+        self,
+        group: list[str],
+        merged: Mapping[str, str],
+        verdict: Callable[[str], Verdict],
+        existing: Existing,
     ) -> tuple[list[str], list[tuple[str, str]]]:
-        """Evaluate a group's records, plan and write: the patients done and failed."""
+        """Evaluate a group's records (``verdict``: here or already on a worker), plan and
+        write: the patients done and failed. ``merged``: the records a ``Patient.link`` replaced
+        -> the surviving one."""
         planned: dict[str, list[Write]] = {}
         done: list[str] = []
         failed: list[tuple[str, str]] = []
@@ -575,18 +590,17 @@ class _Pass:
                 self.bar.update(1)
             # A record replaced by another (Patient.link): its resources count for the survivor,
             # who is evaluated (once) and alerted instead; nothing is written for the retired one.
-            target = dataset.merged.get(patient, patient)
+            target = merged.get(patient, patient)
             if target != patient:
                 planned[patient] = []
             if target in planned:
                 continue
             patient = target
-            record = dataset.patients.get(patient) or PatientRecord(patient)
-            try:
-                findings = evaluate(record, self.job.profiles, as_of=self.as_of)
-            except Exception as exc:  # a record the core cannot evaluate fails alone
-                failed.append((patient, _unusable("its record", exc)))
+            judged = verdict(patient)
+            if judged.failure is not None:
+                failed.append((patient, judged.failure))
                 continue
+            record, findings = judged.record, judged.findings
             self.report.patients += 1
             for finding in findings:
                 self.report.findings[(finding.kind.value, finding.severity)] += 1

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import orjson
@@ -138,3 +139,117 @@ def test_a_full_bulk_pass_reads_our_detectedissues_from_the_export(
     after = by_identity(issues(server.base_url))
     assert after.keys() == before.keys() and all(len(v) == 1 for v in after.values())
     assert "count-recovered" in orjson.dumps(after[("Patient/b-3", "neutropenia")][0]).decode()
+
+
+def _population(base: str) -> None:
+    """The ward, a patient who has died (found, never alerted), and one with a low ANC alone (once
+    it recovers, nothing is found: only the export's DetectedIssue says there is one to
+    resolve)."""
+    _ward(base)
+    seed(
+        base,
+        patient("b-anc"),
+        anc("b-anc-1", "b-anc", 0.8, "2026-11-18T08:00:00Z"),
+        {"resourceType": "Patient", "id": "b-dead", "birthDate": "1950-01-01",
+         "deceasedBoolean": True},
+        anc("b-dead-anc", "b-dead", 0.3, "2026-11-18T08:00:00Z"),
+    )
+
+
+def _said(found: list[dict[str, object]]) -> list[str]:
+    """What the DetectedIssues say, without what the server assigns (id, meta)."""
+    return sorted(
+        orjson.dumps({k: v for k, v in issue.items() if k not in ("id", "meta")},
+                     option=orjson.OPT_SORT_KEYS).decode()
+        for issue in found
+    )
+
+
+_COUNTS = ("written", "updated", "resolved", "unchanged", "patients_scanned", "findings",
+           "patients_failed", "input_problems")
+
+
+def test_a_full_bulk_pass_on_workers_writes_what_one_process_writes(
+    sekmet: SekmetServer, tmp_path: Path
+) -> None:
+    """[scale] for run --bulk: a full export in shards evaluated in this process, and on two
+    worker processes, writes exactly what the in-memory pass writes (first pass, then --full
+    resolving a recovered count that only the export's DetectedIssues tell)."""
+    seen: dict[str, tuple[object, ...]] = {}
+    modes = {
+        "memory": ("--shards", "0"),
+        "shards": ("--shards", "3"),
+        "workers": ("--shards", "3", "--workers", "2"),
+    }
+    with ExitStack() as stack:
+        try:
+            import distributed
+        except ImportError:
+            pass  # the dask extra (./dev installs it): the Dask cluster's run is skipped
+        else:
+            cluster = stack.enter_context(distributed.LocalCluster(
+                n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                host="127.0.0.1",
+            ))
+            modes["dask"] = (
+                "--shards", "3", "--dask-scheduler", cluster.scheduler_address,
+                "--work-dir", str(tmp_path / "work"),
+            )
+        _each_mode(sekmet, tmp_path, modes, seen)
+    assert seen["shards"] == seen["memory"]
+    assert seen["workers"] == seen["memory"]
+    if "dask" in seen:
+        assert seen["dask"] == seen["memory"]
+        assert not any((tmp_path / "work").iterdir())  # the shards are removed
+
+
+def _each_mode(
+    sekmet: SekmetServer,
+    tmp_path: Path,
+    modes: dict[str, tuple[str, ...]],
+    seen: dict[str, tuple[object, ...]],
+) -> None:
+    for name, extra in modes.items():
+        sekmet.reset()
+        _population(sekmet.base_url)
+        state = tmp_path / name / "state.sqlite3"
+        first = cli(*_args(sekmet.base_url, state, AS_OF, *extra))
+        assert first.returncode == 0, first.stderr
+        written = issues(sekmet.base_url)
+        seed(
+            sekmet.base_url,
+            anc("b-3-anc-2", "b-3", 3.0, "2026-11-20T08:00:00Z"),
+            anc("b-anc-2", "b-anc", 3.1, "2026-11-20T08:00:00Z"),
+        )
+        again = cli(*_args(sekmet.base_url, state, AS_OF, "--full", *extra))
+        assert again.returncode == 0, again.stderr
+        reports = [_report(first.stderr), _report(again.stderr)]
+        seen[name] = (
+            _said(written),
+            _said(issues(sekmet.base_url)),
+            [{k: r.get(k) for k in _COUNTS} for r in reports],
+        )
+        said = {
+            "workers": "in 3 shards, evaluated on 2 local worker processes",
+            "dask": "in 3 shards, evaluated on the Dask cluster at tcp://",
+            "shards": "in 3 shards, evaluated in this process",
+        }
+        assert all((text in first.stderr) == (mode == name) for mode, text in said.items())
+        assert "used by --bulk passes only" not in first.stderr
+        if name == "memory":
+            assert {orjson.loads(i)["patient"]["reference"] for i in seen[name][0]} == {
+                *(f"Patient/b-{i}" for i in range(6)), "Patient/b-anc"
+            }  # the patient who died is found, and left alone
+            assert reports[1]["resolved"] == 2 and reports[1]["written"] == 0, reports[1]
+
+
+def test_population_flags_without_bulk_are_said_not_ignored(
+    server: SekmetServer, tmp_path: Path
+) -> None:
+    _ward(server.base_url)
+    state = tmp_path / "state.sqlite3"
+    plain = [a for a in _args(server.base_url, state, AS_OF) if a != "--bulk"]
+    ran = cli(*plain, "--workers", "2", "--shards", "4")
+    assert ran.returncode == 0, ran.stderr
+    assert "--workers, --shards: used by --bulk passes only" in ran.stderr
+    assert len(issues(server.base_url)) == 12  # and the pass itself ran as ever
