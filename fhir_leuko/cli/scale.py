@@ -73,7 +73,11 @@ def add_scale_options(
         help="evaluate shards as tasks on this dask.distributed scheduler (tcp://host:8786)",
     )
     group.add_argument(
-        "--work-dir", metavar="DIR", type=Path, help="where the shards go (default: a temp dir)"
+        "--work-dir",
+        metavar="DIR",
+        type=Path,
+        help="where the shards go (default: "
+        + ("inside the export directory)" if bulk else "a temp dir)"),
     )
     group.add_argument(
         "--shards",
