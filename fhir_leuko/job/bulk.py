@@ -70,6 +70,7 @@ def bulk_pass(passer: _Pass, report: PassReport, root: Path, stored: str | None)
     job = passer.job
     opts = job.options
     full = opts.mode == "full" or (stored is None and opts.since is None)
+    report.mode = f"bulk {'full' if full else 'incremental'}"  # what the summary's first line says
     since = None
     if not full:
         moment = opts.since

@@ -165,8 +165,8 @@ def _said(found: list[dict[str, object]]) -> list[str]:
     )
 
 
-_COUNTS = ("written", "updated", "resolved", "unchanged", "patients_scanned", "findings",
-           "patients_failed", "input_problems")
+_COUNTS = ("mode", "written", "updated", "resolved", "unchanged", "patients_scanned", "findings",
+           "patients_deceased", "patients_failed", "input_problems")
 
 
 def test_a_full_bulk_pass_on_workers_writes_what_one_process_writes(
@@ -241,6 +241,8 @@ def _each_mode(
                 *(f"Patient/b-{i}" for i in range(6)), "Patient/b-anc"
             }  # the patient who died is found, and left alone
             assert reports[1]["resolved"] == 2 and reports[1]["written"] == 0, reports[1]
+            assert reports[0]["patients_deceased"] == 1, reports[0]
+            assert [r["mode"] for r in reports] == ["bulk full", "bulk full"]
 
 
 def test_population_flags_without_bulk_are_said_not_ignored(
