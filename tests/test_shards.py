@@ -690,3 +690,25 @@ def test_sigterm_stops_the_workers_and_removes_the_shards(tmp_path: Path) -> Non
     time.sleep(0.5)
     assert not [pid for pid in workers if _alive(pid)]
     assert not any(work.iterdir()) and not out.exists()
+
+
+def test_standard_input_asked_for_shards_says_why_it_is_read_in_memory(tmp_path: Path) -> None:
+    """A pipe is read once, and shards read their lines back by byte range: the warning says so
+    (it said "- is not NDJSON" of NDJSON on standard input); the near miss, the same lines in a
+    file, is sharded without a warning."""
+    flat = _flatten(DATA, tmp_path / "data")
+    _identity_apart(flat, tmp_path / "in-memory")  # the rest can be sharded
+    one = tmp_path / "all.ndjson"
+    one.write_bytes(b"".join(path.read_bytes() for path in sorted(flat.iterdir())))
+    base = ["--as-of", "2024-05-02", "--format", "ndjson", "--shards", "2", "--no-progress"]
+    piped = subprocess.run(
+        [sys.executable, "-m", "fhir_leuko", "evaluate", "-", *base],
+        input=one.read_bytes(), capture_output=True, timeout=120, check=False,
+    )
+    stderr = piped.stderr.decode()
+    assert "standard input is read once (save it to a file to shard it)" in stderr
+    assert "is not NDJSON" not in stderr
+    from_file = fhir_leuko("evaluate", str(one), *base)
+    assert "evaluating in memory" not in from_file.stderr, from_file.stderr
+    # The same DetectedIssues (their texts name the input: <stdin> or the file).
+    assert len(piped.stdout.splitlines()) == len(from_file.stdout.splitlines()) > 0

@@ -28,7 +28,7 @@ from ..core.model import Problem
 from ..errors import InputError
 from .executors import ShardMap
 from .join import Copies, JoinTask, join, join_buckets, write_copies
-from .reader import Progress, is_ndjson
+from .reader import STDIN, Progress, is_ndjson
 from .routing import (
     PENDING,
     Piece,
@@ -203,6 +203,10 @@ def partition(
         raise ValueError("count must be at least 1")
     if count > MAX_SHARDS:
         raise ValueError(f"at most {MAX_SHARDS} shards")
+    if any(path == STDIN for path, _input in files):
+        # Shards read their lines back from the input by byte range: a pipe is read once.
+        log.warning("%s: standard input is read once (save it to a file to shard it)", _IN_MEMORY)
+        return None
     not_ndjson = [path for path, _input in files if not is_ndjson(path)]
     if not_ndjson:
         log.warning("%s: %s is not NDJSON", _IN_MEMORY, not_ndjson[0])
