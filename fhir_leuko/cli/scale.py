@@ -4,9 +4,7 @@ processes, a Dask cluster (docs/population.md)."""
 from __future__ import annotations
 
 import argparse
-import shutil
 import signal
-import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -18,9 +16,8 @@ from ..core.normalise import Dataset
 from ..core.pipeline import AsOf, Evaluation
 from ..errors import UsageError
 from ..files.executors import ShardMap, dask_map, local_map, process_map
-from ..files.partition import MAX_SHARDS, piece_size
+from ..files.partition import MAX_SHARDS, piece_size, temporary_work_dir
 from ..files.reader import Progress
-from ..files.routing import work_dir_io
 from ..files.shards import SHARD_BYTES, evaluate_sharded, shard_count
 from ..job.config import load_job_config
 
@@ -139,18 +136,6 @@ def _terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-@contextmanager
-def _work_dir(scale: ScaleOptions) -> Iterator[Path]:
-    with work_dir_io(scale.work_dir or tempfile.gettempdir(), "create"):
-        if scale.work_dir is not None:
-            scale.work_dir.mkdir(parents=True, exist_ok=True)
-        directory = Path(tempfile.mkdtemp(prefix="fhir-leuko-shards-", dir=scale.work_dir))
-    try:
-        yield directory
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-
-
 def evaluate_in_shards(
     files: Sequence[tuple[Path, str | None]],
     total: int,
@@ -168,7 +153,7 @@ def evaluate_in_shards(
     parallel = bool(scale.dask_scheduler) or scale.workers > 1
     with (
         _terminate_as_interrupt(),
-        _work_dir(scale) as directory,
+        temporary_work_dir(scale.work_dir) as directory,
         shard_executor(scale) as run_map,
     ):
         return evaluate_sharded(

@@ -18,8 +18,6 @@ profiles: each shard's rules fingerprint is checked (docs/population.md).
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -32,8 +30,7 @@ from ..core.model import PatientRecord, Problem
 from ..core.normalise import Dataset
 from ..files.bulkread import normalise_files
 from ..files.executors import ShardMap, local_map
-from ..files.partition import piece_size
-from ..files.routing import work_dir_io
+from ..files.partition import piece_size, temporary_work_dir
 from ..files.shards import (
     Partition,
     ShardSpec,
@@ -142,13 +139,8 @@ def _work_dir(scale: BulkScale, export: Path) -> Iterator[Path]:
     if scale.work_dir is None:
         yield export / ".fhir-leuko" / "shards"  # removed with the export
         return
-    with work_dir_io(scale.work_dir, "create"):
-        scale.work_dir.mkdir(parents=True, exist_ok=True)
-        directory = Path(tempfile.mkdtemp(prefix="fhir-leuko-shards-", dir=scale.work_dir))
-    try:
+    with temporary_work_dir(scale.work_dir) as directory:
         yield directory / "shards"
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def export_shards(
