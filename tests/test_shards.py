@@ -656,10 +656,23 @@ def _alive(pid: int) -> bool:
     return stat[stat.rfind(")") + 2] != "Z"
 
 
-def test_sigterm_stops_the_workers_and_removes_the_shards(tmp_path: Path) -> None:
-    """SIGTERM (``timeout``, a Job's deadline) unwinds a sharded run as Ctrl-C does: exit 143,
-    the worker processes end with it (killed outright, they went on computing, orphaned) and the
-    work directory is emptied; nothing is written."""
+@pytest.mark.parametrize(
+    ("how", "code", "said"),
+    [
+        ("SIGTERM", 143, "fhir-leuko: stopped"),  # timeout, a Kubernetes Job's deadline
+        ("SIGTERM to the group", 143, "fhir-leuko: stopped"),  # systemd's stop (control-group)
+        ("SIGINT to the group", 130, "fhir-leuko: interrupted"),  # Ctrl-C on a terminal
+        ("SIGKILL", -9, ""),  # kill -9, the OOM killer: nothing can unwind
+    ],
+)
+def test_a_stopped_run_leaves_no_worker_behind(
+    tmp_path: Path, how: str, code: int, said: str
+) -> None:
+    """However a sharded run with workers is stopped, its worker processes end with it (SIGTERM
+    used to leave them computing, orphaned; a worker killed by the group's signal made the run a
+    lost worker, exit 3; after kill -9 of the client they waited for a task for good). Stopped
+    by a signal it can handle, the run unwinds as Ctrl-C does: the work directory is emptied and
+    nothing is written."""
     import signal
     import time
 
@@ -672,8 +685,14 @@ def test_sigterm_stops_the_workers_and_removes_the_shards(tmp_path: Path) -> Non
         sys.executable, "-m", "fhir_leuko", "evaluate", str(export), "--as-of", "2026-01-15",
         "--workers", "2", "--shards", "400", "--work-dir", str(work), "--output", str(out),
     ]  # fmt: skip
+    signum = getattr(signal, how.split()[0])
     with subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group: the group's signal reaches nothing else
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # (not inherited ignored)
     ) as process:
         deadline = time.monotonic() + 60
         workers: list[int] = []
@@ -683,13 +702,20 @@ def test_sigterm_stops_the_workers_and_removes_the_shards(tmp_path: Path) -> Non
                 Path("/proc") / str(pid) / "cmdline").read_bytes().decode(errors="replace")]
         assert len(workers) == 2 and process.poll() is None
         time.sleep(0.5)
-        process.send_signal(signal.SIGTERM)
+        if how.endswith("to the group"):
+            os.killpg(process.pid, signum)
+        else:
+            process.send_signal(signum)
         _out, stderr = process.communicate(timeout=60)
-    assert process.returncode == 143, stderr
-    assert "fhir-leuko: stopped" in stderr
-    time.sleep(0.5)
+    assert process.returncode == code, stderr
+    assert said in stderr and "lost" not in stderr
+    deadline = time.monotonic() + 10  # after kill -9 a worker sees its client gone within 1 s
+    while [pid for pid in workers if _alive(pid)] and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert not [pid for pid in workers if _alive(pid)]
-    assert not any(work.iterdir()) and not out.exists()
+    assert not out.exists()
+    if signum != signal.SIGKILL:
+        assert not any(work.iterdir())
 
 
 def test_standard_input_asked_for_shards_says_why_it_is_read_in_memory(tmp_path: Path) -> None:

@@ -12,7 +12,10 @@ installed fhir-leuko and site profiles from the same paths.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import CancelledError, ProcessPoolExecutor
@@ -68,7 +71,10 @@ def process_map(workers: int) -> Iterator[ShardMap]:
     """
     context = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(
-        max_workers=workers, mp_context=context, initializer=_leave_stopping_to_the_client
+        max_workers=workers,
+        mp_context=context,
+        initializer=_worker_start,
+        initargs=(os.getpid(),),
     )
 
     def run(fn: Callable[[_T], _R], specs: Sequence[_T]) -> Iterator[_R]:
@@ -83,11 +89,28 @@ def process_map(workers: int) -> Iterator[ShardMap]:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _leave_stopping_to_the_client() -> None:
-    """In each worker: Ctrl-C reaches the whole process group of a terminal, and a worker that
-    died of it would make the run a lost worker (exit 3) instead of a stopped one. The client
-    decides: it drops the tasks not started, and the running ones end."""
+def _worker_start(client: int) -> None:
+    """In each worker process, first.
+
+    Ctrl-C reaches the whole process group of a terminal, and systemd's stop sends SIGTERM to
+    every process of the unit (``KillMode=control-group``): a worker that died of either would
+    make the run a lost worker (exit 3) instead of a stopped one. The client decides: it drops the
+    tasks not started, and the running ones end. And a worker ends when its client is gone (kill
+    -9, the OOM killer): the pool's queues never tell it (each worker holds both ends of its
+    pipe), so it would wait for a task, orphaned, for good."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    threading.Thread(
+        target=_end_with_client, args=(client,), name="fhir-leuko-client-watch", daemon=True
+    ).start()
+
+
+def _end_with_client(client: int) -> None:
+    # An orphan is given another parent (init or a subreaper): portable, unlike prctl's
+    # PR_SET_PDEATHSIG (Linux only, and tied to the thread that started the worker).
+    while os.getppid() == client:
+        time.sleep(1)
+    os._exit(1)  # nobody reads this worker's results any more
 
 
 @contextmanager
