@@ -669,10 +669,9 @@ def test_a_stopped_run_leaves_no_worker_behind(
     tmp_path: Path, how: str, code: int, said: str
 ) -> None:
     """However a sharded run with workers is stopped, its worker processes end with it (SIGTERM
-    used to leave them computing, orphaned; a worker killed by the group's signal made the run a
-    lost worker, exit 3; after kill -9 of the client they waited for a task for good). Stopped
-    by a signal it can handle, the run unwinds as Ctrl-C does: the work directory is emptied and
-    nothing is written."""
+    used to leave them computing, orphaned; after kill -9 of the client they waited for a task for
+    good). Stopped by a signal it can handle, also one that reaches the workers, the run unwinds
+    as Ctrl-C does: never a lost worker, the work directory emptied, nothing written."""
     import signal
     import time
 
