@@ -68,12 +68,12 @@ def test_a_task_that_kills_its_workers_is_a_lost_cluster_not_a_bug(cluster: str)
     from fhir_leuko.files.executors import dask_map
 
     with dask_map(cluster) as run, pytest.raises(WorkerLostError) as lost:
-        run(os._exit, [9])
+        list(run(os._exit, [9]))
     assert "the Dask cluster was lost" in str(lost.value) and "nothing was written" in str(lost.value)
     assert lost.value.exit_code == ExitCode.INCOMPLETE
     # The near miss: the cluster's workers came back, and a task that ends normally counts.
     with dask_map(cluster) as run:
-        assert run(abs, [-3, 4]) == [3, 4]
+        assert list(run(abs, [-3, 4])) == [3, 4]
 
 
 def test_a_worker_that_cannot_see_a_path_names_the_shared_storage_rule(cluster: str) -> None:
@@ -81,7 +81,7 @@ def test_a_worker_that_cannot_see_a_path_names_the_shared_storage_rule(cluster: 
     from fhir_leuko.files.executors import dask_map
 
     with dask_map(cluster) as run, pytest.raises(UsageError) as refused:
-        run(open, ["/nonexistent/fhir-leuko-work/000/00000.lines"])
+        list(run(open, ["/nonexistent/fhir-leuko-work/000/00000.lines"]))
     message = str(refused.value)
     assert "/nonexistent/fhir-leuko-work/000/00000.lines" in message
     assert "same paths on every worker" in message
@@ -95,3 +95,46 @@ def test_a_scheduler_address_that_is_not_one_is_a_usage_error(tmp_path: Path) ->
     )  # fmt: skip
     assert result.returncode == 2, result.stderr
     assert "--dask-scheduler scheduler-without-port: not a scheduler address" in result.stderr
+
+
+def _wait_for(path: str) -> str:
+    """A task that ends when ``path`` exists (or says it waited in vain after 30 s)."""
+    import os
+    import time
+
+    deadline = time.monotonic() + 30
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            return "waited in vain"
+        time.sleep(0.05)
+    return "released"
+
+
+def test_results_come_as_tasks_finish_and_a_stopped_run_cancels_the_rest(
+    cluster: str, tmp_path: Path
+) -> None:
+    """The shards' results are taken in order as each is done (the bar of the shards moves; a
+    pass that stops between two takes no more), not all at once at the end; the tasks not taken
+    when the run stops are cancelled on the cluster."""
+    from fhir_leuko.files.executors import dask_map
+
+    gate = tmp_path / "gate"
+    never = str(tmp_path / "never")
+    with dask_map(cluster) as run:
+        results = iter(run(_wait_for, [str(tmp_path), str(gate), never]))
+        assert next(results) == "released"  # the first is done: taken before the others are
+        gate.touch()  # only now can the second end: all at once, it would have waited in vain
+        assert next(results) == "released"
+        results.close()  # stopped: the third (waiting for a file that never comes) is cancelled
+        with distributed.Client(cluster) as client:
+            def waiting(dask_scheduler: object) -> list[str]:
+                return [
+                    str(key) for key, task in dask_scheduler.tasks.items()  # type: ignore[attr-defined]
+                    if "wait_for" in str(key) or "fhir-leuko-task" in str(key)
+                ]
+            import time
+
+            deadline = time.monotonic() + 10
+            while client.run_on_scheduler(waiting) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not client.run_on_scheduler(waiting)

@@ -113,6 +113,39 @@ def _end_with_client(client: int) -> None:
     os._exit(1)  # nobody reads this worker's results any more
 
 
+def _in_order(client: Any, futures: list[Any]) -> Iterator[_R]:
+    """Each task's result as soon as it and those before it are done (a bar of the shards moves
+    as they finish; a pass that stops between two takes no more), Dask's failures named. The
+    tasks not taken are cancelled: a stopped run leaves nothing computing for nobody."""
+    try:
+        for future in futures:
+            yield _dask_result(future)
+    finally:
+        client.cancel(futures)
+
+
+def _dask_result(future: Any) -> Any:
+    from distributed.comm.core import CommClosedError  # (imported already: dask_map)
+    from distributed.scheduler import KilledWorker
+
+    try:
+        return future.result()
+    except KilledWorker:
+        # Dask ran the task again on other workers (distributed.scheduler.allowed-failures)
+        # and each died with it: most often the memory a shard needs.
+        why = "every worker that ran one of its tasks died: killed, perhaps out of memory"
+        raise WorkerLostError(_LOST.format(what="the Dask cluster", why=why)) from None
+    except (CancelledError, CommClosedError, TimeoutError):
+        why = "the scheduler closed or went away"
+        raise WorkerLostError(_LOST.format(what="the Dask cluster", why=why)) from None
+    except OSError as exc:  # raised by a task: a worker cannot use a path the client gave
+        raise UsageError(
+            f"a Dask worker cannot use {exc.filename or 'a path'} ({exc.strerror or exc}): "
+            "the input and --work-dir must be at the same paths on every worker (a shared "
+            "file system, docs/population.md)"
+        ) from None
+
+
 @contextmanager
 def dask_map(scheduler: str | Any) -> Iterator[ShardMap]:
     """Shards as tasks on a Dask cluster: ``scheduler`` is its address (``tcp://host:8786``) or an
@@ -126,8 +159,6 @@ def dask_map(scheduler: str | Any) -> Iterator[ShardMap]:
     """
     try:
         from distributed import Client
-        from distributed.comm.core import CommClosedError
-        from distributed.scheduler import KilledWorker
     except ImportError:
         raise UsageError(
             "--dask-scheduler needs the dask extra: pip install 'fhir-leuko[dask]'"
@@ -141,28 +172,12 @@ def dask_map(scheduler: str | Any) -> Iterator[ShardMap]:
         raise UsageError(f"--dask-scheduler {scheduler}: not a scheduler address ({exc})") from None
     with client:
 
-        def run(fn: Callable[[_T], _R], specs: Sequence[_T]) -> list[_R]:
+        def run(fn: Callable[[_T], _R], specs: Sequence[_T]) -> Iterator[_R]:
             # One task per piece or shard; pure=False: two runs over the same input are two runs.
             token = uuid.uuid4().hex[:12]
             kind = _TASK_NAMES.get(type(specs[0]).__name__, "task") if specs else "task"
             keys = [f"fhir-leuko-{kind}-{token}-{i}" for i in range(len(specs))]
             futures = client.map(fn, list(specs), pure=False, key=keys)
-            try:
-                results: list[_R] = client.gather(futures)  # type: ignore[no-untyped-call]
-            except KilledWorker:
-                # Dask ran the task again on other workers (distributed.scheduler.allowed-failures)
-                # and each died with it: most often the memory a shard needs.
-                why = "every worker that ran one of its tasks died: killed, perhaps out of memory"
-                raise WorkerLostError(_LOST.format(what="the Dask cluster", why=why)) from None
-            except (CancelledError, CommClosedError, TimeoutError):
-                why = "the scheduler closed or went away"
-                raise WorkerLostError(_LOST.format(what="the Dask cluster", why=why)) from None
-            except OSError as exc:  # raised by a task: a worker cannot use a path the client gave
-                raise UsageError(
-                    f"a Dask worker cannot use {exc.filename or 'a path'} ({exc.strerror or exc}): "
-                    "the input and --work-dir must be at the same paths on every worker (a shared "
-                    "file system, docs/population.md)"
-                ) from None
-            return results
+            return _in_order(client, futures)
 
         yield run
