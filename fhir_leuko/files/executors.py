@@ -4,7 +4,7 @@ gives the results in the order of the tasks (the merge sorts them by shard anywa
 :func:`fhir_leuko.files.shards.evaluate_sharded`.
 
 Dask is the optional extra ``fhir-leuko[dask]``: one task per piece, then one per shard, no
-shuffle, results gathered in task order. The workers read the shards from the work directory, so it must be on
+shuffle, results taken in task order as they finish. The workers read the shards from the work directory, so it must be on
 storage every worker sees (a shared file system); they load the shipped profiles from their own
 installed fhir-leuko and site profiles from the same paths.
 """
@@ -155,7 +155,7 @@ def dask_map(scheduler: str | Any) -> Iterator[ShardMap]:
         UsageError: the ``dask`` extra is not installed, the scheduler cannot be reached, or a
             worker cannot use a path (the work directory is not shared).
         WorkerLostError: workers kept dying on a task, or the scheduler went away (while the
-            results are gathered).
+            results are taken).
     """
     try:
         from distributed import Client
