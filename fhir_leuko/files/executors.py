@@ -17,10 +17,12 @@ import signal
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import CancelledError, ProcessPoolExecutor
+from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
+from itertools import islice
 from typing import Any, Protocol, TypeVar
 
 from ..errors import UsageError, WorkerLostError
@@ -78,7 +80,7 @@ def process_map(workers: int) -> Iterator[ShardMap]:
     )
 
     def run(fn: Callable[[_T], _R], specs: Sequence[_T]) -> Iterator[_R]:
-        return _lost_process(pool.map(fn, specs))
+        return _lost_process(_ahead(pool, fn, specs, 2 * workers))
 
     try:
         yield run
@@ -87,6 +89,21 @@ def process_map(workers: int) -> Iterator[ShardMap]:
         # between two shards): the tasks not started are dropped, the running ones end (one shard
         # each), and the workers with them: none is left running alone.
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _ahead(
+    pool: ProcessPoolExecutor, fn: Callable[[_T], _R], specs: Sequence[_T], ahead: int
+) -> Iterator[_R]:
+    """The results in task order, with at most ``ahead`` tasks submitted and not yet taken
+    (``Executor.map`` submits them all): the workers stay busy, and results a slow consumer has
+    not taken yet (a ``run --bulk`` pass writing to its server) do not pile up in this process."""
+    tasks = iter(specs)
+    pending: deque[Future[_R]] = deque(pool.submit(fn, spec) for spec in islice(tasks, ahead))
+    while pending:
+        result = pending.popleft().result()
+        for spec in islice(tasks, 1):
+            pending.append(pool.submit(fn, spec))
+        yield result
 
 
 def _worker_start(client: int) -> None:

@@ -87,8 +87,14 @@ class ShardVerdicts:
     patients: list[str]
     merged: dict[str, str]
     verdicts: dict[str, Verdict]
+    """Only the patients planning reads anything of (see :func:`verdict_shard`)."""
     problems: list[Problem]
     rules: str = ""
+
+    def verdict(self, patient: str) -> Verdict:
+        """A patient's verdict; one not sent had nothing found and needs no record."""
+        found = self.verdicts.get(patient)
+        return found if found is not None else Verdict(PatientRecord(patient))
 
 
 @dataclass
@@ -116,21 +122,23 @@ def verdict_shard(task: VerdictTask) -> ShardVerdicts:
     patients = _patients(dataset, task.existing)
     merged = {p: dataset.merged[p] for p in patients if p in dataset.merged}
     verdicts: dict[str, Verdict] = {}
+    done: set[str] = set()
     for patient in patients:
         target = merged.get(patient, patient)
-        if target in verdicts:
+        if target in done:
             continue
+        done.add(target)
         found = judge(dataset.patients.get(target) or PatientRecord(target), profiles, task.as_of)
-        if not (
+        if (
             found.findings
             or found.failure
             or target in existing
             or is_deceased(found.record, task.as_of)
         ):
-            # Nothing found, nothing of ours to resolve, alive: the planner writes nothing and
-            # reads nothing of the record but that (Planner.plan), so the record stays here.
-            found = Verdict(PatientRecord(target))
-        verdicts[target] = found
+            verdicts[target] = found
+        # Else nothing found, nothing of ours to resolve, alive (most patients): the planner
+        # writes nothing and reads nothing of the record but that (Planner.plan), so nothing is
+        # sent (ShardVerdicts.verdict).
     return ShardVerdicts(task.spec.index, patients, merged, verdicts, dataset.problems, rules)
 
 
@@ -190,9 +198,7 @@ def export_shards(
         tasks = [VerdictTask(spec, as_of, owned[spec.index]) for spec in specs]
         for result in run_map(verdict_shard, tasks):
             check_rules(result.index, result.rules, rules)
-            yield ShardOutcome(
-                result.patients, result.merged, result.verdicts.__getitem__, result.problems
-            )
+            yield ShardOutcome(result.patients, result.merged, result.verdict, result.problems)
 
 
 def _local() -> AbstractContextManager[ShardMap]:
