@@ -158,8 +158,8 @@ def _dask_result(future: Any) -> Any:
     except OSError as exc:  # raised by a task: a worker cannot use a path the client gave
         raise UsageError(
             f"a Dask worker cannot use {exc.filename or 'a path'} ({exc.strerror or exc}): "
-            "the input and --work-dir must be at the same paths on every worker (a shared "
-            "file system, docs/population.md)"
+            "the input (for run --bulk: [run] bulk_dir) and the work directory must be at the "
+            "same paths on every worker (a shared file system, docs/population.md)"
         ) from None
 
 

@@ -4,11 +4,11 @@ A full export is partitioned by patient like ``evaluate``'s input (:mod:`fhir_le
 bounded memory). Without workers each shard is normalised in this process and its patients are
 evaluated as the planner takes them. With ``[scale] workers`` or ``dask_scheduler`` (the executor
 injected into the :class:`~fhir_leuko.job.runner.Job`) the workers route the export and evaluate
-each shard's patients (:func:`verdict_shard`, one task a shard), and send back a
-:class:`~fhir_leuko.job.verdict.Verdict` per patient; this process plans and writes shard by shard
-in the same order, so the writes are the same whoever evaluated. A worker sends the whole record
-only where planning or the report reads it (findings, one of our DetectedIssues, deceased); for
-everyone else (most patients) planning writes nothing and needs nothing of the record.
+each shard's patients (:func:`verdict_shard`, one task a shard), and send back the patients and a
+:class:`~fhir_leuko.job.verdict.Verdict` with the record where planning or the report reads
+anything (findings, one of our DetectedIssues, deceased); for everyone else (most patients)
+planning writes nothing and needs nothing of the record. This process plans and writes shard by
+shard in the same order, so the writes are the same whoever evaluated.
 
 The workers must see the export (``[run] bulk_dir``) and the shards (``[scale] work_dir``, default
 inside the export directory) at the same paths, and run the same fhir-leuko with the same site
