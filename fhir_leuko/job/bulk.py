@@ -20,8 +20,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
-from collections.abc import Sequence
-from contextlib import closing
+from collections.abc import Iterator, Sequence
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import quote
@@ -33,6 +33,7 @@ from ..core.detectedissue import IDENTIFIER_SYSTEM
 from ..core.fhirjson import INPUT_TYPES, decode_json
 from ..core.fhirtime import format_instant, parse_fhir_datetime
 from ..core.model import Problem
+from ..errors import InputError, UsageError, WorkDirError, WorkerLostError
 from ..fhir.bulk import BulkExport, ExportRequest, observation_filter
 from ..files.reader import READ_ERRORS, input_files, open_input
 from .bulkshards import export_shards
@@ -211,7 +212,7 @@ def _evaluate_export(
         shard_map=passer.job.shard_map,
     )
     # closing: a pass that stops between two shards drops the shards not started at once.
-    with closing(shards):
+    with _said_after_writes(report), closing(shards):
         for shard in shards:
             report.problems.extend(shard.problems)
             patients = shard.patients
@@ -224,3 +225,21 @@ def _evaluate_export(
                 passer.record(done, failed)
                 if report.interrupted or report.aborted is not None:
                     return
+
+
+@contextmanager
+def _said_after_writes(report: PassReport) -> Iterator[None]:
+    """A run that fails while evaluating the shards (a worker lost, the work directory full, rules
+    that differ) says "nothing was written", as ``evaluate`` does; here the shards before were
+    planned and written already: the message says so instead (its type, and exit code, stay)."""
+    try:
+        yield
+    except (WorkerLostError, WorkDirError, InputError, UsageError) as exc:
+        writes = sum(report.actions[a] for a in ("create", "update", "resolve"))
+        if report.dry_run or not writes or "nothing was written" not in str(exc):
+            raise
+        stands = (
+            f"the {writes} writes of the shards before it stand, and the next pass resumes this "
+            "export (writing nothing twice)"
+        )
+        raise type(exc)(str(exc).replace("nothing was written", stands)) from None

@@ -10,10 +10,15 @@ import subprocess
 import sys
 import time
 from contextlib import ExitStack
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import orjson
+import pytest
 
+from fhir_leuko.core.knowledge import Knowledge
+from fhir_leuko.core.profiles import ProfileSet
 from fhir_leuko.job.state import State
 from fhir_leuko.testing.sekmet import SekmetServer
 
@@ -255,3 +260,61 @@ def test_population_flags_without_bulk_are_said_not_ignored(
     assert ran.returncode == 0, ran.stderr
     assert "--workers, --shards: used by --bulk passes only" in ran.stderr
     assert len(issues(server.base_url)) == 12  # and the pass itself ran as ever
+
+
+def _losing_at(shard: int) -> Any:
+    """An executor (injected as the Job's shard_map) that routes and joins as this process does,
+    and loses its worker when shard ``shard`` is due, as process_map reports it."""
+    from contextlib import nullcontext
+
+    from fhir_leuko.errors import WorkerLostError
+    from fhir_leuko.job.bulkshards import VerdictTask
+
+    def run(fn: Any, tasks: Any) -> Any:
+        for task in tasks:
+            if isinstance(task, VerdictTask) and task.spec.index == shard:
+                raise WorkerLostError(
+                    "a worker process was lost before its task was done (killed); nothing was "
+                    "written. Run again"
+                )
+            yield fn(task)
+
+    return lambda: nullcontext(run)
+
+
+def test_a_worker_lost_after_some_writes_does_not_say_nothing_was_written(
+    server: SekmetServer, tmp_path: Path, knowledge: Knowledge, profiles: ProfileSet
+) -> None:
+    """run --bulk plans and writes shard by shard: a worker lost at the last shard leaves the
+    earlier shards' writes in place, and the error says so (evaluate's "nothing was written" would
+    be false here); lost at the first shard, nothing was written, and it says that."""
+    from fhir_leuko.errors import WorkerLostError
+    from fhir_leuko.fhir.client import FhirClient
+    from fhir_leuko.job.bulkshards import BulkScale
+    from fhir_leuko.job.runner import Job, JobOptions
+
+    _population(server.base_url)
+    said = {}
+    for shard in (0, 2):
+        with State(tmp_path / f"state-{shard}.sqlite3") as state:
+            job = Job(
+                FhirClient(server.base_url),
+                knowledge,
+                profiles,
+                JobOptions(
+                    as_of=datetime(2026, 11, 20, 12, tzinfo=UTC),
+                    bulk_dir=tmp_path / f"bulk-{shard}",
+                    scale=BulkScale(shards=3, workers=2),
+                ),
+                state=state,
+                shard_map=_losing_at(shard),
+            )
+            with pytest.raises(WorkerLostError) as lost:
+                job.run()
+        said[shard] = str(lost.value)
+    assert "nothing was written" in said[0]  # the near miss: lost before any write
+    written = len(issues(server.base_url))
+    assert 0 < written < 13  # the first two shards' findings, not all 13
+    assert "nothing was written" not in said[2]
+    assert f"the {written} writes of the shards before it stand" in said[2], said[2]
+    assert "the next pass resumes this export" in said[2]
