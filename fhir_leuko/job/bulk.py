@@ -29,15 +29,14 @@ from urllib.parse import quote
 import msgspec
 import orjson
 
-from ..core.detectedissue import IDENTIFIER_SYSTEM
-from ..core.fhirjson import INPUT_TYPES, decode_json
+from ..core.fhirjson import INPUT_TYPES
 from ..core.fhirtime import format_instant, parse_fhir_datetime
 from ..core.model import Problem
 from ..errors import InputError, UsageError, WorkDirError, WorkerLostError
 from ..fhir.bulk import BulkExport, ExportRequest, observation_filter
 from ..files.reader import READ_ERRORS, input_files, open_input
 from .bulkshards import export_shards
-from .fetch import Existing
+from .exportissues import ExportIssues
 from .patients import patient_key
 
 if TYPE_CHECKING:
@@ -141,65 +140,22 @@ def _changed_patients(files: Sequence[tuple[Path, str | None]]) -> set[str]:
     return found
 
 
-class _Identifier(msgspec.Struct):
-    system: str | None = None
-    value: str | None = None
-
-
-class _PatientRef(msgspec.Struct):
-    reference: str | None = None
-
-
-class _IssueHead(msgspec.Struct):
-    """What the writer needs of a DetectedIssue line: its type, patient and identifiers."""
-
-    resourceType: str | None = None
-    patient: _PatientRef | None = None
-    identifier: list[_Identifier] | None = None
-
-
-_ISSUE_HEAD = msgspec.json.Decoder(_IssueHead)
-
-
-def _existing(files: Sequence[tuple[Path, str | None]], problems: list[Problem]) -> Existing:
-    """fhir-leuko's DetectedIssues in the export, by patient and identifier value.
-
-    A line or file that cannot be read is a problem naming it, never the end of the pass: the
-    writer's conditional create (``ifNoneExist`` on the identifier) still keeps the server from
-    getting a second copy of an alert this export failed to show.
-    """
-    existing: Existing = {}
-    for path, _input in files:
-        number = 0
-        try:
-            with open_input(path) as stream:
-                for number, line in enumerate(stream, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        head = decode_json(_ISSUE_HEAD, line)
-                    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                        why = f"not a readable DetectedIssue: {exc}"
-                        problems.append(Problem(path.name, why, "", f"line {number}"))
-                        continue
-                    if head.resourceType != "DetectedIssue":
-                        continue
-                    patient = patient_key(head.patient.reference if head.patient else None)
-                    for ident in head.identifier or []:
-                        if ident.system == IDENTIFIER_SYSTEM and patient:
-                            by_id = existing.setdefault(patient, {})
-                            by_id.setdefault(str(ident.value), []).append(orjson.loads(line))
-        except READ_ERRORS as exc:
-            problems.append(Problem(path.name, f"cannot be read: {exc}", "", f"line {number + 1}"))
-    return existing
-
-
 def _evaluate_export(
     passer: _Pass, report: PassReport, directory: Path, files: Sequence[tuple[Path, str | None]]
 ) -> None:
     issues = [f for f in files if f[0].name.startswith("DetectedIssue.")]
     data = [f for f in files if not f[0].name.startswith("DetectedIssue.")]
-    existing = _existing(issues, report.problems)
+    with ExportIssues(issues, report.problems) as existing:
+        _settle_export(passer, report, directory, data, existing)
+
+
+def _settle_export(
+    passer: _Pass,
+    report: PassReport,
+    directory: Path,
+    data: Sequence[tuple[Path, str | None]],
+    existing: ExportIssues,
+) -> None:
     size = passer.job.options.patients_per_request
     shards = export_shards(
         data,

@@ -21,6 +21,7 @@ that overlaps it).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -36,13 +37,16 @@ from .patients import patient_key
 if TYPE_CHECKING:
     from .runner import Job
 
-__all__ = ["Existing", "fetch"]
+__all__ = ["Existing", "ExistingView", "fetch"]
 
 _MERGING = frozenset({"replaced-by", "replaces"})
 _LINK_ROUNDS = 3
 
 Existing = dict[str, dict[str, list[dict[str, Any]]]]
 """fhir-leuko's DetectedIssues on the server, by patient and by identifier value."""
+ExistingView = Mapping[str, dict[str, list[dict[str, Any]]]]
+"""What planning reads of them: :data:`Existing`, or a view that reads each patient's when asked
+(``run --bulk``: the export's, read from the export's files)."""
 
 
 def fetch(job: Job, group: list[str], as_of: datetime) -> tuple[list[Sourced | Problem], Existing]:

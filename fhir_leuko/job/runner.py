@@ -52,7 +52,7 @@ from ..files.executors import ShardMap
 from .bulk import bulk_pass
 from .bulkshards import BulkScale
 from .changes import CHANGE_TYPES, Batch, Change, ChangeWalk, Checkpoint, full_patients
-from .fetch import Existing, fetch
+from .fetch import ExistingView, fetch
 from .patients import as_patient, pseudonym, scrub
 from .plan import MITIGATION_SYSTEM, RECOVERED_CODE, Planner, Write
 from .state import LockInfo, State, server_key
@@ -575,7 +575,7 @@ class _Pass:
         group: list[str],
         merged: Mapping[str, str],
         verdict: Callable[[str], Verdict],
-        existing: Existing,
+        existing: ExistingView,
     ) -> tuple[list[str], list[tuple[str, str]]]:
         """Evaluate a group's records (``verdict``: here or already on a worker), plan and
         write: the patients done and failed. ``merged``: the records a ``Patient.link`` replaced
