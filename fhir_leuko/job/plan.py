@@ -131,6 +131,8 @@ class Planner:
         if is_deceased(record, self.as_of):
             self.actions["deceased"] += 1
             return []
+        if not findings and not existing:
+            return []  # most patients: nothing found, nothing of ours (no ids to derive: 20 us)
         by_kind = {f.kind: f for f in findings}
         writes: list[Write] = []
         for kind in FindingKind:

@@ -404,7 +404,8 @@ class _Pass:
         """Versions of changeable resources fetched in this pass, kept while more batches of
         changes follow (:meth:`not_yet_evaluated`)."""
         self.evaluated: set[str] = set()
-        """Patients evaluated and written in this pass."""
+        """Patients fetched, evaluated and written in this pass (:meth:`group`; a full bulk pass
+        keeps none: its batches do not overlap, and it would hold a whole population's keys)."""
         self.writer = Writer(job, report.actions, run_id, use_tx, self.deferred, self.outage)
 
     def incremental(self, since: str, server_start: str) -> None:
@@ -561,7 +562,9 @@ class _Pass:
         except Exception as exc:  # a resource the core cannot use: find whose, fail only them
             return self.one_by_one(group, "reading a group's data failed", _unusable("its data", exc))
         self.report.problems.extend(dataset.problems)
-        return self.settle(group, dataset.merged, self.judge_in(dataset), existing)
+        done, failed = self.settle(group, dataset.merged, self.judge_in(dataset), existing)
+        self.evaluated.update(done)
+        return done, failed
 
     def judge_in(self, dataset: Dataset) -> Callable[[str], Verdict]:
         """The verdict on a patient of ``dataset``, evaluated in this process."""
@@ -615,7 +618,6 @@ class _Pass:
             except Exception as exc:
                 failed.append((patient, _unusable("its DetectedIssues", exc)))
         ok, bad = self.writer.write(planned)
-        self.evaluated.update(ok)
         done.extend(ok)
         failed.extend(bad)
         return done, failed
