@@ -98,11 +98,11 @@ def test_a_scheduler_address_that_is_not_one_is_a_usage_error(tmp_path: Path) ->
 
 
 def _wait_for(path: str) -> str:
-    """A task that ends when ``path`` exists (or says it waited in vain after 30 s)."""
+    """A task that ends when ``path`` exists (or says it waited in vain after 10 s)."""
     import os
     import time
 
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 10
     while not os.path.exists(path):
         if time.monotonic() > deadline:
             return "waited in vain"
@@ -138,3 +138,29 @@ def test_results_come_as_tasks_finish_and_a_stopped_run_cancels_the_rest(
             while client.run_on_scheduler(waiting) and time.monotonic() < deadline:
                 time.sleep(0.1)
             assert not client.run_on_scheduler(waiting)
+
+
+def test_a_run_that_fails_while_taking_results_leaves_no_error_behind(
+    cluster: str, tmp_path: Path
+) -> None:
+    """A run that fails while it takes the results (a shard's rules differ: a usage error) closes
+    its client; the results it had not taken are then released with it, without "Exception
+    ignored in generator" on stderr when they are dropped."""
+    import gc
+    import sys
+
+    from fhir_leuko.files.executors import dask_map
+
+    caught: list[object] = []
+    hook = sys.unraisablehook
+    sys.unraisablehook = caught.append
+    try:
+        with pytest.raises(RuntimeError), dask_map(cluster) as run:
+            results = run(_wait_for, [str(tmp_path), str(tmp_path / "never")])
+            assert next(results) == "released"
+            raise RuntimeError("the consumer failed")
+        del results
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
+    assert caught == []

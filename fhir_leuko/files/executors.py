@@ -140,7 +140,10 @@ def _in_order(client: Any, futures: list[Any]) -> Iterator[_R]:
         for future in futures:
             yield _dask_result(future)
     finally:
-        client.cancel(futures)
+        # (A run that failed while taking results has closed its client already, and a closed
+        # client's tasks are released with it: cancelling would raise in a generator's cleanup.)
+        if client.status == "running":
+            client.cancel(futures)
 
 
 def _dask_result(future: Any) -> Any:
