@@ -235,7 +235,7 @@ def _cluster(wanted: bool) -> Iterator[str]:
 
     started = time.perf_counter()
     with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, host="127.0.0.1"
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", host="127.0.0.1"
     ) as cluster:
         print(f"dask2: LocalCluster of 2 worker processes started in {time.perf_counter() - started:.1f} s (not timed)")
         yield str(cluster.scheduler_address)

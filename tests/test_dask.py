@@ -20,7 +20,7 @@ def cluster() -> Iterator[str]:
         n_workers=2,
         threads_per_worker=1,
         processes=True,
-        dashboard_address=None,
+        dashboard_address=":0",  # (None still binds port 8787, for /metrics: maybe taken)
         host="127.0.0.1",
     ) as local:
         yield local.scheduler_address

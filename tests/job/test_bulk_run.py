@@ -193,7 +193,9 @@ def test_a_full_bulk_pass_on_workers_writes_what_one_process_writes(
             pass  # the dask extra (./dev installs it): the Dask cluster's run is skipped
         else:
             cluster = stack.enter_context(distributed.LocalCluster(
-                n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                # dashboard ":0": None still binds port 8787 (for /metrics), taken by any other
+                # cluster on the machine, and distributed's warning about it fails the test.
+                n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
                 host="127.0.0.1",
             ))
             modes["dask"] = (
