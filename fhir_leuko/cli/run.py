@@ -37,7 +37,6 @@ from ..fhir.client import FhirClient, RetryPolicy
 from ..fhir.privacy import install_log_scrubbing
 from ..files.documents import load_knowledge, load_profiles
 from ..files.executors import ShardMap
-from ..files.partition import MAX_SHARDS
 from ..job.bulkshards import BulkScale
 from ..job.config import (
     JobConfig,
@@ -52,7 +51,7 @@ from ..job.state import State
 from ..job.walk import interruptible_sleep
 from .formats import check_report_target, write_report
 from .options import parse_instant
-from .scale import ScaleOptions, add_scale_options, shard_executor
+from .scale import ScaleOptions, add_scale_options, shard_executor, shards_flag
 
 __all__ = [
     "JsonFormatter",
@@ -592,10 +591,8 @@ def _bulk_scale(
     """``[scale]`` for ``run --bulk``: how a full export is sharded, and the executor its shards
     are evaluated on (``None``: in this process)."""
     scale = config.scale
-    if args.shards is not None and not 0 <= args.shards <= MAX_SHARDS:
-        raise UsageError(f"--shards {args.shards}: must be 0 (in memory) to {MAX_SHARDS}")
     settings = BulkScale(
-        shards=args.shards,
+        shards=shards_flag(args),
         workers=scale.workers,
         work_dir=scale.work_dir,
         profile_dirs=tuple(str(d) for d in config.run.profiles),

@@ -30,6 +30,7 @@ __all__ = [
     "evaluate_in_shards",
     "scale_settings",
     "shard_executor",
+    "shards_flag",
 ]
 
 SCALE_HELP = f"""\
@@ -98,9 +99,15 @@ def scale_settings(args: argparse.Namespace) -> ScaleOptions:
     }
     given = {k: v for k, v in flags.items() if v is not None}
     scale = load_job_config({"scale": given}, getattr(args, "config", None)).scale
+    return ScaleOptions(scale.workers, scale.dask_scheduler, scale.work_dir, shards_flag(args))
+
+
+def shards_flag(args: argparse.Namespace) -> int | None:
+    """``--shards N``, checked (a shard number is 16 bits; 0: in memory)."""
     if args.shards is not None and not 0 <= args.shards <= MAX_SHARDS:
         raise UsageError(f"--shards {args.shards}: must be 0 (in memory) to {MAX_SHARDS}")
-    return ScaleOptions(scale.workers, scale.dask_scheduler, scale.work_dir, args.shards)
+    shards: int | None = args.shards
+    return shards
 
 
 def shard_executor(scale: ScaleOptions) -> AbstractContextManager[ShardMap]:

@@ -188,7 +188,7 @@ def export_shards(
             count,
             scale.evaluated_on if parallel else "in this process",
         )
-        owned = [_owned(part, index, existing) for index in range(count)]
+        owned = _owned(part, existing)
         if not parallel:
             for index in range(count):
                 yield _here(load_shard(part, index, knowledge), owned[index], judge_in)
@@ -205,8 +205,12 @@ def _local() -> AbstractContextManager[ShardMap]:
     return nullcontext(local_map)
 
 
-def _owned(part: Partition, index: int, existing: Sequence[str]) -> tuple[str, ...]:
-    return tuple(p for p in existing if part.shard_of(patient_key_of(p)) == index)
+def _owned(part: Partition, existing: Sequence[str]) -> list[tuple[str, ...]]:
+    """The patients with our DetectedIssues, by the shard that owns them (one pass over them)."""
+    by_shard: list[list[str]] = [[] for _ in range(part.count)]
+    for patient in existing:
+        by_shard[part.shard_of(patient_key_of(patient))].append(patient)
+    return [tuple(patients) for patients in by_shard]
 
 
 def _here(
