@@ -16,9 +16,10 @@ from ..core.normalise import Dataset
 from ..core.pipeline import AsOf, Evaluation
 from ..errors import UsageError
 from ..files.executors import ShardMap, dask_map, local_map, process_map
-from ..files.partition import MAX_SHARDS, piece_size, temporary_work_dir
+from ..files.partition import MAX_SHARDS, piece_size
 from ..files.reader import Progress
 from ..files.shards import SHARD_BYTES, evaluate_sharded, shard_count
+from ..files.workdirs import temporary_work_dir
 from ..job.config import load_job_config
 
 __all__ = [

@@ -18,10 +18,8 @@ from __future__ import annotations
 import logging
 import math
 import shutil
-import tempfile
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -62,7 +60,6 @@ __all__ = [
     "piece_size",
     "route_piece",
     "shard_count",
-    "temporary_work_dir",
 ]
 
 log = logging.getLogger(__name__)
@@ -264,20 +261,6 @@ def partition(
     ]
     shutil.rmtree(directory / "join", ignore_errors=True)
     return result
-
-
-@contextmanager
-def temporary_work_dir(parent: Path | None) -> Iterator[Path]:
-    """A new directory for one run's shards under ``parent`` (created if missing; default: the
-    system's temporary directory), removed afterwards whatever happens."""
-    with work_dir_io(parent or tempfile.gettempdir(), "create"):
-        if parent is not None:
-            parent.mkdir(parents=True, exist_ok=True)
-        directory = Path(tempfile.mkdtemp(prefix="fhir-leuko-shards-", dir=parent))
-    try:
-        yield directory
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _stamp(path: Path) -> tuple[int, int]:

@@ -30,7 +30,7 @@ from ..core.model import PatientRecord, Problem
 from ..core.normalise import Dataset
 from ..files.bulkread import normalise_files
 from ..files.executors import ShardMap, local_map
-from ..files.partition import piece_size, temporary_work_dir
+from ..files.partition import piece_size
 from ..files.shards import (
     Partition,
     ShardSpec,
@@ -43,6 +43,7 @@ from ..files.shards import (
     shard_count,
     shard_specs,
 )
+from ..files.workdirs import temporary_work_dir
 from .verdict import Verdict, judge
 
 __all__ = ["BulkScale", "ShardOutcome", "VerdictTask", "export_shards", "verdict_shard"]
