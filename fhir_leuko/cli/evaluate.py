@@ -13,6 +13,7 @@ from tqdm import tqdm
 from ..core.normalise import Dataset
 from ..core.pipeline import Evaluation, evaluate_dataset
 from ..errors import ExitCode, exit_code_table
+from ..fhir.exportstate import refuse_unfinished_exports
 from ..files.bulkread import normalise_files
 from ..files.reader import STDIN, Progress, input_files
 from ..present.silence import silence_line
@@ -48,6 +49,9 @@ sources:
   belongs to that server: Patient/1 of two sources are two people, and references resolve within
   their source. --same-source reads everything as one source (overlapping exports of one server).
   The order of the PATHs never changes the output.
+  A directory that 'fhir-leuko export' did not finish (kill -9, network, --max-wait) is refused
+  (exit 2): its patients in the files not downloaded would get no finding and no word. Run the
+  export again to finish it, or name its files to evaluate only them.
 
 output:
   On a terminal, a table: one row per finding (patient, finding and grade, severity, value, date,
@@ -182,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.output)  # before the work: a directory or a missing one is exit 2 at once
     knowledge, profiles = profiles_from(args)
     files = input_files(args.paths, same_source=args.same_source)
+    refuse_unfinished_exports(args.paths)
     show = sys.stderr.isatty() and not args.no_progress
     total = sum(f.stat().st_size for f, _input in files if f != STDIN)
     scale = scale_settings(args)

@@ -11,6 +11,7 @@ from ..core.model import PatientRecord
 from ..core.normalise import Dataset
 from ..core.pipeline import LATEST, trace_patient
 from ..errors import ExitCode, UsageError
+from ..fhir.exportstate import refuse_unfinished_exports
 from ..files.bulkread import normalise_files
 from ..files.reader import input_files
 from ..present.explain import PatientExplanation, explain_text
@@ -93,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
     as_of = as_of_or_latest(args)
     knowledge, profiles = profiles_from(args)
     files = input_files(args.paths, same_source=args.same_source)
+    refuse_unfinished_exports(args.paths)
     dataset = normalise_files(files, knowledge)
     key = find_patient(dataset, args.patient)
     record = dataset.patients.get(key) or PatientRecord(key)

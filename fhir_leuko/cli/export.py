@@ -35,7 +35,8 @@ what it does:
   server refuses it) and _since when given; polls the status URL (Retry-After, X-Progress);
   downloads every file (with the access token when the server requires it) and verifies it;
   reports the server's error files by resource; deletes the job on the server when done.
-  The directory is what 'fhir-leuko evaluate DIR' reads.
+  The directory is what 'fhir-leuko evaluate DIR' reads, once the export is complete (until then
+  evaluate refuses it: the patients in the files not downloaded would get no word).
 
 resuming:
   The export's progress is kept in DIR/.fhir-leuko/export.json. Run the same command again after

@@ -56,6 +56,7 @@ from ..errors import (
     UsageError,
 )
 from .client import FhirClient, operation_outcome_text
+from .exportstate import STATE_DIR, STATE_FILE
 
 __all__ = [
     "EXPORT_TYPES",
@@ -76,7 +77,6 @@ prefetch cover too."""
 
 Level = Literal["system", "patient", "group"]
 NDJSON = "application/fhir+ndjson"
-STATE_DIR = ".fhir-leuko"
 _CHUNK = 1 << 20
 _DOWNLOAD_ATTEMPTS = 5
 
@@ -191,7 +191,7 @@ class BulkExport:
         self.clock = clock
         self.max_wait = max_wait
         self.state_dir = directory / STATE_DIR
-        self.state_path = self.state_dir / "export.json"
+        self.state_path = self.state_dir / STATE_FILE
         self.state: dict[str, Any] = {}
         self.counts: dict[str, int] = {}
 

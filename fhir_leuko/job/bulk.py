@@ -34,6 +34,7 @@ from ..core.fhirtime import format_instant, parse_fhir_datetime
 from ..core.model import Problem
 from ..errors import InputError, UsageError, WorkDirError, WorkerLostError
 from ..fhir.bulk import BulkExport, ExportRequest, observation_filter
+from ..fhir.exportstate import STATE_DIR, STATE_FILE
 from ..files.reader import READ_ERRORS, input_files, open_input
 from .bulkshards import export_shards
 from .exportissues import ExportIssues
@@ -106,7 +107,7 @@ def bulk_pass(passer: _Pass, report: PassReport, root: Path, stored: str | None)
 
 def _forget_other(directory: Path, server: str, request: ExportRequest) -> None:
     """An export of another request (an earlier pass's) is not resumed: it is removed."""
-    state = directory / ".fhir-leuko" / "export.json"
+    state = directory / STATE_DIR / STATE_FILE
     if not state.exists():
         return
     try:

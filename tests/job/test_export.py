@@ -170,6 +170,18 @@ def test_kill_9_then_resume_without_a_new_export(
     _paused(server, out, point, tmp_path / "pid")
     before = orjson.loads((out / ".fhir-leuko" / "export.json").read_bytes())
     assert not before.get("complete")
+    # (a directory holding it is walked as the reader walks it: checked too)
+    # Read now, the export would give some patients' findings and say nothing of the others.
+    for command in (
+        ["evaluate", str(out)], ["evaluate", str(tmp_path)], ["explain", "Patient/e-0", str(out)],
+    ):  # fmt: skip
+        refused = subprocess.run(
+            [sys.executable, "-m", "fhir_leuko", *command, "--as-of", AS_OF],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert refused.returncode == 2, (command, refused.stderr)
+        assert "holds an export that is not complete (" in refused.stderr, refused.stderr
+        assert "Run the same 'fhir-leuko export' again" in refused.stderr
     done = _export(server, out)
     assert done.returncode == 0, done.stderr
     assert "resumed the export" in done.stderr and "export started" not in done.stderr
@@ -177,6 +189,13 @@ def test_kill_9_then_resume_without_a_new_export(
     assert after["status_url"] == before["status_url"] and after["complete"]
     assert len(_lines(out)["Observation"]) == 8
     assert not list((out / ".fhir-leuko" / "parts").iterdir())
+    # The near miss: finished, the same directory is read.
+    read = subprocess.run(
+        [sys.executable, "-m", "fhir_leuko", "evaluate", str(out), "--as-of", AS_OF],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert read.returncode == 0, read.stderr
+    assert "findings: 0" not in read.stderr
 
 
 @pytest.mark.server

@@ -1,0 +1,74 @@
+"""Where ``fhir-leuko export`` keeps the state of an export directory, and whether the export it
+records is complete: ``evaluate`` asks before it reads a directory (this module imports neither
+requests nor the client, so ``evaluate`` starts without them).
+
+Why ``evaluate`` asks: an export stopped part-way (kill -9, a network failure, ``--max-wait``, a
+file the server kept sending broken) holds the files downloaded so far and nothing of the others.
+Read as it is, it gives the findings of some patients and says nothing of the rest, which looks
+like "no problem" for them. The files themselves cannot tell: each one on disk is complete (they
+are verified before they are moved there); only the state file knows what the manifest listed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import orjson
+
+from ..errors import InputError
+from ..files.reader import STDIN
+
+__all__ = ["STATE_DIR", "STATE_FILE", "refuse_unfinished_exports", "unfinished_export"]
+
+STATE_DIR = ".fhir-leuko"
+STATE_FILE = "export.json"
+
+
+def unfinished_export(directory: Path) -> str | None:
+    """Why the export recorded in ``directory`` is not complete, or ``None`` when it is complete
+    or ``directory`` holds no export state (any other directory of NDJSON)."""
+    path = directory / STATE_DIR / STATE_FILE
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"its state {path} cannot be read ({exc.strerror or exc})"
+    try:
+        state = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        return f"its state {path} is not JSON ({exc})"
+    if not isinstance(state, dict):
+        return f"its state {path} is not a JSON object"
+    if state.get("complete") is True:
+        return None
+    manifest = state.get("manifest")
+    if not isinstance(manifest, dict):
+        return "the server had not finished it when it stopped: no file was listed yet"
+    outputs = manifest.get("output")
+    listed = len(outputs) if isinstance(outputs, list) else 0
+    files = state.get("files")
+    downloaded = len(files) if isinstance(files, dict) else 0
+    return f"{downloaded} of the {listed} files the server listed were downloaded"
+
+
+def refuse_unfinished_exports(paths: Iterable[Path]) -> None:
+    """Raise :class:`InputError` when a directory read (given, or one inside it, as the reader
+    walks them) holds an export of ``fhir-leuko export`` that did not finish: its patients in the
+    files not downloaded would get no finding and no word (the module docstring). Files named one
+    by one are the user's choice and read as they are."""
+    for path in paths:
+        if path == STDIN or not path.is_dir():
+            continue
+        for root, dirnames, _files in os.walk(path):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # as the reader
+            why = unfinished_export(Path(root))
+            if why is not None:
+                raise InputError(
+                    f"{root} holds an export that is not complete ({why}): evaluating it would "
+                    "say nothing of the patients in the files not downloaded. Run the same "
+                    "'fhir-leuko export' again to finish it (it resumes where it stopped), or "
+                    "name the files to evaluate only them"
+                )
