@@ -13,6 +13,7 @@ import pytest
 import requests
 import responses
 
+from fhir_leuko.cli import main
 from fhir_leuko.errors import FhirFatalError
 from fhir_leuko.fhir.auth import BearerTokenAuth, Secret
 from fhir_leuko.fhir.bulk import BulkExport, ExportRequest
@@ -61,7 +62,9 @@ def _kickoff(rsps: responses.RequestsMock) -> None:
 
 
 @responses.activate
-def test_polling_honours_retry_after_and_shows_progress(tmp_path: Path) -> None:
+def test_polling_honours_retry_after_and_shows_progress(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     rec = Recorder()
     _kickoff(responses.mock)
     responses.get(STATUS, status=503, headers={"Retry-After": "3"})
@@ -80,6 +83,8 @@ def test_polling_honours_retry_after_and_shows_progress(tmp_path: Path) -> None:
     sent = {c.request.url.split("?")[0]: c.request.headers for c in responses.calls}
     assert "Authorization" not in sent[FILE] and sent[STATUS]["Authorization"] == "Bearer tok"
     assert responses.calls[-1].request.method == "DELETE"
+    # The near miss of the error files' test: a clean export gives evaluate nothing to name.
+    assert _evaluated(tmp_path / "out", capsys) == (0, [])
 
 
 @responses.activate
@@ -137,7 +142,9 @@ def test_a_server_without_range_sends_the_whole_file_again(tmp_path: Path) -> No
 
 
 @responses.activate
-def test_a_short_file_is_downloaded_again_and_error_files_are_reported(tmp_path: Path) -> None:
+def test_a_short_file_is_downloaded_again_and_error_files_are_reported(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     _kickoff(responses.mock)
     errors = "https://files.test/errors-1.ndjson"
     issue = {
@@ -159,6 +166,21 @@ def test_a_short_file_is_downloaded_again_and_error_files_are_reported(tmp_path:
     assert result.server_errors == ["Observation/o77: error/processing: could not serialise"]
     # Error files are kept out of what evaluate reads (a hidden directory).
     assert (tmp_path / "out" / ".fhir-leuko" / "errors" / "OperationOutcome.000.ndjson").exists()
+    # ... but evaluate, long after the export's own report, still names what is missing (exit 1).
+    said = _evaluated(tmp_path / "out", capsys)
+    assert said == (1, [
+        f"problem: {tmp_path / 'out' / '.fhir-leuko' / 'errors'}: the server could not export "
+        "it (Observation/o77: error/processing: could not serialise): it is not in the export, so "
+        "it is not evaluated",
+    ])  # fmt: skip
+
+
+def _evaluated(directory: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str]]:
+    """``evaluate`` of an export directory: the exit code and the problems it names."""
+    capsys.readouterr()
+    code = main(["evaluate", str(directory), "--as-of", "2026-11-20T12:00:00Z", "-o", "-"])
+    err = capsys.readouterr().err
+    return code, [line for line in err.splitlines() if line.startswith("problem:")]
 
 
 @responses.activate

@@ -13,7 +13,7 @@ from tqdm import tqdm
 from ..core.normalise import Dataset
 from ..core.pipeline import Evaluation, evaluate_dataset
 from ..errors import ExitCode, exit_code_table
-from ..fhir.exportstate import refuse_unfinished_exports
+from ..fhir.exportstate import check_exports
 from ..files.bulkread import normalise_files
 from ..files.reader import STDIN, Progress, input_files
 from ..present.silence import silence_line
@@ -186,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.output)  # before the work: a directory or a missing one is exit 2 at once
     knowledge, profiles = profiles_from(args)
     files = input_files(args.paths, same_source=args.same_source)
-    refuse_unfinished_exports(args.paths)
+    export_problems = check_exports(args.paths)
     show = sys.stderr.isatty() and not args.no_progress
     total = sum(f.stat().st_size for f, _input in files if f != STDIN)
     scale = scale_settings(args)
@@ -232,6 +232,7 @@ def run(args: argparse.Namespace) -> int:
         result = evaluate_dataset(dataset, profiles, as_of=as_of)
     else:  # the records of the patients with findings: all that the formats show
         result, dataset = sharded
+    result.problems[:0] = export_problems  # before the input's: the export's own first
     fmt = chosen_format(args, sys.stdout.isatty())
     data = render(fmt, result, dataset=dataset, profiles=profiles, inputs=args.paths)
     write_output(args.output, data)

@@ -11,7 +11,7 @@ from ..core.model import PatientRecord
 from ..core.normalise import Dataset
 from ..core.pipeline import LATEST, trace_patient
 from ..errors import ExitCode, UsageError
-from ..fhir.exportstate import refuse_unfinished_exports
+from ..fhir.exportstate import check_exports
 from ..files.bulkread import normalise_files
 from ..files.reader import input_files
 from ..present.explain import PatientExplanation, explain_text
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     as_of = as_of_or_latest(args)
     knowledge, profiles = profiles_from(args)
     files = input_files(args.paths, same_source=args.same_source)
-    refuse_unfinished_exports(args.paths)
+    export_problems = check_exports(args.paths)
     dataset = normalise_files(files, knowledge)
     key = find_patient(dataset, args.patient)
     record = dataset.patients.get(key) or PatientRecord(key)
@@ -112,10 +112,12 @@ def run(args: argparse.Namespace) -> int:
     )
     sys.stdout.write(explain_text(data))
     sys.stdout.flush()
+    for problem in export_problems:  # any could be this patient's: the server does not say
+        print(f"problem: {problem}", file=sys.stderr)
     if dataset.problems:
         print(
             f"fhir-leuko: input problems: {len(dataset.problems)} "
             "('fhir-leuko evaluate' lists them)",
             file=sys.stderr,
         )
-    return int(ExitCode.INPUT_PROBLEMS if dataset.problems else ExitCode.OK)
+    return int(ExitCode.INPUT_PROBLEMS if dataset.problems or export_problems else ExitCode.OK)

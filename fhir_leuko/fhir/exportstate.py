@@ -1,12 +1,16 @@
-"""Where ``fhir-leuko export`` keeps the state of an export directory, and whether the export it
-records is complete: ``evaluate`` asks before it reads a directory (this module imports neither
-requests nor the client, so ``evaluate`` starts without them).
+"""Where ``fhir-leuko export`` keeps the state of an export directory, whether the export it
+records is complete and what the server could not export: ``evaluate`` asks before it reads a
+directory (this module imports neither requests nor the client, so ``evaluate`` starts without
+them).
 
 Why ``evaluate`` asks: an export stopped part-way (kill -9, a network failure, ``--max-wait``, a
 file the server kept sending broken) holds the files downloaded so far and nothing of the others.
 Read as it is, it gives the findings of some patients and says nothing of the rest, which looks
 like "no problem" for them. The files themselves cannot tell: each one on disk is complete (they
 are verified before they are moved there); only the state file knows what the manifest listed.
+Likewise the resources the server could not export (its error files, kept in the hidden state
+directory that the reader skips): ``export`` names them once; ``evaluate`` names them again as
+problems, rather than calling the export clean.
 """
 
 from __future__ import annotations
@@ -14,34 +18,45 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import orjson
 
+from ..core.model import Problem
 from ..errors import InputError
 from ..files.reader import STDIN
 
-__all__ = ["STATE_DIR", "STATE_FILE", "refuse_unfinished_exports", "unfinished_export"]
+__all__ = ["STATE_DIR", "STATE_FILE", "check_exports", "unfinished_export"]
 
 STATE_DIR = ".fhir-leuko"
 STATE_FILE = "export.json"
 
 
-def unfinished_export(directory: Path) -> str | None:
-    """Why the export recorded in ``directory`` is not complete, or ``None`` when it is complete
-    or ``directory`` holds no export state (any other directory of NDJSON)."""
+def _state(directory: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """The export state recorded in ``directory`` (``None`` when there is none), or why it
+    cannot be read."""
     path = directory / STATE_DIR / STATE_FILE
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        return None
+        return None, None
     except OSError as exc:
-        return f"its state {path} cannot be read ({exc.strerror or exc})"
+        return None, f"its state {path} cannot be read ({exc.strerror or exc})"
     try:
         state = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        return f"its state {path} is not JSON ({exc})"
+        return None, f"its state {path} is not JSON ({exc})"
     if not isinstance(state, dict):
-        return f"its state {path} is not a JSON object"
+        return None, f"its state {path} is not a JSON object"
+    return state, None
+
+
+def unfinished_export(directory: Path) -> str | None:
+    """Why the export recorded in ``directory`` is not complete, or ``None`` when it is complete
+    or ``directory`` holds no export state (any other directory of NDJSON)."""
+    state, unreadable = _state(directory)
+    if state is None or unreadable is not None:
+        return unreadable
     if state.get("complete") is True:
         return None
     manifest = state.get("manifest")
@@ -54,17 +69,25 @@ def unfinished_export(directory: Path) -> str | None:
     return f"{downloaded} of the {listed} files the server listed were downloaded"
 
 
-def refuse_unfinished_exports(paths: Iterable[Path]) -> None:
-    """Raise :class:`InputError` when a directory read (given, or one inside it, as the reader
-    walks them) holds an export of ``fhir-leuko export`` that did not finish: its patients in the
-    files not downloaded would get no finding and no word (the module docstring). Files named one
-    by one are the user's choice and read as they are."""
+def check_exports(paths: Iterable[Path]) -> list[Problem]:
+    """Check the directories read (given, or inside one given, as the reader walks them) that
+    hold an export of ``fhir-leuko export``; the problems of the complete ones: each issue of the
+    server's error files, a resource the server did not export (``export`` reported them; a later
+    ``evaluate`` must not call the export clean).
+
+    Raises:
+        InputError: an export did not finish: its patients in the files not downloaded would get
+            no finding and no word (the module docstring). Files named one by one are the user's
+            choice and read as they are.
+    """
+    problems: list[Problem] = []
     for path in paths:
         if path == STDIN or not path.is_dir():
             continue
         for root, dirnames, _files in os.walk(path):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # as the reader
-            why = unfinished_export(Path(root))
+            directory = Path(root)
+            why = unfinished_export(directory)
             if why is not None:
                 raise InputError(
                     f"{root} holds an export that is not complete ({why}): evaluating it would "
@@ -72,3 +95,14 @@ def refuse_unfinished_exports(paths: Iterable[Path]) -> None:
                     "'fhir-leuko export' again to finish it (it resumes where it stopped), or "
                     "name the files to evaluate only them"
                 )
+            state, _unreadable = _state(directory)
+            errors = state.get("server_errors") if state is not None else None
+            for error in errors if isinstance(errors, list) else []:
+                problems.append(
+                    Problem(
+                        str(directory / STATE_DIR / "errors"),
+                        f"the server could not export it ({error}): it is not in the export, "
+                        "so it is not evaluated",
+                    )
+                )
+    return problems
