@@ -48,7 +48,8 @@ sources:
   export given one by one are that export), and a Bundle entry whose fullUrl is a server's URL
   belongs to that server: Patient/1 of two sources are two people, and references resolve within
   their source. --same-source reads everything as one source (overlapping exports of one server).
-  The order of the PATHs never changes the output.
+  The order of the PATHs never changes the output. Two PATHs holding exports of the same server
+  (fhir-leuko export) are two sources too: a warning says so (--same-source reads them as one).
   A directory that 'fhir-leuko export' did not finish (kill -9, network, --max-wait) is refused
   (exit 2): its patients in the files not downloaded would get no finding and no word. Run the
   export again to finish it, or name its files to evaluate only them.
@@ -186,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.output)  # before the work: a directory or a missing one is exit 2 at once
     knowledge, profiles = profiles_from(args)
     files = input_files(args.paths, same_source=args.same_source)
-    export_problems = check_exports(args.paths)
+    export_problems = check_exports(args.paths, same_source=args.same_source)
     show = sys.stderr.isatty() and not args.no_progress
     total = sum(f.stat().st_size for f, _input in files if f != STDIN)
     scale = scale_settings(args)

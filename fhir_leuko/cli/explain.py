@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     as_of = as_of_or_latest(args)
     knowledge, profiles = profiles_from(args)
     files = input_files(args.paths, same_source=args.same_source)
-    export_problems = check_exports(args.paths)
+    export_problems = check_exports(args.paths, same_source=args.same_source)
     dataset = normalise_files(files, knowledge)
     key = find_patient(dataset, args.patient)
     record = dataset.patients.get(key) or PatientRecord(key)

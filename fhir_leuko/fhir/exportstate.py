@@ -15,6 +15,7 @@ problems, rather than calling the export clean.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -27,6 +28,8 @@ from ..errors import InputError
 from ..files.reader import STDIN
 
 __all__ = ["STATE_DIR", "STATE_FILE", "check_exports", "unfinished_export"]
+
+log = logging.getLogger(__name__)
 
 STATE_DIR = ".fhir-leuko"
 STATE_FILE = "export.json"
@@ -55,8 +58,10 @@ def unfinished_export(directory: Path) -> str | None:
     """Why the export recorded in ``directory`` is not complete, or ``None`` when it is complete
     or ``directory`` holds no export state (any other directory of NDJSON)."""
     state, unreadable = _state(directory)
-    if state is None or unreadable is not None:
-        return unreadable
+    return unreadable if state is None else _unfinished(state)
+
+
+def _unfinished(state: dict[str, Any]) -> str | None:
     if state.get("complete") is True:
         return None
     manifest = state.get("manifest")
@@ -69,11 +74,14 @@ def unfinished_export(directory: Path) -> str | None:
     return f"{downloaded} of the {listed} files the server listed were downloaded"
 
 
-def check_exports(paths: Iterable[Path]) -> list[Problem]:
+def check_exports(paths: Iterable[Path], *, same_source: bool = False) -> list[Problem]:
     """Check the directories read (given, or inside one given, as the reader walks them) that
     hold an export of ``fhir-leuko export``; the problems of the complete ones: each issue of the
     server's error files, a resource the server did not export (``export`` reported them; a later
-    ``evaluate`` must not call the export clean).
+    ``evaluate`` must not call the export clean). Logs a warning for an incremental export
+    (``_since``: the patients' earlier results are not in it) and, unless ``same_source``, for
+    PATHs holding exports of the same server (read as sources of their own, a patient in both is
+    two patients, with two sets of findings).
 
     Raises:
         InputError: an export did not finish: its patients in the files not downloaded would get
@@ -81,13 +89,15 @@ def check_exports(paths: Iterable[Path]) -> list[Problem]:
             choice and read as they are.
     """
     problems: list[Problem] = []
+    servers: dict[str, list[str]] = {}  # a server -> the PATHs holding an export of it
     for path in paths:
         if path == STDIN or not path.is_dir():
             continue
         for root, dirnames, _files in os.walk(path):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # as the reader
             directory = Path(root)
-            why = unfinished_export(directory)
+            state, unreadable = _state(directory)
+            why = unreadable if state is None else _unfinished(state)
             if why is not None:
                 raise InputError(
                     f"{root} holds an export that is not complete ({why}): evaluating it would "
@@ -95,8 +105,9 @@ def check_exports(paths: Iterable[Path]) -> list[Problem]:
                     "'fhir-leuko export' again to finish it (it resumes where it stopped), or "
                     "name the files to evaluate only them"
                 )
-            state, _unreadable = _state(directory)
-            errors = state.get("server_errors") if state is not None else None
+            if state is None:
+                continue
+            errors = state.get("server_errors")
             for error in errors if isinstance(errors, list) else []:
                 problems.append(
                     Problem(
@@ -105,4 +116,29 @@ def check_exports(paths: Iterable[Path]) -> list[Problem]:
                         "so it is not evaluated",
                     )
                 )
+            server = state.get("server")
+            if isinstance(server, str) and str(path) not in servers.setdefault(server, []):
+                servers[server].append(str(path))
+            request = state.get("request")
+            since = request.get("since") if isinstance(request, dict) else None
+            if since:
+                log.warning(
+                    "%s is an incremental export (_since %s): it holds what changed since then, "
+                    "not the patients' earlier results, so a finding that needs them (a low "
+                    "count still within its lookback, a trend) is not seen. Screen with a full "
+                    "export, or use 'fhir-leuko run --bulk', which reads the whole record of "
+                    "each patient who changed from the server",
+                    root,
+                    since,
+                )
+    for server, given in servers.items():
+        if len(given) > 1 and not same_source:
+            log.warning(
+                "%s hold exports of the same server (%s), read as sources of their own: a "
+                "patient in both is two patients, with two sets of findings. Evaluate the latest "
+                "export alone, or give --same-source to read them as one (the latest version of "
+                "each resource counts; what the server deleted in between stays)",
+                " and ".join(given),
+                server,
+            )
     return problems

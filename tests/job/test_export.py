@@ -138,6 +138,23 @@ def test_levels_type_filter_and_since(server: SekmetServer, tmp_path: Path) -> N
     assert {r["id"] for rs in _lines(delta.directory).values() for r in rs} == {"e-3-anc-2"}
     assert delta.counts() == {"Observation": 1}
 
+    # Evaluated later, each export says what it is not: an incremental one lacks the patients'
+    # earlier results; two PATHs of the same server's exports are two sources (a patient twice).
+    def warnings(*args: str) -> list[str]:
+        done = subprocess.run(
+            [sys.executable, "-m", "fhir_leuko", "evaluate", *args, "--as-of", AS_OF, "-o", "-"],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert done.returncode in (0, 1), done.stderr
+        return [line for line in done.stderr.splitlines() if "WARNING" in line]
+
+    (incremental,) = warnings(str(delta.directory))
+    assert f"{delta.directory} is an incremental export (_since {instant})" in incremental
+    assert warnings(str(group.directory)) == []  # the near miss: no _since
+    (twice,) = warnings(str(group.directory), str(level.directory))
+    assert f"{group.directory} and {level.directory} hold exports of the same server" in twice
+    assert warnings(str(group.directory), str(level.directory), "--same-source") == []
+
 
 def _paused(server: SekmetServer, out: Path, point: str, marker: Path) -> None:
     """Start an export that stops dead at ``point``, and kill -9 it there."""
