@@ -74,6 +74,32 @@ def _unfinished(state: dict[str, Any]) -> str | None:
     return f"{downloaded} of the {listed} files the server listed were downloaded"
 
 
+def _not_as_verified(state: dict[str, Any], directory: Path) -> str | None:
+    """Why a complete export's files are no longer what it downloaded and verified: one missing
+    (removed, moved) or of another size (cut short by a copy), or ``None``. A file gzipped since
+    (``.ndjson.gz``) is taken as it is: its size cannot be compared."""
+    files = state.get("files")
+    for entry in files.values() if isinstance(files, dict) else []:
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not name or "/" in name:
+            continue
+        path = directory / name
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            if (directory / f"{name}.gz").is_file():
+                continue
+            return f"its file {name} is missing (removed or moved since it was downloaded)"
+        except OSError as exc:
+            return f"its file {name} cannot be read ({exc.strerror or exc})"
+        if isinstance(entry.get("size"), int) and size != entry["size"]:
+            return (
+                f"its file {name} has {size:,} bytes, {entry['size']:,} when it was downloaded and "
+                "verified"
+            )
+    return None
+
+
 def check_exports(paths: Iterable[Path], *, same_source: bool = False) -> list[Problem]:
     """Check the directories read (given, or inside one given, as the reader walks them) that
     hold an export of ``fhir-leuko export``; the problems of the complete ones: each issue of the
@@ -84,9 +110,10 @@ def check_exports(paths: Iterable[Path], *, same_source: bool = False) -> list[P
     two patients, with two sets of findings).
 
     Raises:
-        InputError: an export did not finish: its patients in the files not downloaded would get
-            no finding and no word (the module docstring). Files named one by one are the user's
-            choice and read as they are.
+        InputError: an export did not finish, or one of its files is missing or changed since it
+            was verified: its patients in the files not there would get no finding and no word
+            (the module docstring). Files named one by one are the user's choice and read as
+            they are.
     """
     problems: list[Problem] = []
     servers: dict[str, list[str]] = {}  # a server -> the PATHs holding an export of it
@@ -107,6 +134,14 @@ def check_exports(paths: Iterable[Path], *, same_source: bool = False) -> list[P
                 )
             if state is None:
                 continue
+            changed = _not_as_verified(state, directory)
+            if changed is not None:
+                raise InputError(
+                    f"{root} holds an export that is no longer whole ({changed}): evaluating it "
+                    "would say nothing of the patients in what is not there. Export again into "
+                    "an empty directory (the server has let this export go), or name the files "
+                    "to evaluate only them"
+                )
             errors = state.get("server_errors")
             for error in errors if isinstance(errors, list) else []:
                 problems.append(

@@ -4,6 +4,7 @@ export directory read by ``evaluate`` with the same findings as the resources th
 
 from __future__ import annotations
 
+import gzip
 import os
 import signal
 import subprocess
@@ -113,6 +114,23 @@ def test_system_export_is_what_evaluate_reads(
     # Running the same command again does nothing (and succeeds).
     assert main(["export", "--server", server.base_url, "--output-dir", str(out)]) == 0
     assert "already holds this export" in capsys.readouterr().err
+    # A file cut short or gone since it was verified: refused, naming it (its patients would get
+    # no word); the near miss, the same file gzipped since: read, the same findings.
+    obs = out / "Observation.000.ndjson"
+    body = obs.read_bytes()
+    obs.write_bytes(body[: len(body) // 2])
+    again = ["evaluate", str(out), "--as-of", AS_OF, "--output", str(tmp_path / "again.ndjson")]
+    assert main(again) == 2
+    assert (
+        f"its file Observation.000.ndjson has {len(body) // 2:,} bytes, {len(body):,} when it "
+        "was downloaded and verified" in capsys.readouterr().err
+    )
+    obs.unlink()
+    assert main(again) == 2
+    assert "its file Observation.000.ndjson is missing" in capsys.readouterr().err
+    (out / "Observation.000.ndjson.gz").write_bytes(gzip.compress(body))
+    assert main(again) == 0
+    assert (tmp_path / "again.ndjson").read_bytes() == issues.read_bytes()
 
 
 @pytest.mark.server
