@@ -377,6 +377,36 @@ def test_corrupt_gz_is_a_problem_naming_the_file(
     assert f"problem: {bad}: cannot read file: corrupt or truncated gzip data" in done.stderr
 
 
+@pytest.mark.parametrize("shards", ["0", "2"])
+def test_data_compressed_as_fhir_leuko_cannot_read_is_named_not_skipped(
+    tmp_path: Path, shards: str, knowledge: Knowledge, profiles: ProfileSet
+) -> None:
+    """An export compressed with zstd or bzip2 (not gzip, as Bulk Data servers write it): a
+    directory walk skipped such files as it skips a README, and the run said "no Observation in
+    the input", exit 0. Now each is a problem naming the file and the compression, once, in memory
+    and sharded alike; the near misses, files that are no FHIR data by their name, stay skipped."""
+    import bz2
+
+    lost = (json.dumps(_wbc("lost")) + "\n").encode()
+    (tmp_path / "Observation.001.ndjson.zst").write_bytes(b"\x28\xb5\x2f\xfd" + lost)
+    (tmp_path / "Observation.002.ndjson.bz2").write_bytes(bz2.compress(lost))
+    (tmp_path / "good.ndjson").write_text(json.dumps(_wbc("kept")) + "\n", encoding="utf-8")
+    (tmp_path / "README.md").write_text("# an export\n", encoding="utf-8")
+    (tmp_path / "logs.tar.bz2").write_bytes(bz2.compress(b"not data"))
+    problems, found = _read_both(tmp_path, knowledge, profiles)
+    assert found == {"kept"}
+    assert [(Path(p.source).name, p.reason.split(",")[0]) for p in problems] == [
+        ("Observation.001.ndjson.zst", "cannot read file: compressed with zstd"),
+        ("Observation.002.ndjson.bz2", "cannot read file: compressed with bzip2"),
+    ]
+    done = fhir_leuko("evaluate", str(tmp_path), "--as-of", "2024-05-02", "--shards", shards)
+    assert done.returncode == 1, done.stderr
+    named = [line for line in done.stderr.splitlines() if line.startswith("problem:")]
+    assert named == [f"problem: {p}" for p in problems]
+    assert "README" not in done.stderr and "logs.tar" not in done.stderr
+    assert "evaluating in memory" not in done.stderr
+
+
 # -- quoting input in output text --------------------------------------------------------------
 
 

@@ -42,6 +42,8 @@ input:
   are read; references resolve within the input (relative, urn:uuid fullUrl, contained #id).
   - reads standard input (one JSON document or NDJSON, also gzipped); FIFOs and devices are read
   like files.
+  Data compressed otherwise (Observation.ndjson.zst, .bz2, .xz, .zip, …) is named as a problem,
+  never skipped: decompress it, or gzip it.
 
 sources:
   Each PATH is a source of its own (a directory, or a file; the NDJSON files of one Bulk Data

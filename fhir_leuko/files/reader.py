@@ -41,6 +41,7 @@ __all__ = [
     "INPUT_SUFFIXES",
     "READ_ERRORS",
     "STDIN",
+    "UNREAD_COMPRESSIONS",
     "expand_paths",
     "input_files",
     "input_label",
@@ -49,6 +50,7 @@ __all__ = [
     "read_failure",
     "read_file",
     "read_paths",
+    "unread_compression",
 ]
 
 STDIN = Path("-")
@@ -66,14 +68,43 @@ Progress = Callable[[int], object]
 """Called with the number of bytes just read (e.g. ``tqdm.update``)."""
 
 
+UNREAD_COMPRESSIONS = {
+    ".zst": "zstd",
+    ".bz2": "bzip2",
+    ".xz": "xz",
+    ".lz4": "lz4",
+    ".br": "brotli",
+    ".zip": "zip",
+    ".7z": "7-Zip",
+}
+"""Compressions a data file may come in that fhir-leuko does not read (gzip is what Bulk Data
+servers write). A file of FHIR data named so (``Observation.000.ndjson.zst``) is not skipped in a
+directory as other files are: it is read as a problem naming it, so that its resources are never
+left out without a word ("no Observation in the input" of an export compressed with zstd)."""
+
+
+def unread_compression(path: Path) -> str | None:
+    """The compression fhir-leuko does not read that ``path``'s name says, or ``None``."""
+    return UNREAD_COMPRESSIONS.get(os.path.splitext(path.name.lower())[1])
+
+
 def is_ndjson(path: Path) -> bool:
-    """NDJSON by its name (``.ndjson``, ``.jsonl``, also gzipped)."""
-    return path.name.lower().removesuffix(".gz").endswith((".ndjson", ".jsonl"))
+    """NDJSON by its name (``.ndjson``, ``.jsonl``, also gzipped; or compressed so that it cannot
+    be read, as :func:`open_input` says)."""
+    name = path.name.lower()
+    if unread_compression(path):
+        name = os.path.splitext(name)[0]
+    return name.removesuffix(".gz").endswith((".ndjson", ".jsonl"))
 
 
 def _is_input(path: Path) -> bool:
     name = path.name.lower()
-    return not name.startswith(".") and name.endswith(INPUT_SUFFIXES)
+    if name.startswith("."):
+        return False
+    if unread_compression(path):  # FHIR data by its name: a problem, never skipped
+        name = os.path.splitext(name)[0]
+        return name.endswith((".json", ".ndjson", ".jsonl"))
+    return name.endswith(INPUT_SUFFIXES)
 
 
 def expand_paths(paths: Iterable[Path]) -> list[Path]:
@@ -194,6 +225,12 @@ def open_input(path: Path) -> IO[bytes]:
         return io.BytesIO(data)
     if path.name.lower().endswith(".gz"):
         return cast(IO[bytes], gzip.open(path, "rb"))
+    compression = unread_compression(path)
+    if compression is not None:
+        raise OSError(
+            f"compressed with {compression}, which fhir-leuko does not read: decompress it, or "
+            "compress it with gzip (.gz) as Bulk Data servers do"
+        )
     # A large buffer: iterating the lines of a bulk export costs half as much as with the
     # default 8 KiB one (benchmarks/README.md).
     return path.open("rb", buffering=_BUFFER)
