@@ -62,6 +62,34 @@ def test_directory_walk_skips_hidden_and_non_fhir_files(data_dir: Path, formats:
     assert formats.problems == []
 
 
+def test_directory_walk_follows_links_to_directories_once(
+    data_dir: Path, tmp_path: Path, knowledge: Knowledge, profiles: ProfileSet
+) -> None:
+    """``exports/latest`` pointing at the newest export: a link to a directory was not followed,
+    so what it held was left out without a word. Now it is read, each real directory once: a link
+    back up the tree ends, and a directory reached both by its name and by a link is read once."""
+    import shutil
+
+    exports = tmp_path / "exports"
+    shutil.copytree(data_dir / "formats" / "export", tmp_path / "store" / "day-2")
+    exports.mkdir()
+    (exports / "latest").symlink_to(tmp_path / "store" / "day-2", target_is_directory=True)
+    (tmp_path / "store" / "day-2" / "up").symlink_to(exports, target_is_directory=True)
+    names = [p.relative_to(exports).as_posix() for p in expand_paths([exports])]
+    assert names == [
+        "latest/MedicationRequest.ndjson",
+        "latest/Observation.ndjson.gz",
+        "latest/Patient.ndjson",
+    ]
+    through = run_paths([exports], knowledge, profiles)
+    direct = run_paths([tmp_path / "store" / "day-2"], knowledge, profiles)
+    assert by_patient(through).keys() == by_patient(direct).keys() != set()
+    (exports / "day-2").symlink_to(tmp_path / "store" / "day-2", target_is_directory=True)
+    assert [p.name for p in expand_paths([exports])] == [
+        "MedicationRequest.ndjson", "Observation.ndjson.gz", "Patient.ndjson",
+    ]  # fmt: skip
+
+
 def test_gzipped_export_implicates_its_medication(formats: Evaluation) -> None:
     finding = by_patient(formats)[("fmt-gz-1", "leukopenia")]
     assert [d.exposure.key for d in finding.implicated] == ["MedicationRequest/fmt-gz-1-mr"]

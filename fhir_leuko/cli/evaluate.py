@@ -36,7 +36,8 @@ _HELP = "evaluate FHIR files (Bundles, resources, NDJSON, .ndjson.gz, directorie
 _EPILOG = """\
 input:
   Bundles of any type (searchset, collection, transaction, batch), single resources, NDJSON
-  (also .ndjson.gz, as a Bulk Data export writes it) and directories of these, read recursively.
+  (also .ndjson.gz, as a Bulk Data export writes it) and directories of these, read recursively
+  (links to directories followed, each directory once; hidden files and directories skipped).
   Observations (LOINC-coded WBC and differential), Patients (age), MedicationStatements and
   MedicationRequests with their Medications, DiagnosticReports (result, hasMember) and Conditions
   are read; references resolve within the input (relative, urn:uuid fullUrl, contained #id).

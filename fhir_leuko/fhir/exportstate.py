@@ -16,7 +16,6 @@ problems, rather than calling the export clean.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ import orjson
 
 from ..core.model import Problem
 from ..errors import InputError
-from ..files.reader import STDIN
+from ..files.reader import STDIN, walk_directory
 
 __all__ = ["STATE_DIR", "STATE_FILE", "check_exports", "unfinished_export"]
 
@@ -120,9 +119,8 @@ def check_exports(paths: Iterable[Path], *, same_source: bool = False) -> list[P
     for path in paths:
         if path == STDIN or not path.is_dir():
             continue
-        for root, dirnames, _files in os.walk(path):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # as the reader
-            directory = Path(root)
+        for directory, _files in walk_directory(path):
+            root = str(directory)
             state, unreadable = _state(directory)
             why = unreadable if state is None else _unfinished(state)
             if why is not None:

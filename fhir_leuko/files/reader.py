@@ -51,6 +51,7 @@ __all__ = [
     "read_file",
     "read_paths",
     "unread_compression",
+    "walk_directory",
 ]
 
 STDIN = Path("-")
@@ -107,6 +108,23 @@ def _is_input(path: Path) -> bool:
     return name.endswith(INPUT_SUFFIXES)
 
 
+def walk_directory(path: Path) -> Iterator[tuple[Path, list[str]]]:
+    """The directories under ``path`` (``path`` first) with the names of their files, sorted, as
+    every reader of a directory walks them: hidden ones are skipped (an export's own state), and
+    symbolic links to directories are followed (``exports/latest`` pointing at the newest export:
+    not following it left what it holds out without a word), each real directory once (a link
+    back up the tree would loop; one also reached by its own name is read once)."""
+    seen: set[str] = set()
+    for root, dirnames, filenames in os.walk(path, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        yield Path(root), sorted(filenames)
+
+
 def expand_paths(paths: Iterable[Path]) -> list[Path]:
     """Files to read, in a stable order; directories are walked recursively.
 
@@ -122,11 +140,8 @@ def expand_paths(paths: Iterable[Path]) -> list[Path]:
             if STDIN not in files:
                 files.append(STDIN)
         elif path.is_dir():
-            for root, dirnames, filenames in os.walk(path):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                files.extend(
-                    Path(root) / name for name in sorted(filenames) if _is_input(Path(name))
-                )
+            for root, filenames in walk_directory(path):
+                files.extend(root / name for name in filenames if _is_input(Path(name)))
         elif path.exists():
             files.append(path)
         else:
