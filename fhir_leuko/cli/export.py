@@ -42,6 +42,8 @@ resuming:
   The export's progress is kept in DIR/.fhir-leuko/export.json. Run the same command again after
   an interruption (kill -9, network failure, --max-wait reached): it goes on polling or
   downloading the missing files without a new export, as long as the server keeps the job.
+  A new export needs a directory without files evaluate reads (exit 2 otherwise: they would be
+  read as part of the export); one holding another server's or request's export is refused too.
 
 examples:
   fhir-leuko export --server https://ehr.example.org/fhir --output-dir export/

@@ -55,6 +55,7 @@ from ..errors import (
     FhirTemporaryError,
     UsageError,
 )
+from ..files.reader import expand_paths
 from .client import FhirClient, operation_outcome_text
 from .exportstate import STATE_DIR, STATE_FILE
 
@@ -252,6 +253,8 @@ class BulkExport:
                 f"{self.directory} holds an export of another server or request; "
                 "use an empty directory (or remove this one) for a new export"
             )
+        if not self.state:
+            self._refuse_other_files()
         if self.state.get("complete"):
             notes.append("the directory already holds this export, complete: nothing to do")
             return self._result(notes, started, resumed)
@@ -275,6 +278,20 @@ class BulkExport:
         self.state["complete"] = True
         self._save()
         return self._result(notes, started, resumed)
+
+    def _refuse_other_files(self) -> None:
+        """A new export goes into a directory without files that ``evaluate`` would read: they
+        would be read with the export as if they were part of it (an older export's
+        ``Observation.005.ndjson`` beside a new export of four files), without a word."""
+        found = expand_paths([self.directory])
+        if found:
+            names = ", ".join(str(path.relative_to(self.directory)) for path in found[:3])
+            more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+            raise UsageError(
+                f"{self.directory} already holds files that 'fhir-leuko evaluate' would read "
+                f"({names}{more}) and no export of fhir-leuko: they would be read with the "
+                "export as part of it. Use an empty directory for a new export"
+            )
 
     def _result(self, notes: list[str], started: int, resumed: bool) -> ExportResult:
         manifest = self.state.get("manifest") or {}

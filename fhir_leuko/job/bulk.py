@@ -106,9 +106,12 @@ def bulk_pass(passer: _Pass, report: PassReport, root: Path, stored: str | None)
 
 
 def _forget_other(directory: Path, server: str, request: ExportRequest) -> None:
-    """An export of another request (an earlier pass's) is not resumed: it is removed."""
+    """An export of another request (an earlier pass's) is not resumed: it is removed; so is
+    whatever is in the directory without an export's state (the job owns this directory, and a
+    new export refuses a directory holding files it would be read with)."""
     state = directory / STATE_DIR / STATE_FILE
     if not state.exists():
+        shutil.rmtree(directory, ignore_errors=True)
         return
     try:
         recorded = orjson.loads(state.read_bytes())

@@ -19,6 +19,7 @@ import pytest
 
 from fhir_leuko.core.knowledge import Knowledge
 from fhir_leuko.core.profiles import ProfileSet
+from fhir_leuko.job.bulk import export_directory
 from fhir_leuko.job.state import State
 from fhir_leuko.testing.sekmet import SekmetServer
 
@@ -60,6 +61,13 @@ def test_bulk_passes_write_each_finding_once_and_follow_changes(
     _ward(server.base_url)
     time.sleep(1.5)  # the overlap (1 s) before the first export's time holds none of the ward
     state = tmp_path / "state.sqlite3"
+    # What a pass killed at the wrong moment may leave in the job's export directory without
+    # its state: cleared, never read with the new export (it would be a patient of nobody's).
+    stray = export_directory(tmp_path / "fhir-leuko-bulk", server.base_url.rstrip("/"))
+    stray.mkdir(parents=True)
+    (stray / "Observation.007.ndjson").write_bytes(
+        orjson.dumps(anc("stray-anc", "stray", 0.1, "2026-11-18T08:00:00Z")) + b"\n"
+    )
     first = cli(*_args(server.base_url, state, AS_OF))
     assert first.returncode == 0, first.stderr
     found = by_identity(issues(server.base_url))

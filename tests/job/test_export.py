@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -131,6 +132,32 @@ def test_system_export_is_what_evaluate_reads(
     (out / "Observation.000.ndjson.gz").write_bytes(gzip.compress(body))
     assert main(again) == 0
     assert (tmp_path / "again.ndjson").read_bytes() == issues.read_bytes()
+
+
+@pytest.mark.server
+def test_a_new_export_refuses_a_directory_holding_files_evaluate_would_read(
+    server: SekmetServer, tmp_path: Path
+) -> None:
+    """An older export's ``Observation.005.ndjson`` beside a new export of four files would be read
+    as part of it: refused (exit 2, naming it), nothing asked of the server; the near miss, a
+    directory holding only what evaluate does not read (a README), takes the export."""
+    _ward(server.base_url)
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "README.md").write_text("nightly export\n", encoding="utf-8")
+    (out / "old").mkdir()
+    (out / "old" / "Observation.005.ndjson").write_text("{}\n", encoding="utf-8")
+    refused = _export(server, out)
+    assert refused.returncode == 2, refused.stderr
+    assert (
+        f"{out} already holds files that 'fhir-leuko evaluate' would read "
+        "(old/Observation.005.ndjson) and no export of fhir-leuko"
+    ) in refused.stderr
+    assert not (out / ".fhir-leuko" / "export.json").exists()  # no kick-off
+    shutil.rmtree(out / "old")
+    done = _export(server, out)
+    assert done.returncode == 0, done.stderr
+    assert len(_lines(out)["Observation"]) == 8
 
 
 @pytest.mark.server
