@@ -407,6 +407,36 @@ def test_data_compressed_as_fhir_leuko_cannot_read_is_named_not_skipped(
     assert "evaluating in memory" not in done.stderr
 
 
+def test_a_run_that_found_nothing_never_says_so_of_files_it_could_not_read(tmp_path: Path) -> None:
+    """"why: no Observation in the input" was said of an export whose Observations could not be
+    read; "none was below its lower limit" of input one file of which could not be. Each why now
+    says that files could not be read; the near misses, the same input without them, do not."""
+    import bz2
+
+    def why(*names: str) -> str:
+        done = fhir_leuko("evaluate", *(str(tmp_path / n) for n in names), "--as-of", "2024-05-02")
+        assert done.returncode in (0, 1), done.stderr
+        (line,) = [x for x in done.stderr.splitlines() if x.startswith("fhir-leuko: why: ")]
+        return line.removeprefix("fhir-leuko: why: ")
+
+    normal = (json.dumps(_wbc("fine", value=6.5)) + "\n").encode()
+    (tmp_path / "Observation.001.ndjson.bz2").write_bytes(bz2.compress(normal))
+    (tmp_path / "Observation.002.ndjson").write_bytes(normal)
+    (tmp_path / "Patient.ndjson").write_text(
+        json.dumps({"resourceType": "Patient", "id": "fine", "birthDate": "1970-01-01"}) + "\n",
+        encoding="utf-8",
+    )
+    assert why("Patient.ndjson", "Observation.001.ndjson.bz2") == (
+        "no Observation was read, and 1 input file could not be read: see the input problems"
+    )
+    assert why("Patient.ndjson").startswith("no Observation in the input")
+    alone = why("Patient.ndjson", "Observation.002.ndjson")
+    assert alone.startswith("1 patient had a result that counted, and none was below")
+    assert why("Patient.ndjson", "Observation.002.ndjson", "Observation.001.ndjson.bz2") == (
+        f"{alone}; and 1 input file could not be read: what it holds was not evaluated"
+    )
+
+
 # -- quoting input in output text --------------------------------------------------------------
 
 

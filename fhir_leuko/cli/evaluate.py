@@ -177,7 +177,7 @@ def _summary(result: Evaluation, files: int) -> list[str]:
     else:
         lines.append("findings: 0")
         if result.silence is not None:
-            lines.append(f"why: {silence_line(result.silence, result.counts)}")
+            lines.append(f"why: {silence_line(result.silence, result.counts, result.problems)}")
     lines.append(f"input problems: {len(result.problems)}")
     return lines
 

@@ -18,6 +18,7 @@ __all__ = [
     "FINDING_ANALYTE",
     "PATIENT_IDENTIFIER_KEY",
     "QUOTE_LIMIT",
+    "UNREADABLE_FILE",
     "Analyte",
     "ConditionMatch",
     "DrugExposure",
@@ -38,6 +39,11 @@ __all__ = [
     "reading_order",
     "source_reference",
 ]
+
+UNREADABLE_FILE = "cannot read file"
+"""How the reason of a problem that lost a whole file (or the rest of it) begins: the summary of a
+run that found nothing counts them, so that "no Observation in the input" is never said of input
+that could not be read."""
 
 QUOTE_LIMIT = 200
 """The most characters of one piece of input text (a medication's or condition's text, an id, a

@@ -34,7 +34,7 @@ from ..core.fhirjson import (
     iter_document,
     malformed_document,
 )
-from ..core.model import Problem
+from ..core.model import UNREADABLE_FILE, Problem
 from ..errors import InputError
 
 __all__ = [
@@ -254,8 +254,8 @@ def open_input(path: Path) -> IO[bytes]:
 def read_failure(exc: BaseException) -> str:
     """The problem reason for one of :data:`READ_ERRORS`."""
     if isinstance(exc, zlib.error | EOFError | gzip.BadGzipFile):
-        return f"cannot read file: corrupt or truncated gzip data ({exc or type(exc).__name__})"
-    return f"cannot read file: {exc}"
+        return f"{UNREADABLE_FILE}: corrupt or truncated gzip data ({exc or type(exc).__name__})"
+    return f"{UNREADABLE_FILE}: {exc}"
 
 
 def _holds_ndjson(data: bytes, reason: str) -> bool:

@@ -122,7 +122,7 @@ def report_from_evaluation(
         findings=result.findings,
         patients=parts,
         problems=result.problems,
-        nothing_found=silence_line(result.silence, result.counts) if result.silence else "",
+        nothing_found=silence_line(result.silence, result.counts, result.problems) if result.silence else "",
         notes=notes,
     )
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from datetime import timedelta
 
 from ..core.decision import NotUsed, Outcome, Silence
+from ..core.model import UNREADABLE_FILE, Problem
 
 __all__ = ["silence_line"]
 
@@ -23,8 +25,23 @@ def _lookback(silence: Silence) -> str:
     return f"{days[0]}- to {days[-1]}-day lookback"
 
 
-def silence_line(silence: Silence, counts: Counter[str]) -> str:
-    """Why nothing was found, in one line, with what to try."""
+def silence_line(
+    silence: Silence, counts: Counter[str], problems: Sequence[Problem] = ()
+) -> str:
+    """Why nothing was found, in one line, with what to try; and, when files could not be read
+    (whole or in part), that what they hold was not evaluated: never "nothing is low" alone."""
+    unread = len({p.source for p in problems if p.reason.startswith(UNREADABLE_FILE)})
+    if not unread:
+        return _why(silence, counts)
+    files = _plural(unread, "input file")
+    if silence.with_results == 0 and not counts.get("Observation", 0):
+        # Not "no Observation in the input": what could not be read may hold them.
+        return f"no Observation was read, and {files} could not be read: see the input problems"
+    held = "what it holds" if unread == 1 else "what they hold"
+    return f"{_why(silence, counts)}; and {files} could not be read: {held} was not evaluated"
+
+
+def _why(silence: Silence, counts: Counter[str]) -> str:
     if silence.with_results == 0:
         observations = counts.get("Observation", 0)
         if not observations:
